@@ -1,0 +1,35 @@
+"""Celery settings for Ebb workers, beat and Flower, all derived from ``EBB_*`` variables."""
+
+from sdk.config import Settings
+from sdk.contract import task_queue
+
+_settings = Settings.from_env()
+
+broker_url = _settings.broker_url
+# Job results travel on the per-job queues; Redis holds the job registry, not Celery results.
+result_backend = None
+task_ignore_result = True
+redis_url = _settings.redis_url
+
+task_serializer = "json"
+result_serializer = "json"
+event_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+task_queues = (task_queue(_settings.task_queue),)
+task_default_queue = _settings.task_queue
+task_create_missing_queues = False
+
+# Flower sees jobs only if workers send events and callers announce what they sent.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+# A job is acknowledged only once it has run; a worker that dies hands it back to the queue.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+
+broker_connection_retry_on_startup = True
+worker_hijack_root_logger = True

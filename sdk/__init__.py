@@ -1,0 +1,30 @@
+"""Ebb's caller library: submit Celery jobs whose reply queues clean themselves up."""
+
+from sdk.client import JobClient
+from sdk.config import Settings
+from sdk.contract import JobError, JobResult, JobStatus, ProgressUpdate, QueueKind, StatusUpdate
+from sdk.errors import (
+    CallbackError,
+    ClientClosedError,
+    EbbError,
+    JobFailedError,
+    JobQueuesExpiredError,
+)
+from sdk.job import Job
+
+__all__ = [
+    "CallbackError",
+    "ClientClosedError",
+    "EbbError",
+    "Job",
+    "JobClient",
+    "JobError",
+    "JobFailedError",
+    "JobQueuesExpiredError",
+    "JobResult",
+    "JobStatus",
+    "ProgressUpdate",
+    "QueueKind",
+    "Settings",
+    "StatusUpdate",
+]

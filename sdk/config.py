@@ -1,0 +1,93 @@
+"""Every ``EBB_*`` environment variable is read here and nowhere else."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from urllib.parse import unquote, urlsplit
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:15672"
+
+
+def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number of seconds; set it to e.g. 3600") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be greater than 0 seconds")
+    return value
+
+
+def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean; use true or false")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Connection details and limits shared by callers, workers and operators."""
+
+    broker_url: str = DEFAULT_BROKER_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    management_url: str = DEFAULT_MANAGEMENT_URL
+    management_user: str = "guest"
+    management_password: str = "guest"
+    default_ttl: timedelta = timedelta(hours=48)
+    max_ttl: timedelta = timedelta(days=7)
+    task_queue: str = "ebb.jobs"
+    workflow_modules: tuple[str, ...] = field(default_factory=tuple)
+    heartbeat: float = 60.0
+
+    @property
+    def vhost(self) -> str:
+        """The RabbitMQ virtual host named by the broker URL (``/`` by default)."""
+        path = urlsplit(self.broker_url).path
+        if path in ("", "/"):
+            return "/"
+        return unquote(path[1:])
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        default = cls()
+        modules = tuple(
+            m.strip() for m in env.get("EBB_WORKFLOW_MODULES", "").split(",") if m.strip()
+        )
+        settings = cls(
+            broker_url=env.get("EBB_BROKER_URL") or default.broker_url,
+            redis_url=env.get("EBB_REDIS_URL") or default.redis_url,
+            management_url=(env.get("EBB_MANAGEMENT_URL") or default.management_url).rstrip("/"),
+            management_user=env.get("EBB_MANAGEMENT_USER") or default.management_user,
+            management_password=env.get("EBB_MANAGEMENT_PASSWORD") or default.management_password,
+            default_ttl=timedelta(
+                seconds=_seconds(env, "EBB_DEFAULT_TTL", default.default_ttl.total_seconds())
+            ),
+            max_ttl=timedelta(seconds=_seconds(env, "EBB_MAX_TTL", default.max_ttl.total_seconds())),
+            task_queue=env.get("EBB_TASK_QUEUE") or default.task_queue,
+            workflow_modules=modules,
+            heartbeat=_seconds(env, "EBB_HEARTBEAT", default.heartbeat),
+        )
+        if settings.default_ttl > settings.max_ttl:
+            raise ValueError(
+                f"EBB_DEFAULT_TTL ({settings.default_ttl}) exceeds EBB_MAX_TTL ({settings.max_ttl}); "
+                "lower the default or raise the maximum"
+            )
+        return settings
+
+
+__all__ = ["Settings", "_flag"]

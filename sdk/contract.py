@@ -1,0 +1,363 @@
+"""The wire contract between callers and workers: queue names and arguments, message schema, statuses.
+
+Both ``sdk`` and ``tasks`` import this module and nothing else defines what crosses the broker.
+Everything on the wire is JSON; a message that does not match this schema raises
+:class:`MalformedMessageError` rather than being guessed at.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any, Final
+
+from kombu import Queue
+
+SCHEMA_VERSION: Final = 1
+TASK_NAME: Final = "ebb.run_job"
+CONTENT_TYPE: Final = "application/json"
+QUEUE_PREFIX: Final = "jobs."
+QUEUE_NAME_PATTERN: Final = re.compile(
+    r"^jobs\.(?P<job_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+    r"\.(?P<kind>result|progress|status)$"
+)
+#: Regex for the management API's ``name`` filter (``use_regex=true``).
+QUEUE_NAME_REGEX: Final = r"^jobs\."
+
+
+class QueueKind(StrEnum):
+    """The three reply queues a job can have; ``RESULT`` always exists."""
+
+    RESULT = "result"
+    PROGRESS = "progress"
+    STATUS = "status"
+
+
+class JobStatus(StrEnum):
+    """Statuses a worker publishes on a job's status queue; the last two are also result statuses."""
+
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    ERROR = "ERROR"
+
+
+TERMINAL_STATUSES: Final = frozenset({JobStatus.SUCCEEDED, JobStatus.ERROR})
+
+
+class MalformedMessageError(ValueError):
+    """A message on a job queue or a task request that does not follow this contract."""
+
+
+def parse_job_id(value: object) -> uuid.UUID:
+    """Accept a UUID or its string form; anything else never reaches a queue name."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise ValueError(
+        f"job id {value!r} is not a UUID; pass the Job object or str(job.id) from submit_job"
+    )
+
+
+def queue_name(job_id: uuid.UUID, kind: QueueKind) -> str:
+    return f"{QUEUE_PREFIX}{job_id}.{kind.value}"
+
+
+def parse_queue_name(name: str) -> tuple[uuid.UUID, QueueKind] | None:
+    """Split ``jobs.<uuid>.<kind>``; ``None`` for any other name."""
+    match = QUEUE_NAME_PATTERN.match(name)
+    if match is None:
+        return None
+    return uuid.UUID(match["job_id"]), QueueKind(match["kind"])
+
+
+def ttl_to_ms(ttl: timedelta) -> int:
+    return max(1, int(ttl.total_seconds() * 1000))
+
+
+def job_queue(job_id: uuid.UUID, kind: QueueKind, ttl: timedelta) -> Queue:
+    """A job's reply queue: classic, durable, shared, never auto-deleted, expiring after ``ttl`` unused.
+
+    RabbitMQ fixes ``x-expires`` at first declare, so only the submitting client declares
+    actively; everyone else uses passive declares or none at all.
+    """
+    return Queue(
+        queue_name(job_id, kind),
+        durable=True,
+        exclusive=False,
+        auto_delete=False,
+        queue_arguments={"x-expires": ttl_to_ms(ttl), "x-queue-type": "classic"},
+    )
+
+
+def task_queue(name: str) -> Queue:
+    """The queue workers take job tasks from; declared identically by both sides."""
+    return Queue(name, durable=True, routing_key=name)
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if key not in data:
+        raise MalformedMessageError(f"{what} lacks the field {key!r}")
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise MalformedMessageError(f"{what} field {key!r} has the wrong type {type(value).__name__}")
+    return value
+
+
+def _check_header(data: object, expected_type: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise MalformedMessageError(f"a {expected_type} message must be a JSON object")
+    version = data.get("v")
+    if version != SCHEMA_VERSION:
+        raise MalformedMessageError(
+            f"{expected_type} message has schema version {version!r}; this SDK reads version "
+            f"{SCHEMA_VERSION} (upgrade the older side)"
+        )
+    if data.get("type") != expected_type:
+        raise MalformedMessageError(
+            f"expected a {expected_type} message, got type {data.get('type')!r}"
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """A status change of a running job, as delivered to ``on_status``."""
+
+    job_id: uuid.UUID
+    status: JobStatus
+    seq: int
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": SCHEMA_VERSION,
+            "type": "status",
+            "job_id": str(self.job_id),
+            "status": self.status.value,
+            "seq": self.seq,
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: object) -> StatusUpdate:
+        data = _check_header(raw, "status")
+        status = _require(data, "status", str, "status message")
+        try:
+            parsed = JobStatus(status)
+        except ValueError:
+            raise MalformedMessageError(f"unknown job status {status!r}") from None
+        return cls(
+            job_id=_job_id_field(data, "status message"),
+            status=parsed,
+            seq=_require(data, "seq", int, "status message"),
+            at=float(_require(data, "at", (int, float), "status message")),
+        )
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """How far a job is, 0.0 to 1.0, with a human-readable message; delivered to ``on_progress``."""
+
+    job_id: uuid.UUID
+    progress: float
+    message: str
+    seq: int
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": SCHEMA_VERSION,
+            "type": "progress",
+            "job_id": str(self.job_id),
+            "progress": self.progress,
+            "message": self.message,
+            "seq": self.seq,
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: object) -> ProgressUpdate:
+        data = _check_header(raw, "progress")
+        progress = float(_require(data, "progress", (int, float), "progress message"))
+        if not 0.0 <= progress <= 1.0:
+            raise MalformedMessageError(f"progress {progress} is outside 0.0..1.0")
+        return cls(
+            job_id=_job_id_field(data, "progress message"),
+            progress=progress,
+            message=_require(data, "message", str, "progress message"),
+            seq=_require(data, "seq", int, "progress message"),
+            at=float(_require(data, "at", (int, float), "progress message")),
+        )
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job ended in ERROR: the exception's type and message as the worker saw them."""
+
+    type: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message}
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A job's one and only result, delivered to ``on_finished`` and returned by ``wait``.
+
+    ``last_seq`` holds, per queue kind, the sequence number of the last status/progress
+    message published before this result: the result can overtake them in the broker, so the
+    SDK uses it to deliver those first.
+    """
+
+    job_id: uuid.UUID
+    status: JobStatus
+    output: Any = None
+    error: JobError | None = None
+    last_seq: dict[str, int] = field(default_factory=dict)
+    at: float = 0.0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status is JobStatus.SUCCEEDED
+
+    def raise_for_status(self) -> JobResult:
+        """Raise :class:`sdk.JobFailedError` for an ERROR result; return ``self`` otherwise."""
+        if self.status is not JobStatus.SUCCEEDED:
+            from sdk.errors import JobFailedError
+
+            raise JobFailedError(self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": SCHEMA_VERSION,
+            "type": "result",
+            "job_id": str(self.job_id),
+            "status": self.status.value,
+            "output": self.output,
+            "error": None if self.error is None else self.error.to_dict(),
+            "last_seq": dict(self.last_seq),
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: object) -> JobResult:
+        data = _check_header(raw, "result")
+        status = _require(data, "status", str, "result message")
+        try:
+            parsed = JobStatus(status)
+        except ValueError:
+            raise MalformedMessageError(f"unknown result status {status!r}") from None
+        if parsed not in TERMINAL_STATUSES:
+            raise MalformedMessageError(f"result status {status!r} is not a final status")
+        error_raw = data.get("error")
+        error = None
+        if error_raw is not None:
+            if not isinstance(error_raw, dict):
+                raise MalformedMessageError("result message field 'error' must be an object")
+            error = JobError(
+                type=str(_require(error_raw, "type", str, "result error")),
+                message=str(_require(error_raw, "message", str, "result error")),
+            )
+        last_seq_raw = data.get("last_seq", {})
+        if not isinstance(last_seq_raw, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in last_seq_raw.values()
+        ):
+            raise MalformedMessageError("result message field 'last_seq' must map kinds to ints")
+        return cls(
+            job_id=_job_id_field(data, "result message"),
+            status=parsed,
+            output=data.get("output"),
+            error=error,
+            last_seq={str(k): int(v) for k, v in last_seq_raw.items()},
+            at=float(_require(data, "at", (int, float), "result message")),
+        )
+
+
+def _job_id_field(data: dict[str, Any], what: str) -> uuid.UUID:
+    raw = _require(data, "job_id", str, what)
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise MalformedMessageError(f"{what} has a job_id that is not a UUID: {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """The single argument of the ``ebb.run_job`` Celery task."""
+
+    job_id: uuid.UUID
+    workflow: str
+    params: dict[str, Any]
+    queues: frozenset[QueueKind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": SCHEMA_VERSION,
+            "type": "task",
+            "job_id": str(self.job_id),
+            "workflow": self.workflow,
+            "params": self.params,
+            "queues": sorted(k.value for k in self.queues),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: object) -> TaskRequest:
+        data = _check_header(raw, "task")
+        queues_raw = _require(data, "queues", list, "task request")
+        try:
+            queues = frozenset(QueueKind(k) for k in queues_raw)
+        except ValueError:
+            raise MalformedMessageError(f"task request names unknown queues {queues_raw!r}") from None
+        if QueueKind.RESULT not in queues:
+            raise MalformedMessageError("task request lacks the result queue")
+        return cls(
+            job_id=_job_id_field(data, "task request"),
+            workflow=_require(data, "workflow", str, "task request"),
+            params=_require(data, "params", dict, "task request"),
+            queues=queues,
+        )
+
+
+Message = StatusUpdate | ProgressUpdate | JobResult
+MESSAGE_TYPES: Final[dict[QueueKind, type[StatusUpdate] | type[ProgressUpdate] | type[JobResult]]] = {
+    QueueKind.STATUS: StatusUpdate,
+    QueueKind.PROGRESS: ProgressUpdate,
+    QueueKind.RESULT: JobResult,
+}
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    """JSON only, no NaN: what cannot be encoded is a ``TypeError``/``ValueError`` here, not later."""
+    return json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
+
+
+def decode(kind: QueueKind, body: bytes | str, content_type: str | None) -> Message:
+    """Decode a job-queue message; raise :class:`MalformedMessageError` for anything else."""
+    if content_type not in (None, CONTENT_TYPE):
+        raise MalformedMessageError(
+            f"content type {content_type!r} refused; job queues carry {CONTENT_TYPE} only"
+        )
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedMessageError(f"message body is not JSON: {exc}") from None
+    return MESSAGE_TYPES[kind].from_dict(raw)
+
+
+def now() -> float:
+    return time.time()
+

@@ -1,0 +1,66 @@
+"""Exceptions a caller can catch, each saying what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sdk.contract import JobResult
+
+
+class EbbError(Exception):
+    """Base class of every error the SDK raises on purpose."""
+
+
+class JobQueuesExpiredError(EbbError):
+    """The job's result queue no longer exists: its TTL ran out, or its result was already consumed."""
+
+    def __init__(self, job_id: uuid.UUID, detail: str | None = None) -> None:
+        self.job_id = job_id
+        message = (
+            f"job {job_id}: its result queue jobs.{job_id}.result no longer exists. Either nobody "
+            "was connected for longer than the job's TTL (auto_cleanup_after_ttl) and RabbitMQ "
+            "deleted the queues with whatever they held, or the result was already consumed. "
+            "Nothing can be reconnected; submit the job again if you still need its result."
+        )
+        if detail:
+            message = f"{message} {detail}"
+        super().__init__(message)
+
+
+class JobFailedError(EbbError):
+    """Raised by ``JobResult.raise_for_status()`` for a job that ended in ERROR."""
+
+    def __init__(self, result: JobResult) -> None:
+        self.result = result
+        error = result.error
+        what = f"{error.type}: {error.message}" if error else "no error details"
+        super().__init__(f"job {result.job_id} ended {result.status.value}: {what}")
+
+
+class CallbackError(EbbError):
+    """A callback of yours raised; ``wait`` re-raises it here, with the job's result attached.
+
+    When ``on_finished`` raised, the result message was put back in its queue instead of being
+    deleted, so ``connect_to_submitted_job`` (here or in another process) delivers it again
+    until the queue's TTL runs out. ``result`` holds it as well.
+    """
+
+    def __init__(self, job_id: uuid.UUID, callback: str, result: JobResult | None) -> None:
+        self.job_id = job_id
+        self.callback = callback
+        self.result = result
+        super().__init__(
+            f"job {job_id}: your {callback} callback raised (see the chained exception); "
+            + (
+                "the result was returned to jobs.{0}.result; reconnect with "
+                "connect_to_submitted_job to receive it again".format(job_id)
+                if callback == "on_finished"
+                else "the job's other messages were still delivered"
+            )
+        )
+
+
+class ClientClosedError(EbbError):
+    """The client was closed, or lost its broker connection; its jobs keep their queues until TTL."""

@@ -1,0 +1,27 @@
+"""Demo workflows shipped with every worker."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tasks.workflows import Progress, workflow
+
+
+@workflow("demo.sleep")
+def sleep(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """Sleep ``seconds`` in ``steps`` equal steps, reporting progress after each."""
+    seconds = float(params.get("seconds", 1.0))
+    steps = int(params.get("steps", 1))
+    if seconds < 0 or steps < 1:
+        raise ValueError(f"demo.sleep needs seconds >= 0 and steps >= 1, got {seconds}, {steps}")
+    for step in range(1, steps + 1):
+        time.sleep(seconds / steps)
+        progress(step / steps, f"step {step}/{steps}")
+    return {"slept": params.get("seconds", 1.0)}
+
+
+@workflow("demo.fail")
+def fail(params: dict[str, Any], progress: Progress) -> None:
+    """Always raise, with the given message: for trying out ERROR results."""
+    raise RuntimeError(str(params.get("message", "demo.fail was asked to fail")))

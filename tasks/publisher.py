@@ -1,0 +1,87 @@
+"""Publishing to a job's reply queues without ever re-creating them.
+
+Messages go to the default exchange with ``mandatory`` set and publisher confirms on: when a
+job's queue has expired the broker returns the message before it confirms it, so a late
+message is dropped and logged instead of resurrecting the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from kombu import Connection, Producer
+
+from sdk import contract
+from sdk.config import Settings
+from sdk.logfmt import log_event
+
+logger = logging.getLogger("ebb.worker")
+
+RETRY_POLICY = {"max_retries": 5, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0}
+
+
+class ReplyPublisher:
+    """One confirming connection per worker process, shared by every job that process runs."""
+
+    _instance: ReplyPublisher | None = None
+    _instance_pid = 0
+    _instance_lock = threading.Lock()
+
+    def __init__(self, settings: Settings) -> None:
+        self._connection = Connection(
+            settings.broker_url,
+            heartbeat=settings.heartbeat,
+            transport_options={"confirm_publish": True},
+        )
+        self._returned: set[str] = set()
+        self._producer = Producer(
+            self._connection, serializer="json", auto_declare=False, on_return=self._on_return
+        )
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_process(cls, settings: Settings) -> ReplyPublisher:
+        """The publisher of this process; a forked child never shares its parent's socket."""
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance_pid != os.getpid():
+                cls._instance = cls(settings)
+                cls._instance_pid = os.getpid()
+            return cls._instance
+
+    def _on_return(
+        self, exception: Exception, exchange: str, routing_key: str, message: Any
+    ) -> None:
+        self._returned.add(routing_key)
+
+    def publish(self, queue: str, payload: dict[str, Any]) -> bool:
+        """Publish persistently to ``queue``; ``False`` (and a warning) if the queue is gone."""
+        with self._lock:
+            self._returned.discard(queue)
+            self._producer.publish(
+                contract.encode(payload),
+                exchange="",
+                routing_key=queue,
+                mandatory=True,
+                delivery_mode=2,
+                content_type=contract.CONTENT_TYPE,
+                content_encoding="utf-8",
+                retry=True,
+                retry_policy=RETRY_POLICY,
+            )
+            returned = queue in self._returned
+            self._returned.discard(queue)
+        if returned:
+            parsed = contract.parse_queue_name(queue)
+            log_event(
+                logger,
+                logging.WARNING,
+                "message_dropped",
+                job_id=parsed[0] if parsed else None,
+                queue=queue,
+                type=payload.get("type"),
+                reason="queue no longer exists (TTL expired or deleted); not re-created",
+            )
+        return not returned

@@ -1,0 +1,59 @@
+"""Workflows are plain functions registered by name: ``fn(params, progress) -> output``."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+
+class Progress(Protocol):
+    def __call__(self, fraction: float, message: str = "") -> None: ...
+
+
+Workflow = Callable[[dict[str, Any], Progress], Any]
+
+_registry: dict[str, Workflow] = {}
+
+
+class UnknownWorkflowError(LookupError):
+    """No workflow of that name is registered on this worker."""
+
+
+def workflow(name: str) -> Callable[[Workflow], Workflow]:
+    """Register ``fn`` under ``name``; a second registration under the same name is a mistake."""
+
+    def register(fn: Workflow) -> Workflow:
+        existing = _registry.get(name)
+        if existing is not None and existing is not fn:
+            raise ValueError(f"workflow {name!r} is already registered by {existing.__module__}")
+        _registry[name] = fn
+        return fn
+
+    return register
+
+
+def get(name: str) -> Workflow:
+    try:
+        return _registry[name]
+    except KeyError:
+        known = ", ".join(sorted(_registry)) or "none"
+        raise UnknownWorkflowError(
+            f"no workflow named {name!r} on this worker (known: {known}); add its module to "
+            "EBB_WORKFLOW_MODULES"
+        ) from None
+
+
+def names() -> list[str]:
+    return sorted(_registry)
+
+
+def load_modules(modules: Iterable[str]) -> None:
+    """Import the modules that register workflows (the built-in demos and ``EBB_WORKFLOW_MODULES``)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ImportError(
+                f"cannot import workflow module {module!r} from EBB_WORKFLOW_MODULES: {exc}"
+            ) from exc

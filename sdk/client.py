@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -16,7 +17,8 @@ from typing import Any
 from amqp import Channel, Message
 from amqp.exceptions import NotFound
 from celery import Celery
-from kombu import Connection, Producer
+from kombu.connection import Connection
+from kombu.messaging import Producer
 
 from sdk import contract
 from sdk.config import Settings
@@ -132,9 +134,7 @@ class JobClient:
             queues.add(QueueKind.PROGRESS)
         if on_status is not None:
             queues.add(QueueKind.STATUS)
-        job = Job(
-            id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=frozenset(queues), reference=reference
-        )
+        job = Job(id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=frozenset(queues), reference=reference)
         watch = _Watch(job, on_finished, on_progress, on_status, auto_disconnect_on_result)
         request = contract.TaskRequest(job.id, workflow, params_dict, job.queues)
         self._loop.call(lambda: self._submit_on_loop(watch, request))
@@ -275,10 +275,8 @@ class JobClient:
     def close(self) -> None:
         """Close the connection. Jobs still running keep their queues until their TTL runs out."""
         self._loop.stop()
-        try:
+        with contextlib.suppress(Exception):  # already broken: nothing left to release
             self._connection.release()
-        except Exception:  # already broken: nothing left to release
-            pass
 
     def __enter__(self) -> JobClient:
         return self
@@ -366,10 +364,8 @@ class JobClient:
             log_event(logger, logging.DEBUG, "queue_deleted", job_id=job_id, queue=name)
 
     def _reopen_publish_channel(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._publish_channel.close()
-        except Exception:
-            pass
         if self._connection.connected:
             self._publish_channel = self._connection.channel()
             self._producer = Producer(self._publish_channel, serializer="json", auto_declare=False)
@@ -413,15 +409,15 @@ class JobClient:
         else:
             failed = self._run_callback(watch, "on_status", watch.on_status, payload)
         if failed is not None and watch.error is None:
-            watch.error = CallbackError(job_id, "on_progress" if kind is QueueKind.PROGRESS else "on_status", None)
+            watch.error = CallbackError(
+                job_id, "on_progress" if kind is QueueKind.PROGRESS else "on_status", None
+            )
             watch.error.__cause__ = failed
         self._consume_channel.basic_ack(tag)
         if watch.pending is not None:
             self._maybe_finish(watch)
 
-    def _run_callback(
-        self, watch: _Watch, name: str, callback: Any, payload: Any
-    ) -> Exception | None:
+    def _run_callback(self, watch: _Watch, name: str, callback: Any, payload: Any) -> Exception | None:
         if callback is None:
             return None
         try:
@@ -488,9 +484,7 @@ class JobClient:
         if watch.auto_disconnect:
             self._retire(watch)
         watch.done.set()
-        log_event(
-            logger, logging.INFO, "job_finished", job_id=job_id, status=result.status.value
-        )
+        log_event(logger, logging.INFO, "job_finished", job_id=job_id, status=result.status.value)
 
     def _flush_stragglers(self) -> None:
         now = time.monotonic()

@@ -65,9 +65,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         default = cls()
-        modules = tuple(
-            m.strip() for m in env.get("EBB_WORKFLOW_MODULES", "").split(",") if m.strip()
-        )
+        modules = tuple(m.strip() for m in env.get("EBB_WORKFLOW_MODULES", "").split(",") if m.strip())
         settings = cls(
             broker_url=env.get("EBB_BROKER_URL") or default.broker_url,
             redis_url=env.get("EBB_REDIS_URL") or default.redis_url,

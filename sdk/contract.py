@@ -16,7 +16,7 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any, Final
 
-from kombu import Queue
+from kombu.entity import Queue
 
 SCHEMA_VERSION: Final = 1
 TASK_NAME: Final = "ebb.run_job"
@@ -62,9 +62,7 @@ def parse_job_id(value: object) -> uuid.UUID:
             return uuid.UUID(value)
         except ValueError:
             pass
-    raise ValueError(
-        f"job id {value!r} is not a UUID; pass the Job object or str(job.id) from submit_job"
-    )
+    raise ValueError(f"job id {value!r} is not a UUID; pass the Job object or str(job.id) from submit_job")
 
 
 def queue_name(job_id: uuid.UUID, kind: QueueKind) -> str:
@@ -125,9 +123,7 @@ def _check_header(data: object, expected_type: str) -> dict[str, Any]:
             f"{SCHEMA_VERSION} (upgrade the older side)"
         )
     if data.get("type") != expected_type:
-        raise MalformedMessageError(
-            f"expected a {expected_type} message, got type {data.get('type')!r}"
-        )
+        raise MalformedMessageError(f"expected a {expected_type} message, got type {data.get('type')!r}")
     return data
 
 
@@ -360,4 +356,3 @@ def decode(kind: QueueKind, body: bytes | str, content_type: str | None) -> Mess
 
 def now() -> float:
     return time.time()
-

@@ -54,8 +54,8 @@ class CallbackError(EbbError):
         super().__init__(
             f"job {job_id}: your {callback} callback raised (see the chained exception); "
             + (
-                "the result was returned to jobs.{0}.result; reconnect with "
-                "connect_to_submitted_job to receive it again".format(job_id)
+                f"the result was returned to jobs.{job_id}.result; reconnect with "
+                "connect_to_submitted_job to receive it again"
                 if callback == "on_finished"
                 else "the job's other messages were still delivered"
             )

@@ -7,17 +7,17 @@ are read, and all publishing, acking and user callbacks happen between reads, on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
-import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
-from kombu import Connection
+from kombu.connection import Connection
 
 from sdk.errors import ClientClosedError
 from sdk.logfmt import log_event
@@ -75,16 +75,12 @@ class BrokerLoop:
         if self._thread.is_alive():
             self._thread.join(timeout)
         for fd in (self._wake_r, self._wake_w):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
     def _wake(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # closed, or full while the loop is awake anyway
             os.write(self._wake_w, b"x")
-        except OSError:  # closed, or the pipe is full and the loop is awake anyway
-            pass
 
     def _closed_reason(self) -> str:
         if self.failure is not None:
@@ -97,10 +93,8 @@ class BrokerLoop:
             while not self._stopping:
                 readable, _, _ = select.select([sock, self._wake_r], [], [], self._tick)
                 if self._wake_r in readable:
-                    try:
+                    with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
                 self._drain()
                 self._run_commands()
                 self._after_io()
@@ -119,9 +113,7 @@ class BrokerLoop:
         while True:
             try:
                 self.connection.drain_events(timeout=0)
-            except TimeoutError:
-                return
-            except socket.timeout:
+            except TimeoutError:  # socket.timeout: nothing more to read
                 return
 
     def _run_commands(self) -> None:

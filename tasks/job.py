@@ -76,7 +76,7 @@ class JobReporter:
         )
 
 
-@app.task(name=contract.TASK_NAME, bind=True, ignore_result=True)
+@app.task(name=contract.TASK_NAME, bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
 def run_job(self: Task, request: dict[str, Any]) -> str:
     """Run the requested workflow; every outcome, failure included, goes to the result queue."""
     try:

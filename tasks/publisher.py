@@ -12,7 +12,8 @@ import os
 import threading
 from typing import Any
 
-from kombu import Connection, Producer
+from kombu.connection import Connection
+from kombu.messaging import Producer
 
 from sdk import contract
 from sdk.config import Settings
@@ -51,9 +52,7 @@ class ReplyPublisher:
                 cls._instance_pid = os.getpid()
             return cls._instance
 
-    def _on_return(
-        self, exception: Exception, exchange: str, routing_key: str, message: Any
-    ) -> None:
+    def _on_return(self, exception: Exception, exchange: str, routing_key: str, message: Any) -> None:
         self._returned.add(routing_key)
 
     def publish(self, queue: str, payload: dict[str, Any]) -> bool:

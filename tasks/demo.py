@@ -25,3 +25,10 @@ def sleep(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
 def fail(params: dict[str, Any], progress: Progress) -> None:
     """Always raise, with the given message: for trying out ERROR results."""
     raise RuntimeError(str(params.get("message", "demo.fail was asked to fail")))
+
+
+@workflow("demo.echo")
+def echo(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """Return the params unchanged: the cheapest possible job, for benchmarks and smoke tests."""
+    progress(1.0, "echoed")
+    return params

@@ -233,10 +233,9 @@ class JobClient:
             if watch is None:
                 raise ValueError(f"job {job_id} is not connected to this client")
             delete = watch.result is not None if delete_queues is None else delete_queues
-            kinds = set(watch.consumers)
-            self._stop_consuming(watch, kinds)
+            self._stop_consuming(watch, set(watch.consumers))
             if delete:
-                self._delete_queues(job_id, kinds)
+                self._delete_queues(job_id, set(watch.job.queues))
             self._retire(watch)
             watch.done.set()
 

@@ -1,0 +1,552 @@
+"""What do Ebb's per-job reply queues cost? Ebb end to end against its two ingredients, in one run.
+
+Ebb is Celery plus self-cleaning reply queues, so this measures, against the local broker:
+raw three-queue churn (declare, publish, get, ack, delete on one kombu connection), bare Celery
+(Redis results) and Ebb itself (result queue only, and all three queues), and checks two targets:
+
+  (a) Ebb throughput, N jobs in flight / raw churn throughput                  >= 0.8
+  (b) Ebb sequential median latency / (bare Celery median + raw churn median)  <= 1.3
+
+Run from the repository root (the workers import ``tasks`` and ``bench`` from there)::
+
+    .venv/bin/python -m bench.bench_jobs [--quick] [--jobs N] [--seq N] [--json]
+
+The table goes to stdout; with ``--json`` one JSON document goes to stdout and the table to
+stderr. Progress lines go to stderr. Workers run in their own sessions and are always stopped;
+every queue the run creates is deleted at the end, and checked for on the management API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import requests
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from kombu.connection import Connection
+from kombu.messaging import Producer
+
+from bench import celery_baseline
+from sdk import Job, JobClient, Settings, contract
+from sdk.contract import QueueKind
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[1]
+#: ``x-expires`` of every job queue the bench declares: what a Ctrl-C strands goes away soon.
+BENCH_TTL = timedelta(minutes=10)
+WORKER_FLAGS = ("-c", "2", "-P", "prefork", "--without-gossip", "--without-mingle", "--without-heartbeat")
+TARGET_THROUGHPUT = 0.8
+TARGET_LATENCY = 1.3
+PARAMS: dict[str, Any] = {"x": 1}
+
+
+def say(message: str) -> None:
+    """Progress goes to stderr so that stdout stays the table (or the JSON)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """One measurement: ``jobs`` done in ``seconds``, with per-job latencies when run one by one."""
+
+    jobs: int
+    seconds: float
+    median_ms: float | None = None
+    p99_ms: float | None = None
+
+    @property
+    def jobs_per_s(self) -> float:
+        return self.jobs / self.seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "jobs_per_s": self.jobs_per_s}
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """Nearest rank: always a latency that was really observed."""
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+
+
+def sequential(run_one: Callable[[], None], n: int, warmup: int) -> Stats:
+    """Run ``run_one`` n times in a row, after ``warmup`` untimed runs; jobs/s is n / total time."""
+    for _ in range(warmup):
+        run_one()
+    samples: list[float] = []
+    start = time.perf_counter()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        run_one()
+        samples.append(time.perf_counter() - t0)
+    total = time.perf_counter() - start
+    samples.sort()
+    return Stats(n, total, statistics.median(samples) * 1e3, percentile(samples, 0.99) * 1e3)
+
+
+def in_flight(send: Callable[[], T], collect: Callable[[T], None], n: int, warmup: int) -> Stats:
+    """Send n jobs, then collect them all: timed from the first send to the last collect."""
+    for handle in [send() for _ in range(warmup)]:
+        collect(handle)
+    start = time.perf_counter()
+    handles = [send() for _ in range(n)]
+    for handle in handles:
+        collect(handle)
+    return Stats(n, time.perf_counter() - start)
+
+
+class Interrupts:
+    """Ctrl-C and SIGTERM raise ``KeyboardInterrupt``, but not inside ``with INTERRUPTS:``.
+
+    There they wait for the block to end, so that a job is never left submitted but untracked
+    (its queues would outlive the run) and a worker is never left half stopped.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started ignoring it
+            signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> None:
+        self.depth += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.depth -= 1
+        if not self.depth and self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+INTERRUPTS = Interrupts()
+
+
+@dataclass
+class Tracker:
+    """Everything this run puts on the broker, so that nothing outlives it (Ctrl-C included)."""
+
+    job_ids: set[uuid.UUID] = field(default_factory=set)  # every job ever started
+    open_jobs: set[uuid.UUID] = field(default_factory=set)  # whose queues may still exist
+    task_queues: list[str] = field(default_factory=list)
+    exchanges: list[str] = field(default_factory=list)
+
+    def opened(self, job_id: uuid.UUID) -> None:
+        self.job_ids.add(job_id)
+        self.open_jobs.add(job_id)
+
+    def closed(self, job_id: uuid.UUID) -> None:
+        self.open_jobs.discard(job_id)
+
+
+# --- 1. raw three-queue churn ----------------------------------------------------------------
+
+
+def raw_churn(settings: Settings, track: Tracker, n: int, warmup: int) -> Stats:
+    """The floor under Ebb's reply queues: what RabbitMQ needs to create, use and drop three queues."""
+    with Connection(settings.broker_url, connect_timeout=10) as connection:
+        channel = connection.channel()
+        producer = Producer(channel, auto_declare=False)
+
+        def one_job() -> None:
+            job_id = uuid.uuid4()
+            track.opened(job_id)
+            queues = [contract.job_queue(job_id, kind, BENCH_TTL)(channel) for kind in sorted(QueueKind)]
+            for queue in queues:
+                queue.declare()
+            for queue in queues:
+                producer.publish(
+                    contract.encode({"job_id": str(job_id), "queue": queue.name}),
+                    exchange="",
+                    routing_key=queue.name,
+                    delivery_mode=2,
+                    content_type=contract.CONTENT_TYPE,
+                    content_encoding="utf-8",
+                )
+            for queue in queues:
+                deadline = time.monotonic() + 10
+                while (message := queue.get(no_ack=False)) is None:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"message published to {queue.name} never arrived")
+                message.ack()
+            for queue in queues:
+                queue.delete()
+            track.closed(job_id)
+
+        return sequential(one_job, n, warmup)
+
+
+# --- workers -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def worker(
+    app: str, node: str, extra: list[str], env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A Celery worker in its own session (Ctrl-C reaches only the bench), always stopped on exit."""
+    command = [sys.executable, "-m", "celery", "-A", app, "worker", *WORKER_FLAGS, "-n", f"{node}@%h", *extra]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    say(f"started worker pid {proc.pid}: {' '.join(command[1:])} (log {log})")
+    try:
+        yield proc
+    finally:
+        stop_worker(proc)
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown first; if it hangs, kill the worker's own process group (it and its pool)."""
+    with INTERRUPTS:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the unreaped leader keeps this group id ours
+                proc.wait()
+        say(f"worker pid {proc.pid} stopped (exit code {proc.returncode})")
+
+
+def wait_ready(proc: subprocess.Popen[bytes], log: Path, check: Callable[[float], bool]) -> None:
+    """A first job round trip proves the worker consumes its queue; ``check(timeout)`` waits for it."""
+    deadline = time.monotonic() + 90
+    while not check(1.0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"worker pid {proc.pid} did not become ready; its log ends:\n{tail}")
+
+
+# --- 2. bare Celery ----------------------------------------------------------------------------
+
+
+def bare_celery(
+    queue: str, proc: subprocess.Popen[bytes], log: Path, n_seq: int, n_flight: int, warmup: int
+) -> tuple[Stats, Stats]:
+    """Plain ``apply_async().get()`` with Redis results: the Celery part of Ebb's cost, alone."""
+    task = celery_baseline.echo
+
+    def send() -> Any:
+        return task.apply_async(args=[PARAMS], queue=queue)
+
+    def collect(result: Any) -> None:
+        if result.get(timeout=120) != PARAMS:
+            raise RuntimeError(f"task {result.id} returned something else than its argument")
+
+    first = send()
+
+    def check(timeout: float) -> bool:
+        try:
+            first.get(timeout=timeout)
+        except CeleryTimeoutError:
+            return False
+        return True
+
+    wait_ready(proc, log, check)
+    say(f"bare Celery: {n_seq} sequential")
+    seq = sequential(lambda: collect(send()), n_seq, warmup)
+    say(f"bare Celery: {n_flight} in flight")
+    return seq, in_flight(send, collect, n_flight, warmup * 5)
+
+
+# --- 3. Ebb ------------------------------------------------------------------------------------
+
+
+def ebb(
+    client: JobClient, track: Tracker, three: bool, n_seq: int, n_flight: int, warmup: int
+) -> tuple[Stats, Stats, Counter[str]]:
+    """Ebb end to end: submit ``demo.echo``, wait until ``on_finished`` ran and the queues are gone."""
+    calls: Counter[str] = Counter()  # "jobs" counts submissions, the rest callback runs
+
+    def count(name: str) -> Callable[[Job, object], None]:
+        def callback(job: Job, update: object) -> None:
+            calls[name] += 1
+
+        return callback
+
+    def send() -> Job:
+        with INTERRUPTS:
+            job = client.submit_job(
+                "demo.echo",
+                PARAMS,
+                on_finished=count("on_finished"),
+                on_progress=count("on_progress") if three else None,
+                on_status=count("on_status") if three else None,
+                auto_cleanup_after_ttl=BENCH_TTL,
+            )
+            track.opened(job.id)
+        calls["jobs"] += 1
+        return job
+
+    def collect(job: Job) -> None:
+        result = client.wait(job, timeout=120)
+        track.closed(job.id)
+        if not result.succeeded or result.output != PARAMS:
+            raise RuntimeError(f"job {job.id} ended {result.status} with {result.output!r}")
+
+    label = "three queues" if three else "result queue"
+    say(f"Ebb, {label}: {n_seq} sequential")
+    seq = sequential(lambda: collect(send()), n_seq, warmup)
+    say(f"Ebb, {label}: {n_flight} in flight")
+    flight = in_flight(send, collect, n_flight, warmup * 5)
+    return seq, flight, calls
+
+
+def ebb_ready(client: JobClient, track: Tracker) -> Callable[[float], bool]:
+    """The readiness check for the Ebb worker: one ``demo.echo`` job must come back."""
+    with INTERRUPTS:
+        job = client.submit_job("demo.echo", {}, auto_cleanup_after_ttl=BENCH_TTL)
+        track.opened(job.id)
+
+    def check(timeout: float) -> bool:
+        try:
+            client.wait(job, timeout=timeout)
+        except TimeoutError:
+            return False
+        track.closed(job.id)
+        return True
+
+    return check
+
+
+# --- cleanup and report ----------------------------------------------------------------------
+
+
+def cleanup(settings: Settings, track: Tracker) -> None:
+    """Delete this run's task queues, their exchanges and the reply queues of unfinished jobs."""
+    with Connection(settings.broker_url, connect_timeout=10) as connection:
+        channel = connection.channel()
+        names = [contract.queue_name(j, kind) for j in sorted(track.open_jobs) for kind in QueueKind]
+        for name in [*track.task_queues, *names]:
+            channel.queue_delete(name)  # idempotent: a queue already gone is fine
+        for name in track.exchanges:
+            channel.exchange_delete(name)
+    if names:
+        say(f"deleted the queues of {len(track.open_jobs)} unfinished jobs")
+    track.open_jobs.clear()
+
+
+def leftover_queues(settings: Settings, track: Tracker) -> tuple[int, int]:
+    """(queues this run created that still exist, other ``jobs.*`` queues, e.g. other people's tests)."""
+    response = requests.get(
+        f"{settings.management_url}/api/queues/{quote(settings.vhost, safe='')}",
+        params={"columns": "name"},
+        auth=(settings.management_user, settings.management_password),
+        timeout=10,
+    )
+    response.raise_for_status()
+    ours = others = 0
+    for queue in response.json():
+        name = str(queue["name"])
+        parsed = contract.parse_queue_name(name)
+        if name in track.task_queues or (parsed is not None and parsed[0] in track.job_ids):
+            ours += 1
+        elif parsed is not None:
+            others += 1
+    return ours, others
+
+
+def ratios(stats: dict[str, Stats]) -> dict[str, dict[str, float | bool]]:
+    """The two targets, for result-only and for three-queue jobs."""
+    raw, celery = stats["raw_churn"], stats["celery_seq"]
+    assert raw.median_ms is not None and celery.median_ms is not None
+    out: dict[str, dict[str, float | bool]] = {}
+    for variant in ("result", "three"):
+        seq_median = stats[f"ebb_{variant}_seq"].median_ms
+        assert seq_median is not None
+        throughput = stats[f"ebb_{variant}_flight"].jobs_per_s / raw.jobs_per_s
+        latency = seq_median / (celery.median_ms + raw.median_ms)
+        out[variant] = {
+            "throughput_ratio": throughput,
+            "throughput_pass": throughput >= TARGET_THROUGHPUT,
+            "latency_ratio": latency,
+            "latency_pass": latency <= TARGET_LATENCY,
+        }
+    return out
+
+
+def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], meta: dict[str, Any]) -> str:
+    """The human-readable report."""
+    flight, load = meta["jobs_in_flight"], meta["load_avg_1min"]
+    rows = [
+        ("raw_churn", "raw three-queue churn, sequential"),
+        ("celery_seq", "bare Celery, sequential apply_async().get()"),
+        ("celery_flight", f"bare Celery, {flight} in flight"),
+        ("ebb_result_seq", "Ebb, result queue only, sequential"),
+        ("ebb_result_flight", f"Ebb, result queue only, {flight} in flight"),
+        ("ebb_three_seq", "Ebb, all three queues, sequential"),
+        ("ebb_three_flight", f"Ebb, all three queues, {flight} in flight"),
+    ]
+
+    calls = meta["three_queue_callbacks"]
+    per_job = ", ".join(
+        f"{name} {calls.get(name, 0) / max(1, calls.get('jobs', 0)):.2f}"
+        for name in ("on_finished", "on_status", "on_progress")
+    )
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = [
+        f"Ebb benchmark: RabbitMQ {meta['rabbitmq']}, {meta['cores']} cores, workers -c 2 prefork, "
+        f"{meta['sequential']} sequential samples, {flight} in flight",
+        f"load average (1 min) before {load['before']:.2f}, after {load['after']:.2f} "
+        "(other work on the machine skews every row)",
+        "",
+        f"{'measurement':<48}{'median ms':>10}{'p99 ms':>10}{'jobs/s':>10}",
+    ]
+    for key, label in rows:
+        s = stats[key]
+        lines.append(f"{label:<48}{ms(s.median_ms):>10}{ms(s.p99_ms):>10}{s.jobs_per_s:>10.1f}")
+    lines += ["", "(jobs/s of a sequential row = samples / total time, i.e. one job at a time)", ""]
+    lines.append(f"{'target':<48}{'result queue only':>20}{'all three queues':>20}")
+    for name, label in (
+        ("throughput", f"(a) Ebb in flight / raw churn, jobs/s >= {TARGET_THROUGHPUT}"),
+        ("latency", f"(b) Ebb median / (Celery + churn) <= {TARGET_LATENCY}"),
+    ):
+        cells = [
+            f"{targets[v][name + '_ratio']:.2f} {'PASS' if targets[v][name + '_pass'] else 'FAIL'}"
+            for v in ("result", "three")
+        ]
+        lines.append(f"{label:<48}{cells[0]:>20}{cells[1]:>20}")
+    lines += [
+        "",
+        f"callbacks per three-queue job (demo.echo sends 2 statuses, 1 progress): {per_job}",
+        f"leftover queues of this run: {meta['leftover_ours']}; other jobs.* queues on the broker "
+        f"(not this run's): {meta['leftover_others']}",
+    ]
+    return "\n".join(lines)
+
+
+def rabbitmq_version(settings: Settings) -> str:
+    with contextlib.suppress(requests.RequestException, KeyError, ValueError):
+        response = requests.get(
+            f"{settings.management_url}/api/overview",
+            auth=(settings.management_user, settings.management_password),
+            timeout=10,
+        )
+        return str(response.json()["rabbitmq_version"])
+    return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=1000, help="jobs in flight for throughput (1000)")
+    parser.add_argument("--seq", type=int, default=300, help="sequential samples per latency run (300)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 100 in flight, 30 sequential")
+    parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
+    args = parser.parse_args(argv)
+    n_flight, n_seq, warmup = (100, 30, 5) if args.quick else (args.jobs, args.seq, 20)
+    if n_flight < 1 or n_seq < 1:
+        parser.error("--jobs and --seq must be at least 1")
+
+    INTERRUPTS.install()
+    base = Settings.from_env()
+    run = uuid.uuid4().hex[:8]
+    track = Tracker()
+    logs = Path(tempfile.mkdtemp(prefix="ebb-bench-"))
+    stats: dict[str, Stats] = {}
+    calls: Counter[str] = Counter()
+    load_before = os.getloadavg()[0]
+    try:
+        say(f"raw three-queue churn: {n_seq} jobs")
+        stats["raw_churn"] = raw_churn(base, track, n_seq, warmup)
+
+        celery_queue = f"bench.celery.{run}"
+        track.task_queues.append(celery_queue)
+        track.exchanges.append(celery_queue)  # Celery creates a direct exchange per missing queue
+        log = logs / "celery-baseline.log"
+        with worker(
+            "bench.celery_baseline", f"bench-celery-{run}", ["-Q", celery_queue], dict(os.environ), log
+        ) as proc:
+            stats["celery_seq"], stats["celery_flight"] = bare_celery(
+                celery_queue, proc, log, n_seq, n_flight, warmup
+            )
+
+        settings = dataclasses.replace(base, task_queue=f"bench.ebb.{run}")
+        track.task_queues.append(settings.task_queue)
+        track.exchanges.append(settings.task_queue)  # Celery's default exchange for it, same name
+        log = logs / "ebb-worker.log"
+        env = {**os.environ, "EBB_TASK_QUEUE": settings.task_queue}
+        with (
+            worker("tasks", f"bench-ebb-{run}", [], env, log) as proc,
+            JobClient(settings=settings) as client,
+        ):
+            wait_ready(proc, log, ebb_ready(client, track))
+            stats["ebb_result_seq"], stats["ebb_result_flight"], _ = ebb(
+                client, track, False, n_seq, n_flight, warmup
+            )
+            stats["ebb_three_seq"], stats["ebb_three_flight"], calls = ebb(
+                client, track, True, n_seq, n_flight, warmup
+            )
+    except KeyboardInterrupt:
+        say(f"interrupted; workers stopped, this run's queues deleted, worker logs kept in {logs}")
+        return 130
+    except BaseException:
+        say(f"failed; worker logs kept in {logs}")
+        raise
+    finally:
+        cleanup(base, track)
+
+    ours, others = leftover_queues(base, track)
+    meta: dict[str, Any] = {
+        "rabbitmq": rabbitmq_version(base),
+        "cores": os.cpu_count(),
+        # Other processes (test workers, say) compete for the same cores: a high load means noise.
+        "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "sequential": n_seq,
+        "jobs_in_flight": n_flight,
+        "warmup": warmup,
+        "three_queue_callbacks": dict(calls),
+        "leftover_ours": ours,
+        "leftover_others": others,
+    }
+    targets = ratios(stats)
+    report = table(stats, targets, meta)
+    if args.json:
+        print(report, file=sys.stderr)
+        print(
+            json.dumps(
+                {"meta": meta, "results": {k: s.to_dict() for k, s in stats.items()}, "targets": targets},
+                indent=2,
+            )
+        )
+    else:
+        print(report)
+    for path in logs.iterdir():
+        path.unlink()
+    logs.rmdir()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

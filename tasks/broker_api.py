@@ -1,0 +1,68 @@
+"""Reads queues through the RabbitMQ management HTTP API.
+
+Never over AMQP: a passive declare or ``basic.get`` renews a queue's ``x-expires`` lease, which
+would keep orphaned job queues alive for ever.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from sdk.config import Settings
+
+JOB_QUEUE_COLUMNS = ("name", "consumers", "messages", "arguments", "idle_since", "durable")
+
+
+class ManagementError(RuntimeError):
+    """The management API could not be reached or refused the request."""
+
+
+class BrokerAPI:
+    def __init__(self, settings: Settings, *, timeout: float = 30.0) -> None:
+        self.settings = settings
+        self._session = requests.Session()
+        self._session.auth = (settings.management_user, settings.management_password)
+        self._timeout = timeout
+        self._vhost = quote(settings.vhost, safe="")
+
+    def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
+        url = f"{self.settings.management_url}/api/{path}"
+        try:
+            response = self._session.get(url, params=params, timeout=self._timeout)
+        except requests.RequestException as exc:
+            raise ManagementError(
+                f"cannot reach the RabbitMQ management API at {self.settings.management_url}: {exc}; "
+                "enable it with 'rabbitmq-plugins enable rabbitmq_management' or set EBB_MANAGEMENT_URL"
+            ) from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code in (401, 403):
+            raise ManagementError(
+                f"the management API refused user {self.settings.management_user!r} "
+                f"({response.status_code}); set EBB_MANAGEMENT_USER/EBB_MANAGEMENT_PASSWORD to a user "
+                "with the monitoring tag"
+            )
+        if not response.ok:
+            raise ManagementError(f"management API {url} answered {response.status_code}: {response.text[:200]}")
+        return response.json()
+
+    def job_queues(self, columns: tuple[str, ...] = JOB_QUEUE_COLUMNS) -> list[dict[str, Any]]:
+        """Every ``jobs.*`` queue of the vhost, in one unpaginated request with only ``columns``."""
+        data = self._get(f"queues/{self._vhost}", {"columns": ",".join(columns)})
+        if not isinstance(data, list):
+            raise ManagementError(f"unexpected answer listing queues: {str(data)[:200]}")
+        return [q for q in data if isinstance(q, dict) and str(q.get("name", "")).startswith("jobs.")]
+
+    def queue(self, name: str) -> dict[str, Any] | None:
+        data = self._get(f"queues/{self._vhost}/{quote(name, safe='')}")
+        return data if isinstance(data, dict) else None
+
+    def delete_queue(self, name: str, *, if_unused: bool = True) -> bool:
+        """Delete through the API; ``if-unused`` makes the broker refuse if a consumer appeared."""
+        url = f"{self.settings.management_url}/api/queues/{self._vhost}/{quote(name, safe='')}"
+        params = {"if-unused": "true"} if if_unused else None
+        response = self._session.delete(url, params=params, timeout=self._timeout)
+        return response.status_code in (200, 204)

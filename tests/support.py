@@ -1,0 +1,103 @@
+"""Test helpers that look at the broker the way an operator would: through the management API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from sdk.config import Settings
+from sdk.contract import QueueKind, queue_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Management:
+    """Read-only view of queues; never touches a queue over AMQP, so never renews a TTL."""
+
+    settings: Settings
+
+    def _get(self, path: str, **params: Any) -> Any:
+        response = requests.get(
+            f"{self.settings.management_url}/api/{path}",
+            params=params,
+            auth=(self.settings.management_user, self.settings.management_password),
+            timeout=10,
+        )
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    def queue(self, name: str) -> dict[str, Any] | None:
+        data = self._get(f"queues/{quote(self.settings.vhost, safe='')}/{quote(name, safe='')}")
+        return data if isinstance(data, dict) else None
+
+    def job_queues(self, job_id: uuid.UUID) -> dict[QueueKind, dict[str, Any]]:
+        found = {}
+        for kind in QueueKind:
+            info = self.queue(queue_name(job_id, kind))
+            if info is not None:
+                found[kind] = info
+        return found
+
+    def all_job_queue_names(self) -> list[str]:
+        data = self._get(f"queues/{quote(self.settings.vhost, safe='')}", columns="name")
+        return [q["name"] for q in data if q["name"].startswith("jobs.")]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+class ClientProcess:
+    """A caller in its own process, so a test can kill it with SIGKILL like a crash would."""
+
+    def __init__(self, workflow: str, params: dict[str, Any], ttl: float, callbacks: str = "all"):
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(ROOT, "tests", "client_process.py"),
+                workflow,
+                json.dumps(params),
+                str(ttl),
+                callbacks,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"client process died: {self.proc.stderr.read() if self.proc.stderr else ''}")
+        self.job_json = line.strip()
+
+    def read_event(self, timeout: float = 30) -> str:
+        """The next line the client printed (one per callback it received)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = self.proc.stdout.readline()
+        if not line and time.monotonic() > deadline:
+            raise TimeoutError("client process printed nothing")
+        return line.strip()
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no close(), no goodbye to the broker
+        self.proc.wait(10)

@@ -1,0 +1,313 @@
+"""How the SDK behaves beyond the happy path: TTL choices, callbacks that raise, bad input."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from amqp import Message
+from kombu.connection import Connection
+
+from sdk import (
+    CallbackError,
+    Job,
+    JobClient,
+    JobFailedError,
+    JobQueuesExpiredError,
+    JobResult,
+    JobStatus,
+    ProgressUpdate,
+)
+from sdk.config import Settings
+from sdk.contract import QueueKind, encode
+from tests.support import ClientProcess, Management, wait_until
+
+
+def test_reconnect_with_other_ttl_keeps_original_and_never_fails(
+    settings: Settings, worker: Path, management: Management, caplog: pytest.LogCaptureFixture
+) -> None:
+    caller = ClientProcess("demo.sleep", {"seconds": 0.3, "steps": 1}, ttl=30)
+    job = Job.from_json(caller.job_json)
+    caller.kill()
+    with JobClient(settings=settings) as client, caplog.at_level(logging.WARNING, "ebb.sdk"):
+        client.connect_to_submitted_job(
+            job,
+            on_finished=lambda j, r: None,
+            auto_disconnect_on_result=False,
+            auto_cleanup_after_ttl=timedelta(seconds=5),
+        )
+        assert client.wait(job, timeout=30).status is JobStatus.SUCCEEDED
+        assert "event=ttl_not_changed" in caplog.text
+        assert str(job.id) in caplog.text
+        remaining = management.job_queues(job.id)
+        assert set(remaining) == {QueueKind.PROGRESS, QueueKind.STATUS}
+        assert all(q["arguments"]["x-expires"] == 30_000 for q in remaining.values())
+        client.disconnect_from_submitted_job(job)
+    assert wait_until(lambda: not management.job_queues(job.id), 10)
+
+
+def test_without_auto_disconnect_progress_and_status_stay_until_disconnect(
+    client: JobClient, management: Management
+) -> None:
+    job = client.submit_job(
+        "demo.sleep",
+        {"seconds": 0.2, "steps": 2},
+        on_progress=lambda j, p: None,
+        on_status=lambda j, s: None,
+        auto_disconnect_on_result=False,
+    )
+    assert client.wait(job, timeout=30).succeeded
+    assert set(management.job_queues(job.id)) == {QueueKind.PROGRESS, QueueKind.STATUS}
+    client.disconnect_from_submitted_job(job)
+    assert wait_until(lambda: not management.job_queues(job.id), 10)
+
+
+def test_without_auto_disconnect_leftover_queues_expire_after_close(
+    settings: Settings, worker: Path, management: Management
+) -> None:
+    with JobClient(settings=settings) as client:
+        job = client.submit_job(
+            "demo.sleep",
+            {"seconds": 0.1, "steps": 1},
+            on_status=lambda j, s: None,
+            auto_disconnect_on_result=False,
+            auto_cleanup_after_ttl=3,
+        )
+        client.wait(job, timeout=30)
+        assert set(management.job_queues(job.id)) == {QueueKind.STATUS}
+    assert wait_until(lambda: not management.job_queues(job.id), 20)
+
+
+def test_raising_on_finished_keeps_result_for_a_later_reconnect(
+    settings: Settings, client: JobClient, management: Management, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = []
+
+    def broken(job: Job, result: JobResult) -> None:
+        calls.append(result)
+        raise RuntimeError("database down")
+
+    job = client.submit_job("demo.sleep", {"seconds": 0.1, "steps": 1}, on_finished=broken)
+    with pytest.raises(CallbackError) as caught:
+        client.wait(job, timeout=30)
+    assert len(calls) == 1, "the result must not be redelivered in a loop"
+    assert caught.value.callback == "on_finished"
+    assert caught.value.result is not None and caught.value.result.output == {"slept": 0.1}
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert "event=callback_failed" in caplog.text
+    time.sleep(1)
+    assert len(calls) == 1
+    assert wait_until(
+        lambda: (management.job_queues(job.id).get(QueueKind.RESULT) or {}).get("messages") == 1, 15
+    ), "the result should wait in its queue"
+    with JobClient(settings=settings) as again:
+        again.connect_to_submitted_job(job)
+        assert again.wait(job, timeout=30).output == {"slept": 0.1}
+    assert wait_until(lambda: not management.job_queues(job.id), 10)
+
+
+def test_raising_on_progress_still_delivers_everything(client: JobClient, management: Management) -> None:
+    seen: list[float] = []
+
+    def broken(job: Job, update: ProgressUpdate) -> None:
+        seen.append(update.progress)
+        raise ValueError("bad progress handler")
+
+    job = client.submit_job("demo.sleep", {"seconds": 0.2, "steps": 2}, on_progress=broken)
+    with pytest.raises(CallbackError) as caught:
+        client.wait(job, timeout=30)
+    assert seen == [0.5, 1.0]
+    assert caught.value.callback == "on_progress"
+    assert caught.value.result is not None and caught.value.result.succeeded
+    assert wait_until(lambda: not management.job_queues(job.id), 10)
+
+
+def test_failing_workflow_gives_error_result(client: JobClient, management: Management) -> None:
+    statuses: list[JobStatus] = []
+    job = client.submit_job(
+        "demo.fail", {"message": "disk full"}, on_status=lambda j, s: statuses.append(s.status)
+    )
+    result = client.wait(job, timeout=30)
+    assert result.status is JobStatus.ERROR
+    assert result.error is not None
+    assert (result.error.type, result.error.message) == ("RuntimeError", "disk full")
+    assert statuses == [JobStatus.RUNNING, JobStatus.ERROR]
+    with pytest.raises(JobFailedError, match="disk full"):
+        result.raise_for_status()
+    assert wait_until(lambda: not management.job_queues(job.id), 10)
+
+
+def test_unknown_workflow_gives_error_result_naming_known_ones(client: JobClient) -> None:
+    result = client.wait(client.submit_job("no.such.workflow", {}), timeout=30)
+    assert result.status is JobStatus.ERROR
+    assert result.error is not None and "demo.sleep" in result.error.message
+
+
+@pytest.mark.parametrize(
+    ("ttl", "error"),
+    [
+        (0, ValueError),
+        (-5, ValueError),
+        (timedelta(0), ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        (timedelta(days=365), ValueError),
+        (8 * 24 * 3600, ValueError),
+        ("48h", TypeError),
+        (True, TypeError),
+    ],
+)
+def test_invalid_ttl_is_refused_before_touching_the_broker(
+    client: JobClient, management: Management, ttl: object, error: type[Exception]
+) -> None:
+    before = set(management.all_job_queue_names())
+    with pytest.raises(error, match="auto_cleanup_after_ttl"):
+        client.submit_job("demo.sleep", {}, auto_cleanup_after_ttl=ttl)  # type: ignore[arg-type]
+    assert set(management.all_job_queue_names()) <= before
+
+
+def test_params_must_be_json(client: JobClient) -> None:
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        client.submit_job("demo.sleep", {"when": object()})
+
+
+def test_unknown_or_malformed_job_ids(client: JobClient, management: Management) -> None:
+    stranger = uuid.uuid4()
+    with pytest.raises(JobQueuesExpiredError, match=str(stranger)):
+        client.connect_to_submitted_job(str(stranger))
+    assert management.job_queues(stranger) == {}
+    with pytest.raises(ValueError, match="not a UUID"):
+        client.connect_to_submitted_job("../../etc")
+    with pytest.raises(ValueError, match="not known to this client"):
+        client.wait(uuid.uuid4(), timeout=0.1)
+
+
+def test_callbacks_run_on_the_client_thread_and_one_connection_serves_many_jobs(
+    client: JobClient, management: Management
+) -> None:
+    threads_before = threading.active_count()
+    names: set[str] = set()
+    jobs = [
+        client.submit_job(
+            "demo.echo", {"n": i}, on_finished=lambda j, r: names.add(threading.current_thread().name)
+        )
+        for i in range(60)
+    ]
+    outputs = [client.wait(job, timeout=60).output for job in jobs]
+    assert outputs == [{"n": i} for i in range(60)]
+    assert names == {"ebb-client"}
+    assert threading.active_count() == threads_before
+    assert all(not management.job_queues(job.id) for job in jobs[:5])
+
+
+def test_job_round_trips_through_json() -> None:
+    job = Job(uuid.uuid4(), "demo.sleep", timedelta(hours=2), frozenset(QueueKind), "ref-1")
+    assert Job.from_json(job.to_json()) == job
+    with pytest.raises(ValueError, match="Job JSON"):
+        Job.from_json('{"id": "x"}')
+
+
+@pytest.fixture
+def silent_client(settings: Settings) -> Iterator[JobClient]:
+    """A client whose jobs go to a task queue no worker reads: the test plays the worker."""
+    quiet = Settings(**{**settings.__dict__, "task_queue": f"{settings.task_queue}.nobody"})
+    with JobClient(settings=quiet) as job_client:
+        yield job_client
+        job_client._loop.call(lambda: job_client._publish_channel.queue_delete(quiet.task_queue))
+
+
+def _play_worker(settings: Settings, job: Job, messages: list[tuple[QueueKind, bytes]]) -> None:
+    """Publish raw bodies to the job's queues, in the given order, as a worker (or a vandal) would."""
+    with Connection(settings.broker_url) as connection:
+        channel = connection.channel()
+        for kind, body in messages:
+            message = Message(body, content_type="application/json", delivery_mode=2)
+            channel.basic_publish(message, exchange="", routing_key=job.queue_name(kind), mandatory=True)
+        channel.close()
+
+
+def _result_body(job: Job, last_progress: int) -> bytes:
+    result = JobResult(
+        job.id, JobStatus.SUCCEEDED, {"ok": True}, None, {"progress": last_progress}, time.time()
+    )
+    return encode(result.to_dict())
+
+
+def _progress_body(job: Job, seq: int) -> bytes:
+    update = ProgressUpdate(job.id, seq / 2, f"step {seq}", seq, time.time())
+    return encode(update.to_dict())
+
+
+def test_result_that_overtakes_progress_waits_for_it(
+    settings: Settings, silent_client: JobClient, management: Management
+) -> None:
+    events: list[str] = []
+    job = silent_client.submit_job(
+        "demo.echo",
+        {},
+        on_progress=lambda j, p: events.append(f"progress {p.seq}"),
+        on_finished=lambda j, r: events.append("finished"),
+    )
+    _play_worker(
+        settings,
+        job,
+        [
+            (QueueKind.RESULT, _result_body(job, 2)),
+            (QueueKind.PROGRESS, _progress_body(job, 1)),
+            (QueueKind.PROGRESS, _progress_body(job, 2)),
+        ],
+    )
+    assert silent_client.wait(job, timeout=10).output == {"ok": True}
+    assert events == ["progress 1", "progress 2", "finished"]
+    assert wait_until(lambda: not management.job_queues(job.id), 10)
+
+
+def test_malformed_messages_are_logged_and_skipped(
+    settings: Settings,
+    silent_client: JobClient,
+    management: Management,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events: list[str] = []
+    job = silent_client.submit_job(
+        "demo.echo",
+        {},
+        on_progress=lambda j, p: events.append(f"progress {p.seq}"),
+        on_finished=lambda j, r: events.append("finished"),
+    )
+    with caplog.at_level(logging.ERROR, "ebb.sdk"):
+        _play_worker(
+            settings,
+            job,
+            [
+                (QueueKind.PROGRESS, b"{not json"),
+                (QueueKind.PROGRESS, b'{"v": 99, "type": "progress"}'),
+                (QueueKind.PROGRESS, _progress_body(job, 1)),
+                (QueueKind.RESULT, _result_body(job, 1)),
+            ],
+        )
+        assert silent_client.wait(job, timeout=10).succeeded
+    assert events == ["progress 1", "finished"]
+    assert caplog.text.count("event=message_malformed") == 2
+    assert "schema version 99" in caplog.text
+    assert f"queue=jobs.{job.id}.progress" in caplog.text
+    assert wait_until(lambda: not management.job_queues(job.id), 10)
+
+
+def test_lost_straggler_does_not_hold_the_result_forever(
+    settings: Settings, silent_client: JobClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = silent_client.submit_job("demo.echo", {}, on_progress=lambda j, p: None)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, "ebb.sdk"):
+        _play_worker(settings, job, [(QueueKind.RESULT, _result_body(job, 3))])
+        assert silent_client.wait(job, timeout=10).succeeded
+    assert time.monotonic() - started < 5
+    assert "event=messages_missing" in caplog.text

@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                 client, track, True, n_seq, n_flight, warmup
             )
     except KeyboardInterrupt:
-        say(f"interrupted; workers stopped, this run's queues deleted, worker logs kept in {logs}")
+        say(f"interrupted; deleting this run's queues (workers are stopped); worker logs kept in {logs}")
         return 130
     except BaseException:
         say(f"failed; worker logs kept in {logs}")

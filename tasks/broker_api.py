@@ -46,7 +46,9 @@ class BrokerAPI:
                 "with the monitoring tag"
             )
         if not response.ok:
-            raise ManagementError(f"management API {url} answered {response.status_code}: {response.text[:200]}")
+            raise ManagementError(
+                f"management API {url} answered {response.status_code}: {response.text[:200]}"
+            )
         return response.json()
 
     def job_queues(self, columns: tuple[str, ...] = JOB_QUEUE_COLUMNS) -> list[dict[str, Any]]:

@@ -28,8 +28,22 @@ def _worker_running(settings: Settings) -> bool:
 
 def _start_worker() -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "WARNING", "-c", "1",
-         "--without-gossip", "--without-mingle", "-n", f"ebb-demo-{os.getpid()}@%h"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks",
+            "worker",
+            "-l",
+            "WARNING",
+            "-c",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+            "-n",
+            f"ebb-demo-{os.getpid()}@%h",
+        ],
         stdout=subprocess.DEVNULL,
     )
 
@@ -61,11 +75,16 @@ def demo(seconds: float, steps: int) -> None:
                 click.echo(f"  result   {result.status.value} {result.output}")
 
             job = client.submit_job(
-                "demo.sleep", {"seconds": seconds, "steps": steps},
-                on_status=on_status, on_progress=on_progress, on_finished=on_finished,
+                "demo.sleep",
+                {"seconds": seconds, "steps": steps},
+                on_status=on_status,
+                on_progress=on_progress,
+                on_finished=on_finished,
                 auto_cleanup_after_ttl=600,  # an interrupted demo leaves nothing behind for long
             )
-            click.echo(f"submitted job {job.id}; queues: {', '.join(job.queue_name(k) for k in sorted(job.queues))}")
+            click.echo(
+                f"submitted job {job.id}; queues: {', '.join(job.queue_name(k) for k in sorted(job.queues))}"
+            )
             client.wait(job, timeout=seconds + 60)
         left: list[dict[str, Any]] = [
             q for q in BrokerAPI(settings).job_queues(("name",)) if str(job.id) in q["name"]

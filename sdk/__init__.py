@@ -9,8 +9,10 @@ from sdk.errors import (
     EbbError,
     JobFailedError,
     JobQueuesExpiredError,
+    UnknownJobError,
 )
 from sdk.job import Job
+from sdk.registry import JobRecord, RegistryUnavailableError
 
 __all__ = [
     "CallbackError",
@@ -21,10 +23,13 @@ __all__ = [
     "JobError",
     "JobFailedError",
     "JobQueuesExpiredError",
+    "JobRecord",
     "JobResult",
     "JobStatus",
     "ProgressUpdate",
     "QueueKind",
+    "RegistryUnavailableError",
     "Settings",
     "StatusUpdate",
+    "UnknownJobError",
 ]

@@ -23,10 +23,11 @@ from kombu.messaging import Producer
 from sdk import contract
 from sdk.config import Settings
 from sdk.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
-from sdk.errors import CallbackError, ClientClosedError, JobQueuesExpiredError
+from sdk.errors import CallbackError, ClientClosedError, JobQueuesExpiredError, UnknownJobError
 from sdk.job import Job, validate_ttl
 from sdk.logfmt import log_event
 from sdk.loop import BrokerLoop
+from sdk.registry import JobRecord, Registry
 
 logger = logging.getLogger("ebb.sdk")
 
@@ -71,6 +72,7 @@ class JobClient:
         if broker_url is not None:
             base = Settings(**{**base.__dict__, "broker_url": broker_url})
         self.settings = base
+        self._registry = Registry(base.redis_url, base.registry_grace)
         self._watches: dict[uuid.UUID, _Watch] = {}
         self._finished: OrderedDict[uuid.UUID, _Watch] = OrderedDict()
         self._inbox: deque[tuple[_Watch, QueueKind, Message]] = deque()
@@ -136,8 +138,26 @@ class JobClient:
             queues.add(QueueKind.STATUS)
         job = Job(id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=frozenset(queues), reference=reference)
         watch = _Watch(job, on_finished, on_progress, on_status, auto_disconnect_on_result)
-        request = contract.TaskRequest(job.id, workflow, params_dict, job.queues)
-        self._loop.call(lambda: self._submit_on_loop(watch, request))
+        request = contract.TaskRequest(job.id, workflow, params_dict, job.queues, ttl)
+        now = time.time()
+        # Written before the task exists, so the worker's RUNNING can never be overwritten.
+        self._registry.write(
+            job.id,
+            ttl,
+            {
+                "workflow": workflow,
+                "reference": reference,
+                "status": "SUBMITTED",
+                "submitted_at": now,
+                "result_delivered": False,
+                "queues_last_in_use": now,
+            },
+        )
+        try:
+            self._loop.call(lambda: self._submit_on_loop(watch, request))
+        except BaseException:
+            self._registry.write(job.id, ttl, {"status": "NOT_SUBMITTED"})
+            raise
         log_event(logger, logging.INFO, "job_submitted", job_id=job.id, workflow=workflow, ttl=ttl)
         return job
 
@@ -193,7 +213,7 @@ class JobClient:
                 raise ValueError(f"job {job_id} is already connected to this client")
             present = self._probe_queues(job_id, wanted)
             if QueueKind.RESULT not in present:
-                raise JobQueuesExpiredError(job_id)
+                raise JobQueuesExpiredError(job_id, self._registry_story(job_id))
             for kind in wanted - present:
                 log_event(
                     logger,
@@ -214,8 +234,47 @@ class JobClient:
             return handle
 
         handle = self._loop.call(connect)
+        if known is None:
+            handle = self._describe_from_registry(handle)
+        self._registry.write(handle.id, handle.ttl, {"queues_last_in_use": time.time()})
         log_event(logger, logging.INFO, "job_connected", job_id=job_id)
         return handle
+
+    def job_status(self, job: Job | uuid.UUID | str) -> JobRecord:
+        """What the registry knows of a job, read from Redis without touching its queues.
+
+        Never renews the queues' TTL. Raises :class:`UnknownJobError` for a job the registry
+        has no record of, ``RegistryUnavailableError`` when Redis cannot be reached.
+        """
+        job_id = job.id if isinstance(job, Job) else contract.parse_job_id(job)
+        record = self._registry.get(job_id)
+        if record is None:
+            raise UnknownJobError(job_id)
+        return record
+
+    def _registry_story(self, job_id: uuid.UUID) -> str:
+        try:
+            record = self._registry.get(job_id)
+        except Exception as exc:  # the error is about the queues; the registry only adds colour
+            return f"(The job registry could not be asked: {exc}.)"
+        if record is None:
+            return "The job registry has no record of it either: never submitted, or long forgotten."
+        return f"Registry: {record.story()}."
+
+    def _describe_from_registry(self, handle: Job) -> Job:
+        try:
+            record = self._registry.get(handle.id)
+        except Exception:
+            return handle
+        if record is None:
+            return handle
+        return Job(
+            id=handle.id,
+            workflow=record.workflow or handle.workflow,
+            ttl=record.ttl or handle.ttl,
+            queues=handle.queues,
+            reference=record.reference,
+        )
 
     def disconnect_from_submitted_job(
         self, job: Job | uuid.UUID | str, *, delete_queues: bool | None = None
@@ -241,6 +300,8 @@ class JobClient:
 
         self._loop.call(disconnect)
         log_event(logger, logging.INFO, "job_disconnected", job_id=job_id)
+        ttl = job.ttl if isinstance(job, Job) else self.settings.default_ttl
+        self._registry.write(job_id, ttl, {"queues_last_in_use": time.time()})
 
     def wait(self, job: Job | uuid.UUID | str, timeout: float | None = None) -> JobResult:
         """Block until the job's result has been delivered (and its queues cleaned up).
@@ -274,6 +335,10 @@ class JobClient:
     def close(self) -> None:
         """Close the connection. Jobs still running keep their queues until their TTL runs out."""
         self._loop.stop()
+        with self._lock:
+            open_jobs = [w.job for w in self._watches.values()]
+        for job in open_jobs:  # their TTL clock starts now
+            self._registry.write(job.id, job.ttl, {"queues_last_in_use": time.time()})
         with contextlib.suppress(Exception):  # already broken: nothing left to release
             self._connection.release()
 
@@ -462,6 +527,7 @@ class JobClient:
             watch.error.__cause__ = failed
             self._stop_consuming(watch, set(watch.consumers))
             self._consume_channel.basic_reject(tag, requeue=True)
+            self._registry.write(job_id, watch.job.ttl, {"queues_last_in_use": time.time()})
             watch.result = result
             self._retire(watch)
             watch.done.set()
@@ -477,6 +543,17 @@ class JobClient:
         kinds = set(watch.job.queues) if watch.auto_disconnect else {QueueKind.RESULT}
         self._stop_consuming(watch, kinds)
         self._delete_queues(job_id, kinds)
+        now = time.time()
+        self._registry.write(
+            job_id,
+            watch.job.ttl,
+            {
+                "status": result.status.value,
+                "result_delivered": True,
+                "result_delivered_at": now,
+                "queues_last_in_use": now,
+            },
+        )
         if isinstance(watch.error, CallbackError):
             watch.error.result = result
         watch.result = result

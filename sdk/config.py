@@ -52,6 +52,9 @@ class Settings:
     task_queue: str = "ebb.jobs"
     workflow_modules: tuple[str, ...] = field(default_factory=tuple)
     heartbeat: float = 60.0
+    registry_grace: timedelta = timedelta(days=7)
+    audit_interval: float = 300.0
+    audit_delete_unexpiring: bool = False
 
     @property
     def vhost(self) -> str:
@@ -79,6 +82,13 @@ class Settings:
             task_queue=env.get("EBB_TASK_QUEUE") or default.task_queue,
             workflow_modules=modules,
             heartbeat=_seconds(env, "EBB_HEARTBEAT", default.heartbeat),
+            registry_grace=timedelta(
+                seconds=_seconds(env, "EBB_REGISTRY_GRACE", default.registry_grace.total_seconds())
+            ),
+            audit_interval=_seconds(env, "EBB_AUDIT_INTERVAL", default.audit_interval),
+            audit_delete_unexpiring=_flag(
+                env, "EBB_AUDIT_DELETE_UNEXPIRING", default.audit_delete_unexpiring
+            ),
         )
         if settings.default_ttl > settings.max_ttl:
             raise ValueError(
@@ -86,6 +96,3 @@ class Settings:
                 "lower the default or raise the maximum"
             )
         return settings
-
-
-__all__ = ["Settings", "_flag"]

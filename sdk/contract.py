@@ -299,6 +299,7 @@ class TaskRequest:
     workflow: str
     params: dict[str, Any]
     queues: frozenset[QueueKind]
+    ttl: timedelta = timedelta(hours=48)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -308,6 +309,7 @@ class TaskRequest:
             "workflow": self.workflow,
             "params": self.params,
             "queues": sorted(k.value for k in self.queues),
+            "ttl": self.ttl.total_seconds(),
         }
 
     @classmethod
@@ -320,11 +322,15 @@ class TaskRequest:
             raise MalformedMessageError(f"task request names unknown queues {queues_raw!r}") from None
         if QueueKind.RESULT not in queues:
             raise MalformedMessageError("task request lacks the result queue")
+        ttl = float(_require(data, "ttl", (int, float), "task request"))
+        if not ttl > 0:
+            raise MalformedMessageError(f"task request has a TTL of {ttl} s")
         return cls(
             job_id=_job_id_field(data, "task request"),
             workflow=_require(data, "workflow", str, "task request"),
             params=_require(data, "params", dict, "task request"),
             queues=queues,
+            ttl=timedelta(seconds=ttl),
         )
 
 

@@ -62,5 +62,16 @@ class CallbackError(EbbError):
         )
 
 
+class UnknownJobError(EbbError, LookupError):
+    """The job registry has no record of this job id."""
+
+    def __init__(self, job_id: uuid.UUID) -> None:
+        self.job_id = job_id
+        super().__init__(
+            f"job {job_id} is unknown to the job registry: it was never submitted, or its record "
+            "expired (records live for the job's TTL plus EBB_REGISTRY_GRACE)"
+        )
+
+
 class ClientClosedError(EbbError):
     """The client was closed, or lost its broker connection; its jobs keep their queues until TTL."""

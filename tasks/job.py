@@ -11,6 +11,7 @@ from sdk import contract
 from sdk.config import Settings
 from sdk.contract import JobError, JobStatus, QueueKind, TaskRequest
 from sdk.logfmt import log_event
+from sdk.registry import Registry
 from tasks import workflows
 from tasks.app import app
 from tasks.publisher import ReplyPublisher
@@ -18,6 +19,7 @@ from tasks.publisher import ReplyPublisher
 logger = logging.getLogger("ebb.worker")
 settings = Settings.from_env()
 workflows.load_modules(("tasks.demo", *settings.workflow_modules))
+registry = Registry(settings.redis_url, settings.registry_grace)
 
 
 class JobReporter:
@@ -66,6 +68,15 @@ class JobReporter:
         delivered = self.publisher.publish(
             contract.queue_name(self.request.job_id, QueueKind.RESULT), result.to_dict()
         )
+        registry.write(
+            self.request.job_id,
+            self.request.ttl,
+            {
+                "status": status.value,
+                "finished_at": result.at,
+                "lost": None if delivered else "result dropped: its queue had expired before the job ended",
+            },
+        )
         log_event(
             logger,
             logging.INFO,
@@ -86,6 +97,11 @@ def run_job(self: Task, request: dict[str, Any]) -> str:
         return "MALFORMED"
     reporter = JobReporter(parsed, ReplyPublisher.for_process(settings))
     log_event(logger, logging.INFO, "job_started", job_id=parsed.job_id, workflow=parsed.workflow)
+    registry.write(
+        parsed.job_id,
+        parsed.ttl,
+        {"status": JobStatus.RUNNING.value, "started_at": contract.now(), "workflow": parsed.workflow},
+    )
     reporter.status(JobStatus.RUNNING)
     try:
         fn = workflows.get(parsed.workflow)

@@ -1,0 +1,198 @@
+"""The job registry in Redis: what must outlive a job's queues.
+
+One hash per job, ``ebb:job:<uuid>``, written by the SDK at submission and when the result is
+consumed, by the worker as the job runs, and by the audit when queues go away. Every write
+renews the key's expiry (the job's TTL plus a grace period), so Redis never fills up.
+
+Redis is a side channel: when it is down, writes are skipped with one warning per outage and
+jobs carry on; only lookups (``JobClient.job_status``) fail, with a clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import redis
+
+from sdk.logfmt import log_event
+
+logger = logging.getLogger("ebb.registry")
+
+KEY_PREFIX = "ebb:job:"
+#: After a failed write, how long the registry stays quiet before trying Redis again.
+RETRY_AFTER = 5.0
+
+
+class RegistryUnavailableError(RuntimeError):
+    """Redis could not be reached for a lookup."""
+
+
+def job_key(job_id: uuid.UUID) -> str:
+    return f"{KEY_PREFIX}{job_id}"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What the registry knows about a job, even after its queues are gone."""
+
+    job_id: uuid.UUID
+    workflow: str | None
+    reference: str | None
+    ttl: timedelta | None
+    status: str | None
+    submitted_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    result_delivered: bool
+    result_delivered_at: float | None
+    queues_last_in_use: float | None
+    queues_removed_at: float | None
+    lost: str | None
+
+    @classmethod
+    def from_hash(cls, job_id: uuid.UUID, data: dict[str, str]) -> JobRecord:
+        def number(key: str) -> float | None:
+            raw = data.get(key)
+            try:
+                return float(raw) if raw not in (None, "") else None
+            except ValueError:
+                return None
+
+        ttl = number("ttl")
+        return cls(
+            job_id=job_id,
+            workflow=data.get("workflow"),
+            reference=data.get("reference") or None,
+            ttl=timedelta(seconds=ttl) if ttl is not None else None,
+            status=data.get("status"),
+            submitted_at=number("submitted_at"),
+            started_at=number("started_at"),
+            finished_at=number("finished_at"),
+            result_delivered=data.get("result_delivered") == "1",
+            result_delivered_at=number("result_delivered_at"),
+            queues_last_in_use=number("queues_last_in_use"),
+            queues_removed_at=number("queues_removed_at"),
+            lost=data.get("lost") or None,
+        )
+
+    @property
+    def queues_expire_at(self) -> float | None:
+        """Earliest time the broker may delete the queues, if nobody uses them again."""
+        if self.ttl is None or self.queues_last_in_use is None or self.queues_removed_at is not None:
+            return None
+        return self.queues_last_in_use + self.ttl.total_seconds()
+
+    def story(self) -> str:
+        """One sentence on what became of the job, for error messages and the CLI."""
+        parts = [f"job {self.job_id} ({self.workflow or 'unknown workflow'})"]
+        if self.status in ("SUCCEEDED", "ERROR") and self.finished_at:
+            parts.append(f"finished {self.status} at {_when(self.finished_at)}")
+        elif self.status:
+            parts.append(f"was last {self.status}")
+        if self.result_delivered:
+            parts.append(f"and its result was delivered at {_when(self.result_delivered_at)}")
+        elif self.queues_removed_at:
+            parts.append(
+                f"and its queues were removed by the broker at about {_when(self.queues_removed_at)}"
+                + (f" ({self.lost})" if self.lost else "")
+            )
+        elif self.queues_expire_at and self.queues_expire_at < time.time():
+            parts.append(
+                f"and its result was never delivered; its queues expired at about "
+                f"{_when(self.queues_expire_at)} with whatever they held"
+            )
+        return " ".join(parts)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "an unknown time"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+class Registry:
+    """Writes never raise and never block for long; lookups raise when Redis is away."""
+
+    def __init__(self, url: str, grace: timedelta, *, timeout: float = 0.5) -> None:
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
+        )
+        self._grace = grace
+        self._quiet_until = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> redis.Redis:
+        return self._redis
+
+    def write(self, job_id: uuid.UUID, ttl: timedelta, fields: dict[str, Any]) -> bool:
+        """Set ``fields`` and renew the record's expiry; ``False`` (logged) when Redis is away."""
+        if time.monotonic() < self._quiet_until:
+            return False
+        key = job_key(job_id)
+        values: dict[Any, Any] = {  # redis-py's hset mapping type is invariant in its keys
+            k: _encode(v) for k, v in fields.items() if v is not None
+        }
+        values["ttl"] = ttl.total_seconds()
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hset(key, mapping=values)
+            pipe.expire(key, max(1, int((ttl + self._grace).total_seconds())))
+            pipe.execute()
+        except redis.RedisError as exc:
+            self._went_away(exc, job_id)
+            return False
+        return True
+
+    def _went_away(self, exc: Exception, job_id: uuid.UUID | None) -> None:
+        with self._lock:
+            first = self._quiet_until < time.monotonic()
+            self._quiet_until = time.monotonic() + RETRY_AFTER
+        if first:
+            log_event(
+                logger,
+                logging.WARNING,
+                "registry_unavailable",
+                job_id=job_id,
+                error=repr(exc),
+                detail=f"jobs go on; registry writes skipped for {RETRY_AFTER:.0f}s",
+            )
+
+    def get(self, job_id: uuid.UUID) -> JobRecord | None:
+        try:
+            data = self._redis.hgetall(job_key(job_id))
+        except redis.RedisError as exc:
+            raise RegistryUnavailableError(
+                f"the job registry (Redis) cannot be reached: {exc}; check EBB_REDIS_URL"
+            ) from exc
+        if not data:
+            return None
+        return JobRecord.from_hash(job_id, {str(k): str(v) for k, v in data.items()})
+
+    def get_many(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, JobRecord]:
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.hgetall(job_key(job_id))
+            rows = pipe.execute()
+        except redis.RedisError as exc:
+            raise RegistryUnavailableError(f"the job registry (Redis) cannot be reached: {exc}") from exc
+        return {
+            job_id: JobRecord.from_hash(job_id, row) for job_id, row in zip(job_ids, rows, strict=True) if row
+        }
+
+
+def _encode(value: Any) -> str | float | int:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, int | float):
+        return value
+    return str(value)

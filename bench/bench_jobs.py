@@ -7,9 +7,9 @@ raw three-queue churn (declare, publish, get, ack, delete on one kombu connectio
   (a) Ebb throughput, N jobs in flight / raw churn throughput                  >= 0.8
   (b) Ebb sequential median latency / (bare Celery median + raw churn median)  <= 1.3
 
-Run from the repository root (the workers import ``tasks`` and ``bench`` from there)::
+Run from anywhere (workers start in the repository root, where ``tasks`` and ``bench`` live)::
 
-    .venv/bin/python -m bench.bench_jobs [--quick] [--jobs N] [--seq N] [--json]
+    .venv/bin/python bench/bench_jobs.py [--quick] [--jobs N] [--seq N] [--json]
 
 The table goes to stdout; with ``--json`` one JSON document goes to stdout and the table to
 stderr. Progress lines go to stderr. Workers run in their own sessions and are always stopped;
@@ -45,7 +45,6 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.connection import Connection
 from kombu.messaging import Producer
 
-from bench import celery_baseline
 from sdk import Job, JobClient, Settings, contract
 from sdk.contract import QueueKind
 
@@ -251,6 +250,8 @@ def bare_celery(
     queue: str, proc: subprocess.Popen[bytes], log: Path, n_seq: int, n_flight: int, warmup: int
 ) -> tuple[Stats, Stats]:
     """Plain ``apply_async().get()`` with Redis results: the Celery part of Ebb's cost, alone."""
+    from bench import celery_baseline  # after main() made the repository root importable
+
     task = celery_baseline.echo
 
     def send() -> Any:
@@ -446,6 +447,7 @@ def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], 
 
 
 def rabbitmq_version(settings: Settings) -> str:
+    """For the report header: figures only compare across runs on the same broker version."""
     with contextlib.suppress(requests.RequestException, KeyError, ValueError):
         response = requests.get(
             f"{settings.management_url}/api/overview",
@@ -457,6 +459,7 @@ def rabbitmq_version(settings: Settings) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run every measurement in order, one worker at a time, so they never compete for the cores."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -470,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--jobs and --seq must be at least 1")
 
     INTERRUPTS.install()
+    if str(ROOT) not in sys.path:  # run as ``python bench/bench_jobs.py``: find ``bench`` too
+        sys.path.insert(0, str(ROOT))
     base = Settings.from_env()
     run = uuid.uuid4().hex[:8]
     track = Tracker()

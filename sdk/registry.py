@@ -150,6 +150,18 @@ class Registry:
             return False
         return True
 
+    def touch_in_use(self, jobs: dict[uuid.UUID, timedelta], now: float) -> None:
+        """Record that these jobs' queues had a consumer at ``now`` (one round trip for all)."""
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id, ttl in jobs.items():
+                key = job_key(job_id)
+                pipe.hset(key, "queues_last_in_use", now)
+                pipe.expire(key, max(1, int((ttl + self._grace).total_seconds())))
+            pipe.execute()
+        except redis.RedisError as exc:
+            self._went_away(exc, None)
+
     def _went_away(self, exc: Exception, job_id: uuid.UUID | None) -> None:
         with self._lock:
             first = self._quiet_until < time.monotonic()

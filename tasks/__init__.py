@@ -1,6 +1,7 @@
 """Worker side of Ebb: the Celery app (``celery -A tasks worker``), the job task and beat audit."""
 
-from tasks import job as _job  # noqa: F401  (registers the ebb.run_job task)
+from tasks import audit_task as _audit_task  # noqa: F401  (registers ebb.audit_queues)
+from tasks import job as _job  # noqa: F401  (registers ebb.run_job)
 from tasks.app import app
 
 __all__ = ["app"]

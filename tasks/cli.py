@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,11 @@ from typing import Any
 import click
 
 from sdk import Job, JobClient, JobResult, ProgressUpdate, Settings, StatusUpdate
-from tasks.broker_api import BrokerAPI
+from sdk.contract import parse_job_id
+from sdk.errors import UnknownJobError
+from sdk.registry import Registry, RegistryUnavailableError
+from tasks.audit import Auditor, AuditReport
+from tasks.broker_api import BrokerAPI, ManagementError
 
 
 @click.group()
@@ -96,3 +101,66 @@ def demo(seconds: float, steps: int) -> None:
         if worker is not None:
             worker.terminate()
             worker.wait(30)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--delete-unexpiring",
+    is_flag=True,
+    help="Also delete jobs.* queues without x-expires that have no consumer.",
+)
+def audit(as_json: bool, delete_unexpiring: bool) -> None:
+    """Run the orphaned-queue audit now and print its report (reads the management API only)."""
+    settings = Settings.from_env()
+    try:
+        report = Auditor(settings).run(delete_unexpiring=delete_unexpiring or None)
+    except ManagementError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    _print_audit(report)
+
+
+def _print_audit(report: AuditReport) -> None:
+    rows = [f for f in report.findings if f.state != "in_use"]
+    click.echo(f"{'QUEUE':<58} {'STATE':<10} {'MSGS':>5} {'IDLE_S':>8} {'REMOVAL (est.)':<20} REGISTRY")
+    for f in rows:
+        removal = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(f.removal_estimate)) if f.removal_estimate else "-"
+        )
+        click.echo(
+            f"{f.queue:<58} {f.state:<10} {f.messages if f.messages is not None else '-':>5} "
+            f"{f.idle_s if f.idle_s is not None else '-':>8} {removal:<20} "
+            f"{f.registry_status or ('unknown' if not f.registered else '-')}"
+        )
+    for removed in report.removed:
+        click.echo(f"removed since last run: {removed['queue']} ({removed['lost']})")
+    for name in report.deleted:
+        click.echo(f"deleted (no x-expires, unused): {name}")
+    counts = ", ".join(f"{k}={v}" for k, v in report.counts().items())
+    click.echo(f"{len(report.findings)} job queues in {report.duration_s:.2f}s: {counts}")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+def status(job_id: str, as_json: bool) -> None:
+    """What the job registry knows of JOB_ID (never touches the job's queues)."""
+    settings = Settings.from_env()
+    try:
+        parsed = parse_job_id(job_id)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    try:
+        record = Registry(settings.redis_url, settings.registry_grace).get(parsed)
+    except RegistryUnavailableError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if record is None:
+        raise click.ClickException(str(UnknownJobError(parsed)))
+    if as_json:
+        data = {k: (str(v) if k in ("job_id", "ttl") else v) for k, v in record.__dict__.items()}
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(record.story())

@@ -7,11 +7,7 @@ own, so a worker left running elsewhere on the machine cannot steal the tests' j
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +19,7 @@ os.environ.setdefault("EBB_TASK_QUEUE", f"ebb.test.{os.getpid()}")
 
 from sdk import JobClient
 from sdk.config import Settings
-from tests.support import ROOT, Management
+from tests.support import Management, start_worker, stop_worker
 
 
 def _check_servers(settings: Settings) -> None:
@@ -67,46 +63,12 @@ def management(settings: Settings) -> Management:
 def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A real ``celery -A tasks worker`` subprocess; yields its log file."""
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tasks",
-            "worker",
-            "-l",
-            "INFO",
-            "-c",
-            "3",
-            "-P",
-            "prefork",
-            "--without-gossip",
-            "--without-mingle",
-            "-n",
-            f"test{os.getpid()}@%h",
-            "--logfile",
-            str(log),
-        ],
-        cwd=ROOT,
-        env=os.environ.copy(),
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if log.exists() and " ready." in log.read_text():
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited with {proc.returncode}: {log.read_text() if log.exists() else ''}")
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("worker did not become ready within 60 s")
-    yield log
-    proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        proc = start_worker(log)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield log
+    stop_worker(proc)
     with JobClient(settings=settings) as client:  # the session's task queue goes with it
         client._loop.call(lambda: client._publish_channel.queue_delete(settings.task_queue))
 

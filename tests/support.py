@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -101,3 +103,45 @@ class ClientProcess:
     def kill(self) -> None:
         self.proc.kill()  # SIGKILL: no close(), no goodbye to the broker
         self.proc.wait(10)
+
+
+def start_worker(log: Path, *extra_args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``celery -A tasks worker`` and return once it says it is ready."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks",
+            "worker",
+            "-l",
+            "INFO",
+            "-c",
+            "3",
+            "-P",
+            "prefork",
+            "--without-gossip",
+            "--without-mingle",
+            "-n",
+            f"test{os.getpid()}-{uuid.uuid4().hex[:6]}@%h",
+            "--logfile",
+            str(log),
+            *extra_args,
+        ],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    if not wait_until(lambda: log.exists() and " ready." in log.read_text(), 60):
+        proc.kill()
+        raise RuntimeError(f"worker did not become ready: {log.read_text() if log.exists() else ''}")
+    return proc
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

@@ -114,6 +114,7 @@ class Auditor:
         self.api = api or BrokerAPI(settings)
         self.registry = registry or Registry(settings.redis_url, settings.registry_grace, timeout=5.0)
         self.redis: redis.Redis = self.registry.client
+        self.confirm_after = CONFIRM_AFTER
 
     def run(self, *, delete_unexpiring: bool | None = None) -> AuditReport:
         delete = self.settings.audit_delete_unexpiring if delete_unexpiring is None else delete_unexpiring
@@ -203,7 +204,7 @@ class Auditor:
                     finding.state = ORPHANED
                 elif first_seen is None:
                     newly_suspect.append(finding)
-                elif now - float(first_seen) >= CONFIRM_AFTER:
+                elif now - float(first_seen) >= self.confirm_after:
                     finding.state = ORPHANED
                     to_confirm.append(finding)
             elif finding.state == IN_USE and finding.registered and finding.job_id and finding.expires_s:

@@ -164,3 +164,7 @@ def status(job_id: str, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
     else:
         click.echo(record.story())
+
+
+if __name__ == "__main__":
+    main()

@@ -26,9 +26,11 @@ from tasks.broker_api import BrokerAPI
 
 logger = logging.getLogger("ebb.audit")
 
-SUSPECTS_KEY = "ebb:audit:suspects"
-ORPHANS_KEY = "ebb:audit:orphans"
-UNEXPIRING_KEY = "ebb:audit:unexpiring"
+#: Audit memory in Redis, per RabbitMQ vhost (``{vhost}`` is filled in), so deployments sharing
+#: a Redis never mix their findings.
+SUSPECTS_KEY = "ebb:audit:{vhost}:suspects"
+ORPHANS_KEY = "ebb:audit:{vhost}:orphans"
+UNEXPIRING_KEY = "ebb:audit:{vhost}:unexpiring"
 #: Management stats are refreshed every 5 s: a queue must look unused for longer than that
 #: before it is called an orphan, so a stale ``consumers: 0`` never accuses a connected caller.
 CONFIRM_AFTER = 12.0
@@ -115,6 +117,9 @@ class Auditor:
         self.registry = registry or Registry(settings.redis_url, settings.registry_grace, timeout=5.0)
         self.redis: redis.Redis = self.registry.client
         self.confirm_after = CONFIRM_AFTER
+        self.suspects_key = SUSPECTS_KEY.format(vhost=settings.vhost)
+        self.orphans_key = ORPHANS_KEY.format(vhost=settings.vhost)
+        self.unexpiring_key = UNEXPIRING_KEY.format(vhost=settings.vhost)
 
     def run(self, *, delete_unexpiring: bool | None = None) -> AuditReport:
         delete = self.settings.audit_delete_unexpiring if delete_unexpiring is None else delete_unexpiring
@@ -191,8 +196,8 @@ class Auditor:
         self, report: AuditReport, records: dict[uuid.UUID, JobRecord], now: float, delete: bool
     ) -> None:
         present = {f.queue for f in report.findings}
-        suspects: dict[str, str] = self.redis.hgetall(SUSPECTS_KEY)  # type: ignore[assignment]
-        orphans: dict[str, str] = self.redis.hgetall(ORPHANS_KEY)  # type: ignore[assignment]
+        suspects: dict[str, str] = self.redis.hgetall(self.suspects_key)  # type: ignore[assignment]
+        orphans: dict[str, str] = self.redis.hgetall(self.orphans_key)  # type: ignore[assignment]
         pipe = self.redis.pipeline(transaction=False)
         in_use_jobs: dict[uuid.UUID, float] = {}
         newly_suspect: list[QueueFinding] = []
@@ -210,18 +215,18 @@ class Auditor:
             elif finding.state == IN_USE and finding.registered and finding.job_id and finding.expires_s:
                 in_use_jobs[uuid.UUID(finding.job_id)] = finding.expires_s
         for finding in newly_suspect:
-            pipe.hsetnx(SUSPECTS_KEY, finding.queue, now)
+            pipe.hsetnx(self.suspects_key, finding.queue, now)
         in_use = set(_names(report, (IN_USE,)))
         gone_suspects = [q for q in suspects if q not in present or q in in_use]
         if gone_suspects:
-            pipe.hdel(SUSPECTS_KEY, *gone_suspects)
+            pipe.hdel(self.suspects_key, *gone_suspects)
         pipe.execute()
 
         # Orphans confirmed this run: exactly one auditor wins HSETNX and logs it.
         if to_confirm:
             pipe = self.redis.pipeline(transaction=False)
             for finding in to_confirm:
-                pipe.hsetnx(ORPHANS_KEY, finding.queue, _orphan_memo(finding, now))
+                pipe.hsetnx(self.orphans_key, finding.queue, _orphan_memo(finding, now))
             for finding, won in zip(to_confirm, pipe.execute(), strict=True):
                 if won:
                     report.new_orphans += 1
@@ -232,7 +237,7 @@ class Auditor:
         if vanished:
             pipe = self.redis.pipeline(transaction=False)
             for queue in vanished:
-                pipe.hdel(ORPHANS_KEY, queue)
+                pipe.hdel(self.orphans_key, queue)
             for queue, won in zip(vanished, pipe.execute(), strict=True):
                 if won:
                     self._report_vanished(report, queue, orphans[queue], queue in in_use, records, now)
@@ -289,7 +294,7 @@ class Auditor:
         if unexpiring:
             pipe = self.redis.pipeline(transaction=False)
             for finding in unexpiring:
-                pipe.hsetnx(UNEXPIRING_KEY, finding.queue, time.time())
+                pipe.hsetnx(self.unexpiring_key, finding.queue, time.time())
             for finding, first in zip(unexpiring, pipe.execute(), strict=True):
                 if first:
                     log_event(
@@ -305,9 +310,9 @@ class Auditor:
                         else "kept (EBB_AUDIT_DELETE_UNEXPIRING=false)",
                     )
         present = {f.queue for f in unexpiring}
-        stale = [q for q in self.redis.hkeys(UNEXPIRING_KEY) if q not in present]
+        stale = [q for q in self.redis.hkeys(self.unexpiring_key) if q not in present]
         if stale:
-            self.redis.hdel(UNEXPIRING_KEY, *stale)
+            self.redis.hdel(self.unexpiring_key, *stale)
         if not delete:
             return
         for finding in unexpiring:
@@ -315,7 +320,7 @@ class Auditor:
                 continue  # in use, or stats not in yet: never delete what someone may be reading
             if self.api.delete_queue(finding.queue, if_unused=True):
                 report.deleted.append(finding.queue)
-                self.redis.hdel(UNEXPIRING_KEY, finding.queue)
+                self.redis.hdel(self.unexpiring_key, finding.queue)
                 log_event(
                     logger,
                     logging.WARNING,

@@ -336,9 +336,15 @@ class JobClient:
         """Close the connection. Jobs still running keep their queues until their TTL runs out."""
         self._loop.stop()
         with self._lock:
-            open_jobs = [w.job for w in self._watches.values()]
-        for job in open_jobs:  # their TTL clock starts now
-            self._registry.write(job.id, job.ttl, {"queues_last_in_use": time.time()})
+            open_watches = list(self._watches.values())
+        for watch in open_watches:  # their TTL clock starts now
+            self._registry.write(watch.job.id, watch.job.ttl, {"queues_last_in_use": time.time()})
+            if not watch.done.is_set():
+                watch.error = ClientClosedError(
+                    f"job {watch.job.id}: the client was closed before the result arrived; the "
+                    "queues keep what arrives until their TTL runs out: connect_to_submitted_job"
+                )
+                watch.done.set()
         with contextlib.suppress(Exception):  # already broken: nothing left to release
             self._connection.release()
 

@@ -73,5 +73,9 @@ class UnknownJobError(EbbError, LookupError):
         )
 
 
+class BrokerUnavailableError(EbbError, ConnectionError):
+    """RabbitMQ cannot be reached right now; nothing was submitted or changed by this call."""
+
+
 class ClientClosedError(EbbError):
     """The client was closed, or lost its broker connection; its jobs keep their queues until TTL."""

@@ -311,3 +311,23 @@ def test_lost_straggler_does_not_hold_the_result_forever(
         assert silent_client.wait(job, timeout=10).succeeded
     assert time.monotonic() - started < 5
     assert "event=messages_missing" in caplog.text
+
+
+def test_wait_in_another_thread_ends_when_the_client_closes(settings: Settings, worker: Path) -> None:
+    client = JobClient(settings=settings)
+    job = client.submit_job("demo.sleep", {"seconds": 5, "steps": 1}, auto_cleanup_after_ttl=5)
+    outcome: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            client.wait(job, timeout=30)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.3)
+    client.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert len(outcome) == 1 and "closed" in str(outcome[0])

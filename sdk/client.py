@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from amqp import Channel, Message
 from amqp.exceptions import NotFound
@@ -23,7 +24,13 @@ from kombu.messaging import Producer
 from sdk import contract
 from sdk.config import Settings
 from sdk.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
-from sdk.errors import CallbackError, ClientClosedError, JobQueuesExpiredError, UnknownJobError
+from sdk.errors import (
+    BrokerUnavailableError,
+    CallbackError,
+    ClientClosedError,
+    JobQueuesExpiredError,
+    UnknownJobError,
+)
 from sdk.job import Job, validate_ttl
 from sdk.logfmt import log_event
 from sdk.loop import BrokerLoop
@@ -51,6 +58,8 @@ class _Watch:
     on_status: OnStatus | None
     auto_disconnect: bool
     consumers: dict[QueueKind, str] = field(default_factory=dict)
+    kinds: frozenset[QueueKind] = frozenset()
+    attempt: int = 1
     last_seq: dict[QueueKind, int] = field(default_factory=dict)
     pending: tuple[JobResult, Message] | None = None
     pending_since: float = 0.0
@@ -78,30 +87,63 @@ class JobClient:
         self._inbox: deque[tuple[_Watch, QueueKind, Message]] = deque()
         self._tags = 0
         self._lock = threading.Lock()
-        self._connection = Connection(
-            base.broker_url,
-            heartbeat=base.heartbeat,
-            transport_options={"confirm_publish": True},
-            connect_timeout=10,
-        )
-        try:
-            self._connection.ensure_connection(max_retries=1)
-        except Exception as exc:
-            raise ConnectionError(
-                f"cannot reach RabbitMQ at {self._connection.as_uri()}: {exc}. Start the broker or "
-                "set EBB_BROKER_URL."
-            ) from exc
-        self._consume_channel: Channel = self._connection.channel()
-        self._consume_channel.basic_qos(0, 0, False)
-        self._publish_channel: Channel = self._connection.channel()
+        self._cleanup_pending: dict[uuid.UUID, set[QueueKind]] = {}
+        self._consume_channel: Channel
+        self._publish_channel: Channel
         self._probe_channel: Channel | None = None
-        self._producer = Producer(self._publish_channel, serializer="json", auto_declare=False)
+        self._producer: Producer
         self._celery = _sender_app(base)
         self._task_queue = contract.task_queue(base.task_queue)
         self._loop = BrokerLoop(
-            self._connection, after_io=self._after_io, on_failure=self._on_connection_lost
+            self._open_connection,
+            on_connected=self._on_connected,
+            after_io=self._after_io,
+            on_failure=self._on_connection_lost,
+            reconnect_timeout=base.reconnect_timeout,
         )
-        self._loop.start()
+        try:
+            self._loop.start()
+        except Exception as exc:
+            raise BrokerUnavailableError(
+                f"cannot reach RabbitMQ at {_safe_url(base.broker_url)}: {exc}. Start the broker or "
+                "set EBB_BROKER_URL."
+            ) from exc
+
+    def _open_connection(self) -> Connection:
+        connection = Connection(
+            self.settings.broker_url,
+            heartbeat=self.settings.heartbeat,
+            transport_options={"confirm_publish": True},
+            connect_timeout=10,
+        )
+        connection.ensure_connection(max_retries=1)
+        return connection
+
+    def _on_connected(self, connection: Connection, reconnected: bool) -> None:
+        """Open the channels; after a reconnect, resume every job this client was watching."""
+        self._consume_channel = connection.channel()
+        self._consume_channel.basic_qos(0, 0, False)
+        self._publish_channel = connection.channel()
+        self._probe_channel = None
+        self._producer = Producer(self._publish_channel, serializer="json", auto_declare=False)
+        if not reconnected:
+            return
+        self._inbox.clear()  # unacked deliveries of the old channel come again
+        for job_id, kinds in list(self._cleanup_pending.items()):
+            self._delete_queues(job_id, kinds)
+        for watch in list(self._watches.values()):
+            watch.consumers.clear()
+            watch.pending = None
+            if watch.done.is_set():
+                continue  # result already handled; only its leftover queues remain (TTL)
+            present = self._probe_queues(watch.job.id, set(watch.kinds), connection)
+            if QueueKind.RESULT not in present:
+                watch.error = JobQueuesExpiredError(watch.job.id, "They vanished while disconnected.")
+                self._retire(watch)
+                watch.done.set()
+                continue
+            self._consume(watch, present)
+        log_event(logger, logging.INFO, "jobs_resumed", jobs=len(self._watches))
 
     # --- public API ----------------------------------------------------------------------
 
@@ -346,7 +388,7 @@ class JobClient:
                 )
                 watch.done.set()
         with contextlib.suppress(Exception):  # already broken: nothing left to release
-            self._connection.release()
+            self._loop_connection().release()
 
     def __enter__(self) -> JobClient:
         return self
@@ -400,16 +442,19 @@ class JobClient:
                 nowait=True,
             )
             watch.consumers[kind] = tag
+        watch.kinds = frozenset(kinds)
         with self._lock:
             self._watches[job_id] = watch
             self._finished.pop(job_id, None)
 
-    def _probe_queues(self, job_id: uuid.UUID, kinds: set[QueueKind]) -> set[QueueKind]:
+    def _probe_queues(
+        self, job_id: uuid.UUID, kinds: set[QueueKind], connection: Connection | None = None
+    ) -> set[QueueKind]:
         """Which of the job's queues exist, asked on a channel of its own (a 404 closes it)."""
         present: set[QueueKind] = set()
         for kind in sorted(kinds):
             if self._probe_channel is None:
-                self._probe_channel = self._connection.channel()
+                self._probe_channel = (connection or self._loop_connection()).channel()
             try:
                 self._probe_channel.queue_declare(contract.queue_name(job_id, kind), passive=True)
             except NotFound:
@@ -432,13 +477,30 @@ class JobClient:
             # The last delete waits for its reply, so all of them are done when this returns.
             self._publish_channel.queue_delete(name, nowait=i < len(names) - 1)
             log_event(logger, logging.DEBUG, "queue_deleted", job_id=job_id, queue=name)
+        self._cleanup_pending.pop(job_id, None)
+
+    def _loop_connection(self) -> Connection:
+        connection = self._loop.connection
+        assert connection is not None
+        return connection
 
     def _reopen_publish_channel(self) -> None:
         with contextlib.suppress(Exception):
             self._publish_channel.close()
-        if self._connection.connected:
-            self._publish_channel = self._connection.channel()
+        if self._loop_connection().connected:
+            self._publish_channel = self._loop_connection().channel()
             self._producer = Producer(self._publish_channel, serializer="json", auto_declare=False)
+
+    def _ack(self, message: Message, *, requeue: bool = False) -> None:
+        """Settle a delivery on the channel it came on; after a reconnect it is redelivered anyway."""
+        channel = message.channel
+        if channel is not self._consume_channel or not channel.is_open:
+            return
+        tag = message.delivery_info["delivery_tag"]
+        if requeue:
+            channel.basic_reject(tag, requeue=True)
+        else:
+            channel.basic_ack(tag)
 
     def _retire(self, watch: _Watch) -> None:
         with self._lock:
@@ -456,24 +518,29 @@ class JobClient:
     def _handle(self, watch: _Watch, kind: QueueKind, message: Message) -> None:
         job_id = watch.job.id
         queue = contract.queue_name(job_id, kind)
-        tag = message.delivery_info["delivery_tag"]
         try:
             payload = contract.decode(kind, message.body, message.content_type)
             if payload.job_id != job_id:
                 raise contract.MalformedMessageError(f"message is for job {payload.job_id}")
         except contract.MalformedMessageError as exc:
             log_event(logger, logging.ERROR, "message_malformed", job_id=job_id, queue=queue, error=exc)
-            self._consume_channel.basic_ack(tag)
+            self._ack(message)
             return
         if isinstance(payload, JobResult):
             if watch.pending is None and watch.result is None:
                 watch.pending = (payload, message)
                 watch.pending_since = time.monotonic()
                 self._maybe_finish(watch)
-            else:  # a duplicate: the first one is what counts
-                self._consume_channel.basic_ack(tag)
+            else:  # a duplicate (redelivery, or a re-run job): the first one is what counts
+                self._ack(message)
             return
-        watch.last_seq[kind] = max(watch.last_seq.get(kind, 0), payload.seq)
+        if payload.attempt > watch.attempt:  # the job was restarted: its numbering starts again
+            watch.attempt = payload.attempt
+            watch.last_seq.clear()
+        elif payload.attempt < watch.attempt or payload.seq <= watch.last_seq.get(kind, 0):
+            self._ack(message)  # from an earlier attempt, or delivered before: not again
+            return
+        watch.last_seq[kind] = payload.seq
         if isinstance(payload, ProgressUpdate):
             failed = self._run_callback(watch, "on_progress", watch.on_progress, payload)
         else:
@@ -483,7 +550,7 @@ class JobClient:
                 job_id, "on_progress" if kind is QueueKind.PROGRESS else "on_status", None
             )
             watch.error.__cause__ = failed
-        self._consume_channel.basic_ack(tag)
+        self._ack(message)
         if watch.pending is not None:
             self._maybe_finish(watch)
 
@@ -510,7 +577,9 @@ class JobClient:
         behind = [
             kind
             for kind in watch.consumers
-            if kind is not QueueKind.RESULT and watch.last_seq.get(kind, 0) < result.last_seq.get(kind, 0)
+            if kind is not QueueKind.RESULT
+            and result.attempt == watch.attempt
+            and watch.last_seq.get(kind, 0) < result.last_seq.get(kind, 0)
         ]
         if behind and not force:
             return
@@ -525,14 +594,13 @@ class JobClient:
             )
         watch.pending = None
         job_id = watch.job.id
-        tag = message.delivery_info["delivery_tag"]
         failed = self._run_callback(watch, "on_finished", watch.on_finished, result)
         if failed is not None:
             # Keep the result: back into its queue, nobody consuming, so its TTL starts.
             watch.error = CallbackError(job_id, "on_finished", result)
             watch.error.__cause__ = failed
             self._stop_consuming(watch, set(watch.consumers))
-            self._consume_channel.basic_reject(tag, requeue=True)
+            self._ack(message, requeue=True)
             self._registry.write(job_id, watch.job.ttl, {"queues_last_in_use": time.time()})
             watch.result = result
             self._retire(watch)
@@ -545,8 +613,9 @@ class JobClient:
                 queue=contract.queue_name(job_id, QueueKind.RESULT),
             )
             return
-        self._consume_channel.basic_ack(tag)
         kinds = set(watch.job.queues) if watch.auto_disconnect else {QueueKind.RESULT}
+        self._cleanup_pending[job_id] = kinds  # done again after a reconnect if cut off here
+        self._ack(message)
         self._stop_consuming(watch, kinds)
         self._delete_queues(job_id, kinds)
         now = time.time()
@@ -599,3 +668,12 @@ def _sender_app(settings: Settings) -> Celery:
         task_ignore_result=True,
     )
     return app
+
+
+def _safe_url(url: str) -> str:
+    """The broker URL without its password, for error messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url

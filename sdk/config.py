@@ -52,6 +52,7 @@ class Settings:
     task_queue: str = "ebb.jobs"
     workflow_modules: tuple[str, ...] = field(default_factory=tuple)
     heartbeat: float = 60.0
+    reconnect_timeout: float = 120.0
     registry_grace: timedelta = timedelta(days=7)
     audit_interval: float = 300.0
     audit_delete_unexpiring: bool = False
@@ -82,6 +83,7 @@ class Settings:
             task_queue=env.get("EBB_TASK_QUEUE") or default.task_queue,
             workflow_modules=modules,
             heartbeat=_seconds(env, "EBB_HEARTBEAT", default.heartbeat),
+            reconnect_timeout=_seconds(env, "EBB_RECONNECT_TIMEOUT", default.reconnect_timeout),
             registry_grace=timedelta(
                 seconds=_seconds(env, "EBB_REGISTRY_GRACE", default.registry_grace.total_seconds())
             ),

@@ -135,6 +135,7 @@ class StatusUpdate:
     status: JobStatus
     seq: int
     at: float
+    attempt: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -144,6 +145,7 @@ class StatusUpdate:
             "status": self.status.value,
             "seq": self.seq,
             "at": self.at,
+            "attempt": self.attempt,
         }
 
     @classmethod
@@ -159,6 +161,7 @@ class StatusUpdate:
             status=parsed,
             seq=_require(data, "seq", int, "status message"),
             at=float(_require(data, "at", (int, float), "status message")),
+            attempt=_attempt(data, "status message"),
         )
 
 
@@ -171,6 +174,7 @@ class ProgressUpdate:
     message: str
     seq: int
     at: float
+    attempt: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -181,6 +185,7 @@ class ProgressUpdate:
             "message": self.message,
             "seq": self.seq,
             "at": self.at,
+            "attempt": self.attempt,
         }
 
     @classmethod
@@ -195,6 +200,7 @@ class ProgressUpdate:
             message=_require(data, "message", str, "progress message"),
             seq=_require(data, "seq", int, "progress message"),
             at=float(_require(data, "at", (int, float), "progress message")),
+            attempt=_attempt(data, "progress message"),
         )
 
 
@@ -224,6 +230,7 @@ class JobResult:
     error: JobError | None = None
     last_seq: dict[str, int] = field(default_factory=dict)
     at: float = 0.0
+    attempt: int = 1
 
     @property
     def succeeded(self) -> bool:
@@ -247,6 +254,7 @@ class JobResult:
             "error": None if self.error is None else self.error.to_dict(),
             "last_seq": dict(self.last_seq),
             "at": self.at,
+            "attempt": self.attempt,
         }
 
     @classmethod
@@ -280,7 +288,16 @@ class JobResult:
             error=error,
             last_seq={str(k): int(v) for k, v in last_seq_raw.items()},
             at=float(_require(data, "at", (int, float), "result message")),
+            attempt=_attempt(data, "result message"),
         )
+
+
+def _attempt(data: dict[str, Any], what: str) -> int:
+    """Which run of the job sent this (a job is re-run when its worker dies); 1 if absent."""
+    value = data.get("attempt", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MalformedMessageError(f"{what} field 'attempt' must be a positive integer")
+    return value
 
 
 def _job_id_field(data: dict[str, Any], what: str) -> uuid.UUID:

@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from queue import Empty, SimpleQueue

@@ -1,0 +1,806 @@
+"""Can the orphaned-queue audit keep up with 30,000 idle job queues? Time and memory of one run.
+
+The audit (``tasks.audit.Auditor.run``) lists every job queue through the management API and
+classifies each one, so its cost grows with the number of queues the broker holds. This bench
+fills a private RabbitMQ vhost with idle job queues (10,000 jobs x 3 kinds by default, declared
+exactly like the SDK does), registers the jobs in Redis, and measures three audit runs, each in a
+fresh Python process so that its peak RSS is the audit's own:
+
+  first        every queue is newly suspected, nothing confirmed yet
+  confirm-all  ``confirm_after = 0``: every queue becomes an orphan at once (one log line each)
+  steady       orphans already reported, nothing new
+
+Targets, per run, for 30,000 queues: wall time of ``run()`` < 4 s and peak RSS < 100 MB. It also
+times the raw management API listing (one request, and a paginated walk for comparison) and checks
+that the audit touched no queue: AMQP connections to the vhost are refused while it runs, and every
+queue's consumers, messages and ``idle_since`` (which a passive declare or ``basic.get`` resets)
+must be the same afterwards.
+
+Run from anywhere::
+
+    .venv/bin/python bench/bench_audit.py [--quick] [--queues N] [--registered F] [--profile] [--json]
+
+The table goes to stdout; with ``--json`` one JSON document goes to stdout and the table to
+stderr. Progress lines go to stderr. ``--profile`` adds diagnostic runs (cProfile, tracemalloc) of
+the worst case, whose figures are not the measured ones. The vhost, and with it every queue, is
+deleted at the end (Ctrl-C included), as are the Redis keys the run and its audits wrote. Exit
+code 0 when every target and check passed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import quote
+
+import redis
+import requests
+from kombu.connection import Connection
+
+from sdk import contract
+from sdk.config import Settings
+from sdk.contract import QueueKind
+from sdk.registry import job_key
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+KINDS = sorted(QueueKind)
+#: ``x-expires`` of the bench's queues: long enough to stay idle for the whole run.
+QUEUE_TTL = timedelta(hours=1)
+#: Registry keys of the bench expire by themselves soon after, should cleanup never run.
+REGISTRY_EXPIRE_S = int(QUEUE_TTL.total_seconds()) + 3600
+#: One synchronous declare after this many ``nowait`` ones, so the broker keeps up.
+BARRIER_EVERY = 1000
+#: What the audit asks the management API for (``tasks.broker_api.JOB_QUEUE_COLUMNS``).
+COLUMNS = "name,consumers,messages,arguments,idle_since,durable"
+PAGE_SIZE = 500
+#: Management stats are emitted every 5 s; a queue touched during an audit shows it after that.
+STATS_INTERVAL_S = 5.0
+TARGET_SECONDS = 4.0
+TARGET_RSS_MB = 100.0
+TARGET_QUEUES = 30_000
+
+#: The audit process: a fresh interpreter, so its RSS is imports plus one audit and nothing else.
+#: It reads a JSON config from argv[1] and prints one JSON document.
+CHILD = r"""
+import json, logging, resource, sys, time
+
+cfg = json.loads(sys.argv[1])
+
+
+def proc_kb(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+logging.basicConfig(
+    filename=cfg["log"], level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+)
+t0 = time.perf_counter()
+from sdk.config import Settings
+from tasks.audit import Auditor
+
+import_s = time.perf_counter() - t0
+settings = Settings(
+    broker_url=cfg["broker_url"], redis_url=cfg["redis_url"], management_url=cfg["management_url"]
+)
+auditor = Auditor(settings)
+if cfg["confirm_after"] is not None:
+    auditor.confirm_after = cfg["confirm_after"]
+out = {"import_s": import_s}
+mode = cfg["profile"]
+profiler = None
+phases = []
+if mode == "cprofile":
+    import cProfile
+
+    profiler = cProfile.Profile()
+elif mode == "tracemalloc":
+    import functools, tracemalloc
+
+    def watch(obj, name):
+        original = getattr(obj, name)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            started = time.perf_counter()
+            if name == "_reconcile":
+                top = tracemalloc.take_snapshot().statistics("lineno")[:15]
+                out["live_at_reconcile"] = [
+                    {"where": str(s.traceback), "mb": s.size / 1e6, "blocks": s.count} for s in top
+                ]
+                tracemalloc.reset_peak()
+            result = original(*args, **kwargs)
+            current, peak = tracemalloc.get_traced_memory()
+            phases.append(
+                {
+                    "phase": name,
+                    "s": time.perf_counter() - started,
+                    "before_mb": before / 1e6,
+                    "peak_mb": peak / 1e6,
+                    "after_mb": current / 1e6,
+                }
+            )
+            return result
+
+        setattr(obj, name, wrapper)
+
+    watch(auditor.api, "job_queues")
+    watch(auditor.registry, "get_many")
+    watch(auditor, "_reconcile")
+    tracemalloc.start()
+out["rss_before_kb"] = proc_kb("VmRSS")
+out["hwm_before_kb"] = proc_kb("VmHWM")
+started = time.perf_counter()
+if profiler is not None:
+    profiler.enable()
+report = auditor.run()
+if profiler is not None:
+    profiler.disable()
+out["wall_s"] = time.perf_counter() - started
+out["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out["vmhwm_kb"] = proc_kb("VmHWM")
+out["rss_after_kb"] = proc_kb("VmRSS")
+out["duration_s"] = report.duration_s
+out["registry_available"] = report.registry_available
+out["counts"] = report.counts()
+if mode == "cprofile":
+    import io, pstats
+
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(18)
+        out["profile_" + key] = text.getvalue()
+elif mode == "tracemalloc":
+    out["traced_peak_mb"] = max(p["peak_mb"] for p in phases) if phases else None
+    out["phases"] = phases
+logging.shutdown()
+print(json.dumps(out))
+"""
+
+
+def say(message: str) -> None:
+    """Progress goes to stderr so that stdout stays the table (or the JSON)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def mb(kb: float) -> float:
+    return kb / 1024
+
+
+# --- the management API ------------------------------------------------------------------------
+
+
+class Management:
+    """The bench's own management API client, for setup, timing and checks (not the audit's)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.base = f"{settings.management_url}/api"
+        self.session = requests.Session()
+        self.session.auth = (settings.management_user, settings.management_password)
+
+    def get(self, path: str, params: dict[str, str] | None = None, timeout: float = 120) -> Any:
+        response = self.session.get(f"{self.base}/{path}", params=params, timeout=timeout)
+        response.raise_for_status()
+        return response.json()
+
+    def put(self, path: str, body: dict[str, Any]) -> None:
+        response = self.session.put(f"{self.base}/{path}", json=body, timeout=60)
+        response.raise_for_status()
+
+    def delete(self, path: str, timeout: float = 60) -> int:
+        return self.session.delete(f"{self.base}/{path}", timeout=timeout).status_code
+
+
+def queue_list(api: Management, vhost: str, columns: str) -> list[dict[str, Any]]:
+    data = api.get(f"queues/{quote(vhost, safe='')}", {"columns": columns})
+    if not isinstance(data, list):
+        raise RuntimeError(f"unexpected answer listing queues: {str(data)[:200]}")
+    return [q for q in data if isinstance(q, dict)]
+
+
+# --- setup -------------------------------------------------------------------------------------
+
+
+def create_vhost(api: Management, vhost: str, user: str) -> None:
+    """A vhost of its own: tests on ``/`` never see the bench's queues, and one DELETE drops them."""
+    api.put(f"vhosts/{quote(vhost, safe='')}", {"description": "ebb bench_audit.py, deleted at exit"})
+    api.put(
+        f"permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
+        {"configure": ".*", "write": ".*", "read": ".*"},
+    )
+
+
+def queue_specs(n: int) -> list[tuple[uuid.UUID, QueueKind]]:
+    """``n`` queues, three per job (the last job may have fewer)."""
+    jobs = [uuid.uuid4() for _ in range(math.ceil(n / len(KINDS)))]
+    return [(job, kind) for job in jobs for kind in KINDS][:n]
+
+
+def declare_queues(settings: Settings, specs: list[tuple[uuid.UUID, QueueKind]]) -> float:
+    """Declare as the SDK does (``nowait`` on one channel); a synchronous declare is the barrier."""
+    started = time.perf_counter()
+    with Connection(settings.broker_url, connect_timeout=10) as connection:
+        channel = connection.channel()
+        for i, (job_id, kind) in enumerate(specs, 1):
+            barrier = i % BARRIER_EVERY == 0 or i == len(specs)
+            contract.job_queue(job_id, kind, QUEUE_TTL).queue_declare(nowait=not barrier, channel=channel)
+            if barrier and i % (BARRIER_EVERY * 5) == 0:
+                say(f"  {i} queues declared")
+    return time.perf_counter() - started
+
+
+def register_jobs(client: redis.Redis, job_ids: list[uuid.UUID]) -> float:
+    """Registry records as a finished job whose result was never fetched leaves them."""
+    started = time.perf_counter()
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    for i, job_id in enumerate(job_ids, 1):
+        record: dict[Any, Any] = {  # redis-py's hset mapping type is invariant in its keys
+            "workflow": "bench.audit",
+            "status": "SUCCEEDED",
+            "submitted_at": now - 60,
+            "started_at": now - 59,
+            "finished_at": now - 58,
+            "result_delivered": "0",
+            "queues_last_in_use": now - 60,
+            "ttl": QUEUE_TTL.total_seconds(),
+        }
+        pipe.hset(job_key(job_id), mapping=record)
+        pipe.expire(job_key(job_id), REGISTRY_EXPIRE_S)
+        if i % 1000 == 0:
+            pipe.execute()
+    pipe.execute()
+    return time.perf_counter() - started
+
+
+def wait_for_stats(api: Management, vhost: str, n: int) -> float:
+    """The audit calls a queue without stats "new": wait until all ``n`` have them."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + max(120.0, n / 100)
+    while True:
+        queues = queue_list(api, vhost, "name,consumers,idle_since")
+        ready = sum(1 for q in queues if "consumers" in q and q.get("idle_since"))
+        if len(queues) == n and ready == n:
+            return time.perf_counter() - started
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"after {time.perf_counter() - started:.0f} s: {len(queues)} queues, {ready} with stats"
+            )
+        say(f"  {len(queues)}/{n} queues listed, {ready} with stats; waiting")
+        time.sleep(2)
+
+
+# --- the management API, timed -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiTiming:
+    single_s: float  # median of the runs: request and download
+    single_runs: list[float]
+    parse_s: float
+    body_mb: float
+    listed: int
+    paginated_s: float
+    pages: int
+    paginated_listed: int
+
+
+def time_api(api: Management, vhost: str, repeats: int = 3) -> ApiTiming:
+    """What the audit's one request costs, and what walking the same list page by page would."""
+    url = f"{api.base}/queues/{quote(vhost, safe='')}"
+    runs: list[float] = []
+    body = b""
+    for _ in range(repeats):
+        started = time.perf_counter()
+        response = api.session.get(url, params={"columns": COLUMNS}, timeout=120)
+        response.raise_for_status()
+        body = response.content
+        runs.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    listed = len(json.loads(body))
+    parse_s = time.perf_counter() - started
+
+    page, pages, walked = 1, 1, 0
+    started = time.perf_counter()
+    while page <= pages:
+        params = {
+            "columns": COLUMNS,
+            "page": str(page),
+            "page_size": str(PAGE_SIZE),
+            "name": contract.QUEUE_NAME_REGEX,
+            "use_regex": "true",
+        }
+        data = api.get(f"queues/{quote(vhost, safe='')}", params)
+        pages = int(data["page_count"])
+        walked += len(data["items"])
+        page += 1
+    paginated_s = time.perf_counter() - started
+    return ApiTiming(
+        single_s=statistics.median(runs),
+        single_runs=runs,
+        parse_s=parse_s,
+        body_mb=len(body) / 1e6,
+        listed=listed,
+        paginated_s=paginated_s,
+        pages=pages,
+        paginated_listed=walked,
+    )
+
+
+# --- "no queue touched" --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What an AMQP touch would change: consumers, messages, and ``idle_since`` of each queue."""
+
+    queues: dict[str, tuple[Any, Any, Any]]
+    vhost_messages: Any
+    message_stats: dict[str, Any]
+    consumers: int
+    connections: int
+
+
+def snapshot(api: Management, vhost: str) -> Snapshot:
+    q_vhost = quote(vhost, safe="")
+    queues = queue_list(api, vhost, "name,consumers,messages,idle_since")
+    info = api.get(f"vhosts/{q_vhost}")
+    stats = info.get("message_stats") or {}
+    return Snapshot(
+        queues={str(q["name"]): (q.get("consumers"), q.get("messages"), q.get("idle_since")) for q in queues},
+        vhost_messages=info.get("messages"),
+        message_stats={k: v for k, v in stats.items() if not k.endswith("_details")},
+        consumers=len(api.get(f"consumers/{q_vhost}")),
+        connections=len(api.get(f"vhosts/{q_vhost}/connections")),
+    )
+
+
+def compare(before: Snapshot, after: Snapshot, n: int) -> list[str]:
+    """Every difference an audit that consumed, declared or got from a queue would leave."""
+    problems: list[str] = []
+    if len(before.queues) != n or set(before.queues) != set(after.queues):
+        problems.append(
+            f"queue set changed: {len(before.queues)} before, {len(after.queues)} after (expected {n})"
+        )
+    with_consumer = [name for name, (consumers, _, _) in after.queues.items() if consumers != 0]
+    if with_consumer:
+        problems.append(f"{len(with_consumer)} queues have consumers (or no stats), e.g. {with_consumer[0]}")
+    messages = sum(m for _, m, _ in after.queues.values() if isinstance(m, int))
+    if messages or before.vhost_messages != after.vhost_messages:
+        problems.append(f"messages: {before.vhost_messages} before, {after.vhost_messages} after")
+    reset = [name for name, v in before.queues.items() if after.queues.get(name, v)[2] != v[2]]
+    if reset:
+        problems.append(f"idle_since moved on {len(reset)} queues (declared or read?), e.g. {reset[0]}")
+    if before.message_stats != after.message_stats:
+        problems.append(f"vhost message stats changed: {before.message_stats} -> {after.message_stats}")
+    if after.consumers or after.connections:
+        problems.append(f"{after.consumers} consumers, {after.connections} connections on the vhost")
+    return problems
+
+
+@contextlib.contextmanager
+def amqp_refused(api: Management, settings: Settings) -> Iterator[bool]:
+    """While the audits run, the vhost refuses AMQP connections: any AMQP use would fail loudly.
+
+    Yields whether a probe connection was indeed refused (the guard works).
+    """
+    path = f"vhost-limits/{quote(settings.vhost, safe='')}/max-connections"
+    api.put(path, {"value": 0})
+    try:
+        refused = False
+        try:
+            with Connection(settings.broker_url, connect_timeout=10) as connection:
+                connection.connect()
+        except Exception as exc:  # amqp.exceptions.NotAllowed: connection limit (0) is reached
+            refused = "limit" in str(exc) or type(exc).__name__ == "NotAllowed"
+        yield refused
+    finally:
+        api.delete(path)
+
+
+def sensor_check(api: Management, settings: Settings, queue: str) -> float | None:
+    """Positive control: a passive declare must move ``idle_since``; seconds until it showed."""
+    q_path = f"queues/{quote(settings.vhost, safe='')}/{quote(queue, safe='')}"
+    before = api.get(q_path).get("idle_since")
+    time.sleep(1.1)  # idle_since has a resolution of a millisecond, but let it differ visibly
+    with Connection(settings.broker_url, connect_timeout=10) as connection:
+        connection.default_channel.queue_declare(queue=queue, passive=True)
+    started = time.monotonic()
+    while time.monotonic() - started < 3 * STATS_INTERVAL_S:
+        if api.get(q_path).get("idle_since") != before:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    return None
+
+
+# --- the audit, in a fresh process ----------------------------------------------------------------
+
+
+@dataclass
+class AuditRun:
+    label: str
+    result: dict[str, Any]
+    orphan_lines: int
+    expected: dict[str, int]
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def wall_s(self) -> float:
+        return float(self.result["wall_s"])
+
+    @property
+    def peak_mb(self) -> float:
+        return mb(max(self.result["vmhwm_kb"], self.result["maxrss_kb"]))
+
+    @property
+    def baseline_mb(self) -> float:
+        return mb(self.result["rss_before_kb"])
+
+    @property
+    def time_ok(self) -> bool:
+        return self.wall_s < TARGET_SECONDS
+
+    @property
+    def rss_ok(self) -> bool:
+        return self.peak_mb < TARGET_RSS_MB
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "wall_s": round(self.wall_s, 3),
+            "peak_rss_mb": round(self.peak_mb, 1),
+            "rss_before_mb": round(self.baseline_mb, 1),
+            "rss_increase_mb": round(self.peak_mb - self.baseline_mb, 1),
+            "time_pass": self.time_ok,
+            "rss_pass": self.rss_ok,
+            "orphan_found_lines": self.orphan_lines,
+            "expected": self.expected,
+            "mismatches": self.mismatches,
+            "child": self.result,
+        }
+
+
+def run_child(
+    settings: Settings, log: Path, confirm_after: float | None, profile: str | None
+) -> dict[str, Any]:
+    """One ``Auditor(settings).run()`` in a new interpreter; its JSON report."""
+    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+    cfg = {
+        "broker_url": settings.broker_url,
+        "redis_url": settings.redis_url,
+        "management_url": settings.management_url,
+        "log": str(log),
+        "confirm_after": confirm_after,
+        "profile": profile,
+    }
+    proc = subprocess.run(
+        [python, "-c", CHILD, json.dumps(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"audit process exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def audit(
+    settings: Settings, logs: Path, label: str, confirm_after: float | None, expected: dict[str, int]
+) -> AuditRun:
+    log = logs / f"audit-{label}.log"
+    say(f"audit run '{label}' (confirm_after={confirm_after if confirm_after is not None else 'default'})")
+    result = run_child(settings, log, confirm_after, None)
+    lines = sum(1 for line in log.read_text().splitlines() if "event=orphan_found" in line)
+    run = AuditRun(label, result, lines, expected)
+    counts = dict(result["counts"], orphan_found_lines=lines)
+    run.mismatches = [
+        f"{k}={counts.get(k)} (expected {v})" for k, v in expected.items() if counts.get(k) != v
+    ]
+    say(
+        f"  {run.wall_s:.2f} s, peak RSS {run.peak_mb:.1f} MB (before run {run.baseline_mb:.1f} MB), "
+        f"counts {result['counts']}"
+    )
+    return run
+
+
+def diagnose(settings: Settings, client: redis.Redis, logs: Path) -> dict[str, Any]:
+    """Profile the worst case (confirm-all) again: cProfile for time, tracemalloc for memory."""
+    orphans_key = f"ebb:audit:{settings.vhost}:orphans"
+    out: dict[str, Any] = {}
+    for mode in ("cprofile", "tracemalloc"):
+        client.delete(orphans_key)  # suspects stay: with confirm_after 0 all are confirmed again
+        say(f"diagnostic run: {mode} (worst case again; figures are not the measured ones)")
+        out[mode] = run_child(settings, logs / f"diag-{mode}.log", 0.0, mode)
+    return out
+
+
+# --- cleanup -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def uninterruptible() -> Iterator[None]:
+    """Cleanup must finish: a second Ctrl-C would leave 30,000 queues behind."""
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def cleanup(api: Management, client: redis.Redis, vhost: str, job_ids: list[uuid.UUID]) -> dict[str, Any]:
+    """Drop the vhost (all its queues at once) and every Redis key of this run; then check both."""
+    out: dict[str, Any] = {}
+    with uninterruptible():
+        say(f"deleting vhost {vhost} and this run's Redis keys")
+        started = time.perf_counter()
+        try:
+            out["vhost_delete_status"] = api.delete(f"vhosts/{quote(vhost, safe='')}", timeout=900)
+        except requests.RequestException as exc:
+            out["vhost_delete_status"] = repr(exc)
+        out["vhost_delete_s"] = round(time.perf_counter() - started, 2)
+        pattern = f"ebb:audit:{vhost}:*"
+        try:
+            audit_keys = list(client.scan_iter(match=pattern, count=1000))
+            if audit_keys:
+                client.delete(*audit_keys)
+            for i in range(0, len(job_ids), 1000):
+                client.delete(*(job_key(j) for j in job_ids[i : i + 1000]))
+            left = len(list(client.scan_iter(match=pattern, count=1000)))
+            for i in range(0, len(job_ids), 1000):
+                left += int(client.exists(*(job_key(j) for j in job_ids[i : i + 1000])))
+            out["redis_keys_deleted"] = len(audit_keys) + len(job_ids)
+            out["redis_keys_left"] = left
+        except redis.RedisError as exc:
+            out["redis_keys_left"] = f"unknown: {exc!r}"
+        try:
+            names = {v["name"] for v in api.get("vhosts")}
+            out["vhost_gone"] = vhost not in names
+        except requests.RequestException as exc:
+            out["vhost_gone"] = f"unknown: {exc!r}"
+    say(f"cleanup: {out}")
+    return out
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], checks: dict[str, Any]) -> str:
+    n = meta["queues"]
+    lines = [
+        f"Ebb audit benchmark: RabbitMQ {meta['rabbitmq']}, {meta['cores']} cores, vhost {meta['vhost']}, "
+        f"load {meta['load_avg_1min']['before']:.2f} -> {meta['load_avg_1min']['after']:.2f}",
+        "",
+        f"{'queues':<34}{n} ({meta['jobs']} jobs x up to 3 kinds, idle, x-expires "
+        f"{QUEUE_TTL.total_seconds():.0f} s); {meta['registered']} jobs in the registry",
+        f"{'create queues (nowait declares)':<34}{meta['create_s']:.2f} s "
+        f"({n / meta['create_s']:.0f} queues/s)"
+        f"; registry {meta['register_s']:.2f} s; all stats in after {meta['stats_wait_s']:.1f} s",
+    ]
+    if api_t is not None:
+        lines += [
+            f"{'API: one request (audit columns)':<34}{api_t.single_s:.2f} s median of "
+            f"{len(api_t.single_runs)} ({', '.join(f'{s:.2f}' for s in api_t.single_runs)}), "
+            f"{api_t.body_mb:.1f} MB, {api_t.listed} queues; json.loads {api_t.parse_s:.2f} s",
+            f"{'API: paginated walk':<34}{api_t.paginated_s:.2f} s ({api_t.pages} pages of {PAGE_SIZE}, "
+            f"name=^jobs\\. regex, {api_t.paginated_listed} queues)",
+        ]
+    lines += [
+        "",
+        f"{'audit run':<13}{'run() s':>9}{'rss before':>12}{'peak rss':>10}{'increase':>10}"
+        f"{'< 4 s':>7}{'< 100 MB':>10}  counts",
+    ]
+    for run in runs:
+        c = run.result["counts"]
+        counts = ", ".join(f"{k}={v}" for k, v in c.items() if v) + f", orphan_found lines={run.orphan_lines}"
+        lines.append(
+            f"{run.label:<13}{run.wall_s:>9.2f}{run.baseline_mb:>9.1f} MB{run.peak_mb:>7.1f} MB"
+            f"{run.peak_mb - run.baseline_mb:>7.1f} MB{'PASS' if run.time_ok else 'FAIL':>7}"
+            f"{'PASS' if run.rss_ok else 'FAIL':>10}  {counts}"
+        )
+        if run.mismatches:
+            lines.append(f"{'':<13}not the intended scenario: {'; '.join(run.mismatches)}")
+    if runs:
+        lines.append(
+            f"(peak rss = VmHWM of the audit process; rss before = VmRSS just before run(), i.e. the "
+            f"imports; child import time {runs[0].result['import_s']:.2f} s)"
+        )
+    if n != TARGET_QUEUES:
+        lines.append(f"(targets are set for {TARGET_QUEUES} queues; this run had {n})")
+    untouched = checks.get("untouched")
+    if untouched is not None:
+        verdict = "PASS" if untouched["ok"] else "FAIL"
+        lines += [
+            "",
+            f"no queue touched: {verdict}: AMQP to the vhost refused during the audits "
+            f"(guard probe refused: {untouched['guard_effective']}); "
+            f"{untouched['queues_before']} queues before, {untouched['queues_after']} after; consumers, "
+            f"messages, idle_since of every queue and vhost message stats unchanged"
+            + ("" if untouched["ok"] else f"; problems: {untouched['problems']}"),
+            "  sensor check: a passive declare moved idle_since after "
+            + (
+                f"{untouched['sensor_s']:.1f} s"
+                if untouched["sensor_s"] is not None
+                else "NEVER (the idle_since check is blind)"
+            ),
+        ]
+    cleaned = checks.get("cleanup")
+    if cleaned is not None:
+        lines.append(
+            f"cleanup: vhost deleted in {cleaned.get('vhost_delete_s')} s, "
+            f"gone: {cleaned.get('vhost_gone')}; "
+            f"Redis keys left: {cleaned.get('redis_keys_left')}"
+        )
+    diag = checks.get("diagnostics")
+    if diag:
+        lines += ["", "diagnostics (worst case re-run; profiler overhead included):"]
+        prof = diag["cprofile"]
+        lines += [
+            f"cProfile: run() {prof['wall_s']:.2f} s",
+            prof["profile_tottime"],
+            prof["profile_cumulative"],
+        ]
+        mem = diag["tracemalloc"]
+        lines.append(f"tracemalloc: traced peak {mem.get('traced_peak_mb') or 0:.1f} MB; per phase (MB):")
+        for p in mem.get("phases", []):
+            lines.append(
+                f"  {p['phase']:<12} {p['s']:.2f} s  before {p['before_mb']:.1f}  peak {p['peak_mb']:.1f}  "
+                f"after {p['after_mb']:.1f}"
+            )
+        lines.append("  live at _reconcile entry, top allocation sites:")
+        for s in mem.get("live_at_reconcile", []):
+            lines.append(f"    {s['mb']:7.1f} MB {s['blocks']:>8} blocks  {s['where']}")
+    return "\n".join(lines)
+
+
+def rabbitmq_version(api: Management) -> str:
+    with contextlib.suppress(requests.RequestException, KeyError, ValueError):
+        return str(api.get("overview")["rabbitmq_version"])
+    return "?"
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Set up, measure, check, and always clean up, in that order."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--queues", type=int, default=TARGET_QUEUES, help=f"job queues ({TARGET_QUEUES})")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3000 queues")
+    parser.add_argument(
+        "--registered", type=float, default=1.0, help="fraction of the jobs in the Redis registry (1.0)"
+    )
+    parser.add_argument("--profile", action="store_true", help="add cProfile/tracemalloc diagnostic runs")
+    parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
+    args = parser.parse_args(argv)
+    n = 3000 if args.quick else args.queues
+    if n < 1 or not 0.0 <= args.registered <= 1.0:
+        parser.error("--queues must be at least 1 and --registered within 0..1")
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    vhost = f"ebb-bench-audit-{uuid.uuid4().hex[:8]}"
+    settings = Settings(broker_url=f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
+    api = Management(settings)
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=30)
+    specs = queue_specs(n)
+    job_ids = list(dict.fromkeys(job for job, _ in specs))
+    registered = job_ids[: round(len(job_ids) * args.registered)]
+    logs = Path(tempfile.mkdtemp(prefix="ebb-bench-audit-"))
+    meta: dict[str, Any] = {
+        "rabbitmq": rabbitmq_version(api),
+        "cores": os.cpu_count(),
+        "vhost": vhost,
+        "queues": n,
+        "jobs": len(job_ids),
+        "registered": len(registered),
+        "load_avg_1min": {"before": os.getloadavg()[0]},
+    }
+    runs: list[AuditRun] = []
+    checks: dict[str, Any] = {}
+    api_t: ApiTiming | None = None
+    try:
+        say(f"creating vhost {vhost}")
+        create_vhost(api, vhost, settings.management_user)
+        say(f"declaring {n} job queues")
+        meta["create_s"] = declare_queues(settings, specs)
+        say(f"  {n} queues in {meta['create_s']:.2f} s; registering {len(registered)} jobs in Redis")
+        meta["register_s"] = register_jobs(client, registered)
+        say("waiting for the management stats of every queue")
+        meta["stats_wait_s"] = wait_for_stats(api, vhost, n)
+        say("timing the management API listing")
+        api_t = time_api(api, vhost)
+        before = snapshot(api, vhost)
+        unreg = sum(1 for job, _ in specs if job not in set(registered))
+        with amqp_refused(api, settings) as guard:
+            runs.append(audit(settings, logs, "first", None, {"suspect": n, "new_orphans": 0, "new": 0}))
+            runs.append(
+                audit(
+                    settings,
+                    logs,
+                    "confirm-all",
+                    0.0,
+                    {"orphaned": n, "new_orphans": n, "orphan_found_lines": n, "unknown_to_registry": unreg},
+                )
+            )
+            runs.append(
+                audit(
+                    settings, logs, "steady", None, {"orphaned": n, "new_orphans": 0, "orphan_found_lines": 0}
+                )
+            )
+            time.sleep(STATS_INTERVAL_S + 2)  # a touch during the last run shows in the next stats
+            after = snapshot(api, vhost)
+            problems = compare(before, after, n)
+            if not guard:
+                problems.append("the guard did not refuse an AMQP connection")
+            if args.profile:
+                checks["diagnostics"] = diagnose(settings, client, logs)
+        say("sensor check: passive-declaring one queue must move its idle_since")
+        sensor_s = sensor_check(api, settings, contract.queue_name(*specs[0]))
+        checks["untouched"] = {
+            "ok": not problems,
+            "problems": problems,
+            "guard_effective": guard,
+            "queues_before": len(before.queues),
+            "queues_after": len(after.queues),
+            "sensor_s": sensor_s,
+        }
+    except KeyboardInterrupt:
+        say("interrupted; cleaning up")
+        return 130
+    finally:
+        checks["cleanup"] = cleanup(api, client, vhost, job_ids)
+        for path in logs.iterdir():
+            path.unlink()
+        logs.rmdir()
+
+    meta["load_avg_1min"]["after"] = os.getloadavg()[0]
+    report = table(meta, api_t, runs, checks)
+    cleaned = checks["cleanup"]
+    ok = (
+        all(run.time_ok and run.rss_ok and not run.mismatches for run in runs)
+        and checks["untouched"]["ok"]
+        and cleaned.get("vhost_gone") is True
+        and cleaned.get("redis_keys_left") == 0
+    )
+    if args.json:
+        print(report, file=sys.stderr)
+        document = {
+            "meta": meta,
+            "api": asdict(api_t) if api_t else None,
+            "runs": [run.to_dict() for run in runs],
+            "targets": {"seconds": TARGET_SECONDS, "peak_rss_mb": TARGET_RSS_MB, "queues": TARGET_QUEUES},
+            "checks": checks,
+            "pass": ok,
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(report)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

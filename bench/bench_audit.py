@@ -276,20 +276,32 @@ def register_jobs(client: redis.Redis, job_ids: list[uuid.UUID]) -> float:
 
 
 def wait_for_stats(api: Management, vhost: str, n: int) -> float:
-    """The audit calls a queue without stats "new": wait until all ``n`` have them."""
+    """Wait until all ``n`` queues have stats, and their ``idle_since`` has settled.
+
+    The audit calls a queue without stats "new". A new queue reports ``idle_since`` once more
+    when it first hibernates; only after that is the value a fixed point to compare against.
+    """
     started = time.perf_counter()
-    deadline = time.monotonic() + max(120.0, n / 100)
+    deadline = time.monotonic() + max(180.0, n / 100)
+    previous: dict[str, Any] | None = None
     while True:
         queues = queue_list(api, vhost, "name,consumers,idle_since")
-        ready = sum(1 for q in queues if "consumers" in q and q.get("idle_since"))
-        if len(queues) == n and ready == n:
+        current = {str(q["name"]): q.get("idle_since") for q in queues if "consumers" in q}
+        complete = len(queues) == n and len(current) == n and all(current.values())
+        if complete and current == previous:
             return time.perf_counter() - started
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"after {time.perf_counter() - started:.0f} s: {len(queues)} queues, {ready} with stats"
+                f"after {time.perf_counter() - started:.0f} s: {len(queues)} queues, {len(current)} with "
+                "stats, idle_since still moving"
             )
-        say(f"  {len(queues)}/{n} queues listed, {ready} with stats; waiting")
-        time.sleep(2)
+        if complete:
+            moved = sum(1 for k, v in current.items() if previous is None or previous.get(k) != v)
+            say(f"  all {n} queues have stats; idle_since moved on {moved}, waiting for it to settle")
+        else:
+            say(f"  {len(queues)}/{n} queues listed, {len(current)} with stats; waiting")
+        previous = current if complete else None
+        time.sleep(STATS_INTERVAL_S + 1 if complete else 2)
 
 
 # --- the management API, timed -----------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -34,7 +35,7 @@ from sdk.errors import (
 from sdk.job import Job, validate_ttl
 from sdk.logfmt import log_event
 from sdk.loop import BrokerLoop
-from sdk.registry import JobRecord, Registry
+from sdk.registry import JobRecord, Registry, RegistryUnavailableError
 
 logger = logging.getLogger("ebb.sdk")
 
@@ -158,10 +159,13 @@ class JobClient:
         auto_disconnect_on_result: bool = True,
         auto_cleanup_after_ttl: timedelta | float | None = None,
         reference: str | None = None,
+        job_timeout: timedelta | float | None = None,
     ) -> Job:
         """Declare the job's queues, then publish it; return once the broker has accepted both.
 
         Only the queues you asked callbacks for are created (the result queue always is).
+        ``job_timeout`` limits the job's running time (time spent queued does not count); a job
+        that runs longer is stopped and ends with status TIMEOUT.
         """
         if not isinstance(workflow, str) or not workflow:
             raise ValueError(f"workflow must be a non-empty string, not {workflow!r}")
@@ -180,7 +184,8 @@ class JobClient:
             queues.add(QueueKind.STATUS)
         job = Job(id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=frozenset(queues), reference=reference)
         watch = _Watch(job, on_finished, on_progress, on_status, auto_disconnect_on_result)
-        request = contract.TaskRequest(job.id, workflow, params_dict, job.queues, ttl)
+        timeout = _timeout_seconds(job_timeout)
+        request = contract.TaskRequest(job.id, workflow, params_dict, job.queues, ttl, timeout)
         now = time.time()
         # Written before the task exists, so the worker's RUNNING can never be overwritten.
         self._registry.write(
@@ -281,6 +286,23 @@ class JobClient:
         self._registry.write(handle.id, handle.ttl, {"queues_last_in_use": time.time()})
         log_event(logger, logging.INFO, "job_connected", job_id=job_id)
         return handle
+
+    def cancel_job(self, job: Job | uuid.UUID | str) -> None:
+        """Ask for the job to stop: a queued job never starts, a running one is interrupted.
+
+        Returns at once; the caller then receives status CANCELLED and a CANCELLED result on the
+        job's queues, which are cleaned up as for any result. A job that already finished keeps
+        its result. Needs the registry (Redis): raises ``RegistryUnavailableError`` without it.
+        """
+        job_id = job.id if isinstance(job, Job) else contract.parse_job_id(job)
+        record = self._registry.get(job_id)
+        if record is None:
+            raise UnknownJobError(job_id)
+        if record.ttl is None or not self._registry.write(
+            job_id, record.ttl, {"cancel_requested_at": time.time()}
+        ):
+            raise RegistryUnavailableError(f"could not record the cancellation of job {job_id} in Redis")
+        log_event(logger, logging.INFO, "job_cancel_requested", job_id=job_id, status=record.status)
 
     def job_status(self, job: Job | uuid.UUID | str) -> JobRecord:
         """What the registry knows of a job, read from Redis without touching its queues.
@@ -677,3 +699,14 @@ def _safe_url(url: str) -> str:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
         return urlunsplit(parts._replace(netloc=netloc))
     return url
+
+
+def _timeout_seconds(value: timedelta | float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, timedelta | int | float):
+        raise TypeError(f"job_timeout must be a timedelta or a number of seconds, not {type(value).__name__}")
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"job_timeout={value!r} must be a positive, finite duration")
+    return seconds

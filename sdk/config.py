@@ -53,6 +53,7 @@ class Settings:
     workflow_modules: tuple[str, ...] = field(default_factory=tuple)
     heartbeat: float = 60.0
     reconnect_timeout: float = 120.0
+    max_attempts: int = 3
     registry_grace: timedelta = timedelta(days=7)
     audit_interval: float = 300.0
     audit_delete_unexpiring: bool = False
@@ -84,6 +85,7 @@ class Settings:
             workflow_modules=modules,
             heartbeat=_seconds(env, "EBB_HEARTBEAT", default.heartbeat),
             reconnect_timeout=_seconds(env, "EBB_RECONNECT_TIMEOUT", default.reconnect_timeout),
+            max_attempts=int(_seconds(env, "EBB_MAX_ATTEMPTS", default.max_attempts)),
             registry_grace=timedelta(
                 seconds=_seconds(env, "EBB_REGISTRY_GRACE", default.registry_grace.total_seconds())
             ),

@@ -39,14 +39,22 @@ class QueueKind(StrEnum):
 
 
 class JobStatus(StrEnum):
-    """Statuses a worker publishes on a job's status queue; the last two are also result statuses."""
+    """Statuses a worker publishes on a job's status queue; all but RUNNING are also result statuses.
+
+    RUNNING when a worker starts the job; then exactly one of SUCCEEDED, ERROR (the workflow
+    raised, or its worker died too often), CANCELLED (``cancel_job``) or TIMEOUT (``job_timeout``).
+    """
 
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
     ERROR = "ERROR"
+    CANCELLED = "CANCELLED"
+    TIMEOUT = "TIMEOUT"
 
 
-TERMINAL_STATUSES: Final = frozenset({JobStatus.SUCCEEDED, JobStatus.ERROR})
+TERMINAL_STATUSES: Final = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.ERROR, JobStatus.CANCELLED, JobStatus.TIMEOUT}
+)
 
 
 class MalformedMessageError(ValueError):
@@ -206,13 +214,20 @@ class ProgressUpdate:
 
 @dataclass(frozen=True)
 class JobError:
-    """Why a job ended in ERROR: the exception's type and message as the worker saw them."""
+    """Why a job did not succeed: the exception as the worker saw it, and what the workflow logged."""
 
     type: str
     message: str
+    traceback: str = ""
+    logs: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict[str, str]:
-        return {"type": self.type, "message": self.message}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "message": self.message,
+            "traceback": self.traceback,
+            "logs": list(self.logs),
+        }
 
 
 @dataclass(frozen=True)
@@ -272,9 +287,15 @@ class JobResult:
         if error_raw is not None:
             if not isinstance(error_raw, dict):
                 raise MalformedMessageError("result message field 'error' must be an object")
+            logs = error_raw.get("logs", [])
+            if not isinstance(logs, list) or not all(isinstance(line, str) for line in logs):
+                raise MalformedMessageError("result error field 'logs' must be a list of strings")
+            traceback = error_raw.get("traceback", "")
             error = JobError(
                 type=str(_require(error_raw, "type", str, "result error")),
                 message=str(_require(error_raw, "message", str, "result error")),
+                traceback=traceback if isinstance(traceback, str) else "",
+                logs=tuple(logs),
             )
         last_seq_raw = data.get("last_seq", {})
         if not isinstance(last_seq_raw, dict) or not all(
@@ -317,6 +338,8 @@ class TaskRequest:
     params: dict[str, Any]
     queues: frozenset[QueueKind]
     ttl: timedelta = timedelta(hours=48)
+    #: Longest running time (queued time does not count); ``None`` for no limit.
+    timeout: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -327,6 +350,7 @@ class TaskRequest:
             "params": self.params,
             "queues": sorted(k.value for k in self.queues),
             "ttl": self.ttl.total_seconds(),
+            "timeout": self.timeout,
         }
 
     @classmethod
@@ -342,12 +366,18 @@ class TaskRequest:
         ttl = float(_require(data, "ttl", (int, float), "task request"))
         if not ttl > 0:
             raise MalformedMessageError(f"task request has a TTL of {ttl} s")
+        timeout = data.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+        ):
+            raise MalformedMessageError(f"task request has an invalid timeout {timeout!r}")
         return cls(
             job_id=_job_id_field(data, "task request"),
             workflow=_require(data, "workflow", str, "task request"),
             params=_require(data, "params", dict, "task request"),
             queues=queues,
             ttl=timedelta(seconds=ttl),
+            timeout=float(timeout) if timeout is not None else None,
         )
 
 

@@ -54,6 +54,8 @@ class JobRecord:
     queues_last_in_use: float | None
     queues_removed_at: float | None
     lost: str | None
+    attempts: int = 0
+    cancel_requested_at: float | None = None
 
     @classmethod
     def from_hash(cls, job_id: uuid.UUID, data: dict[str, str]) -> JobRecord:
@@ -79,6 +81,8 @@ class JobRecord:
             queues_last_in_use=number("queues_last_in_use"),
             queues_removed_at=number("queues_removed_at"),
             lost=data.get("lost") or None,
+            attempts=int(number("attempts") or 0),
+            cancel_requested_at=number("cancel_requested_at"),
         )
 
     @property
@@ -91,7 +95,7 @@ class JobRecord:
     def story(self) -> str:
         """One sentence on what became of the job, for error messages and the CLI."""
         parts = [f"job {self.job_id} ({self.workflow or 'unknown workflow'})"]
-        if self.status in ("SUCCEEDED", "ERROR") and self.finished_at:
+        if self.status in ("SUCCEEDED", "ERROR", "CANCELLED", "TIMEOUT") and self.finished_at:
             parts.append(f"finished {self.status} at {_when(self.finished_at)}")
         elif self.status:
             parts.append(f"was last {self.status}")
@@ -149,6 +153,24 @@ class Registry:
             self._went_away(exc, job_id)
             return False
         return True
+
+    def begin_attempt(self, job_id: uuid.UUID, ttl: timedelta) -> tuple[int, JobRecord | None]:
+        """Count one more run of the job and return (attempt number, record before this run).
+
+        Raises ``redis.RedisError`` when Redis is away: the caller decides how to degrade.
+        """
+        key = job_key(job_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hgetall(key)
+        pipe.hincrby(key, "attempts", 1)
+        pipe.expire(key, max(1, int((ttl + self._grace).total_seconds())))
+        before, attempt, _ = pipe.execute()
+        record = JobRecord.from_hash(job_id, before) if before else None
+        return int(attempt), record
+
+    def cancel_requested(self, job_id: uuid.UUID) -> bool:
+        """Raises ``redis.RedisError`` when Redis is away."""
+        return bool(self._redis.hexists(job_key(job_id), "cancel_requested_at"))
 
     def touch_in_use(self, jobs: dict[uuid.UUID, timedelta], now: float) -> None:
         """Record that these jobs' queues had a consumer at ``now`` (one round trip for all)."""

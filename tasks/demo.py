@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from tasks.workflows import Progress, workflow
+
+logger = logging.getLogger("ebb.demo")
 
 
 @workflow("demo.sleep")
@@ -24,6 +27,7 @@ def sleep(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
 @workflow("demo.fail")
 def fail(params: dict[str, Any], progress: Progress) -> None:
     """Always raise, with the given message: for trying out ERROR results."""
+    logger.warning("about to fail on purpose")
     raise RuntimeError(str(params.get("message", "demo.fail was asked to fail")))
 
 
@@ -32,3 +36,15 @@ def echo(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """Return the params unchanged: the cheapest possible job, for benchmarks and smoke tests."""
     progress(1.0, "echoed")
     return params
+
+
+@workflow("demo.stubborn")
+def stubborn(params: dict[str, Any], progress: Progress) -> str:
+    """Sleep without reporting and swallow every ``Exception``: cancel and timeout must still work."""
+    deadline = time.monotonic() + float(params.get("seconds", 30))
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.1)
+        except Exception:
+            pass
+    return "finished"

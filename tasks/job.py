@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import logging
+import threading
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import redis
 from celery import Task
 
 from sdk import contract
 from sdk.config import Settings
 from sdk.contract import JobError, JobStatus, QueueKind, TaskRequest
 from sdk.logfmt import log_event
-from sdk.registry import Registry
+from sdk.registry import JobRecord, Registry
 from tasks import workflows
 from tasks.app import app
+from tasks.interrupt import Interrupter, JobInterrupted
 from tasks.publisher import ReplyPublisher
 
 logger = logging.getLogger("ebb.worker")
@@ -25,9 +31,10 @@ registry = Registry(settings.redis_url, settings.registry_grace)
 class JobReporter:
     """Numbers and publishes one job's status, progress and result messages."""
 
-    def __init__(self, request: TaskRequest, publisher: ReplyPublisher) -> None:
+    def __init__(self, request: TaskRequest, publisher: ReplyPublisher, attempt: int) -> None:
         self.request = request
         self.publisher = publisher
+        self.attempt = attempt
         self.last_seq: dict[str, int] = {}
 
     def _send(self, kind: QueueKind, build: Any) -> None:
@@ -41,7 +48,7 @@ class JobReporter:
     def status(self, status: JobStatus) -> None:
         self._send(
             QueueKind.STATUS,
-            lambda seq: contract.StatusUpdate(self.request.job_id, status, seq, contract.now()),
+            lambda seq: contract.StatusUpdate(self.request.job_id, status, seq, contract.now(), self.attempt),
         )
 
     def progress(self, fraction: float, message: str = "") -> None:
@@ -52,9 +59,15 @@ class JobReporter:
         self._send(
             QueueKind.PROGRESS,
             lambda seq: contract.ProgressUpdate(
-                self.request.job_id, float(fraction), str(message), seq, contract.now()
+                self.request.job_id, float(fraction), str(message), seq, contract.now(), self.attempt
             ),
         )
+
+    def finish(self, status: JobStatus, output: Any = None, error: JobError | None = None) -> str:
+        """The final status, then the one result; returns the status for Celery's own records."""
+        self.status(status)
+        self.result(status, output, error)
+        return status.value
 
     def result(self, status: JobStatus, output: Any = None, error: JobError | None = None) -> None:
         result = contract.JobResult(
@@ -64,6 +77,7 @@ class JobReporter:
             error=error,
             last_seq=dict(self.last_seq),
             at=contract.now(),
+            attempt=self.attempt,
         )
         delivered = self.publisher.publish(
             contract.queue_name(self.request.job_id, QueueKind.RESULT), result.to_dict()
@@ -87,6 +101,51 @@ class JobReporter:
         )
 
 
+class _LogCapture(logging.Handler):
+    """Keeps what the workflow logs while it runs, for the ERROR result (at most MAX_LOG_LINES)."""
+
+    MAX_LOG_LINES = 200
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.thread = threading.get_ident()
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread and len(self.lines) < self.MAX_LOG_LINES:
+            self.lines.append(self.format(record))
+
+    @contextmanager
+    def attached(self) -> Iterator[_LogCapture]:
+        root = logging.getLogger()
+        root.addHandler(self)
+        try:
+            yield self
+        finally:
+            root.removeHandler(self)
+
+
+def _begin(request: TaskRequest, redelivered: bool) -> tuple[int, JobRecord | None] | None:
+    """Count this run; ``None`` when the job must not run again (it already has its result)."""
+    try:
+        attempt, record = registry.begin_attempt(request.job_id, request.ttl)
+    except redis.RedisError as exc:
+        log_event(logger, logging.WARNING, "registry_unavailable", job_id=request.job_id, error=repr(exc))
+        return (2 if redelivered else 1), None
+    if record is not None and record.finished_at is not None:
+        log_event(
+            logger,
+            logging.WARNING,
+            "job_rerun_skipped",
+            job_id=request.job_id,
+            status=record.status,
+            reason="redelivered after its result was published",
+        )
+        return None
+    return attempt, record
+
+
 @app.task(name=contract.TASK_NAME, bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
 def run_job(self: Task, request: dict[str, Any]) -> str:
     """Run the requested workflow; every outcome, failure included, goes to the result queue."""
@@ -95,30 +154,54 @@ def run_job(self: Task, request: dict[str, Any]) -> str:
     except contract.MalformedMessageError as exc:
         log_event(logger, logging.ERROR, "task_malformed", task_id=self.request.id, error=exc)
         return "MALFORMED"
-    reporter = JobReporter(parsed, ReplyPublisher.for_process(settings))
-    log_event(logger, logging.INFO, "job_started", job_id=parsed.job_id, workflow=parsed.workflow)
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    begun = _begin(parsed, redelivered)
+    if begun is None:
+        return "SKIPPED"
+    attempt, record = begun
+    reporter = JobReporter(parsed, ReplyPublisher.for_process(settings), attempt)
+    if attempt > settings.max_attempts:
+        why = (
+            f"the job was started {attempt} times and its worker died each time before it ended "
+            f"(limit EBB_MAX_ATTEMPTS={settings.max_attempts}); not trying again"
+        )
+        return reporter.finish(JobStatus.ERROR, error=JobError("WorkerLostError", why))
+    if record is not None and record.cancel_requested_at is not None:
+        return reporter.finish(
+            JobStatus.CANCELLED, error=JobError("JobCancelled", "cancelled before it started")
+        )
     registry.write(
         parsed.job_id,
         parsed.ttl,
         {"status": JobStatus.RUNNING.value, "started_at": contract.now(), "workflow": parsed.workflow},
     )
+    log_event(
+        logger, logging.INFO, "job_started", job_id=parsed.job_id, workflow=parsed.workflow, attempt=attempt
+    )
     reporter.status(JobStatus.RUNNING)
-    try:
-        fn = workflows.get(parsed.workflow)
-        output = fn(parsed.params, reporter.progress)
-        contract.encode({"output": output})  # refuse what cannot travel as JSON, as an ERROR
-    except Exception as exc:
-        log_event(
-            logger,
-            logging.WARNING,
-            "job_failed",
-            job_id=parsed.job_id,
-            workflow=parsed.workflow,
-            error=repr(exc),
-        )
-        reporter.status(JobStatus.ERROR)
-        reporter.result(JobStatus.ERROR, error=JobError(type(exc).__name__, str(exc)))
-        return JobStatus.ERROR.value
-    reporter.status(JobStatus.SUCCEEDED)
-    reporter.result(JobStatus.SUCCEEDED, output=output)
-    return JobStatus.SUCCEEDED.value
+    interrupter = Interrupter.for_process(registry)
+    with _LogCapture().attached() as captured:
+        try:
+            fn = workflows.get(parsed.workflow)
+            with interrupter.running(parsed.job_id, parsed.timeout):
+                output = fn(parsed.params, reporter.progress)
+            contract.encode({"output": output})  # refuse what cannot travel as JSON, as an ERROR
+        except JobInterrupted as stop:
+            return reporter.finish(stop.status, error=JobError(stop.status.value, stop.detail))
+        except Exception as exc:
+            error = JobError(
+                type(exc).__name__,
+                str(exc),
+                traceback="".join(traceback.format_exception(exc)),
+                logs=tuple(captured.lines),
+            )
+            log_event(
+                logger,
+                logging.WARNING,
+                "job_failed",
+                job_id=parsed.job_id,
+                workflow=parsed.workflow,
+                error=repr(exc),
+            )
+            return reporter.finish(JobStatus.ERROR, error=error)
+    return reporter.finish(JobStatus.SUCCEEDED, output=output)

@@ -1,0 +1,125 @@
+"""Stopping a running workflow from outside: cancellation (via the registry) and timeouts.
+
+A watcher thread in each worker process looks at the job it is running twice a second. When
+the job was cancelled or ran past its timeout it signals its own process (SIGUSR2); the handler
+raises :class:`JobInterrupted` in the workflow's thread, which also breaks out of ``time.sleep``
+and blocking I/O. The exception is raised only while the workflow itself runs, never while
+the task is publishing, so a half-sent message is impossible.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+
+import redis
+
+from sdk.contract import JobStatus
+from sdk.logfmt import log_event
+from sdk.registry import Registry
+
+logger = logging.getLogger("ebb.worker")
+POLL_INTERVAL = 0.5
+SIGNAL = signal.SIGUSR2
+
+
+class JobInterrupted(BaseException):
+    """Raised inside a workflow that was cancelled or timed out; ``status`` says which."""
+
+    def __init__(self, status: JobStatus, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class _Running:
+    job_id: uuid.UUID
+    deadline: float | None
+    timeout: float | None
+    reason: JobInterrupted | None = None
+    armed: bool = False
+
+
+class Interrupter:
+    """One per worker process: watches the job that process is running."""
+
+    _instance: Interrupter | None = None
+    _pid = 0
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self._running: _Running | None = None
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        signal.signal(SIGNAL, self._on_signal)
+        threading.Thread(target=self._watch, name="ebb-interrupter", daemon=True).start()
+
+    @classmethod
+    def for_process(cls, registry: Registry) -> Interrupter:
+        if cls._instance is None or cls._pid != os.getpid():
+            cls._instance = cls(registry)
+            cls._pid = os.getpid()
+        return cls._instance
+
+    @contextmanager
+    def running(self, job_id: uuid.UUID, timeout: float | None) -> Iterator[None]:
+        """Inside this block the workflow may be interrupted; outside it, never."""
+        deadline = time.monotonic() + timeout if timeout else None
+        state = _Running(job_id, deadline, timeout, armed=True)
+        with self._lock:
+            self._running = state
+        self._wakeup.set()
+        try:
+            yield
+            if state.reason is not None:  # decided just as the workflow returned: honour it
+                raise state.reason
+        finally:
+            with self._lock:
+                state.armed = False
+                self._running = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        state = self._running
+        if state is not None and state.armed and state.reason is not None:
+            state.armed = False  # once is enough
+            raise state.reason
+
+    def _watch(self) -> None:
+        while True:
+            self._wakeup.wait(POLL_INTERVAL)
+            self._wakeup.clear()
+            state = self._running
+            if state is None or state.reason is not None:
+                continue
+            reason = self._check(state)
+            if reason is None:
+                continue
+            with self._lock:
+                if self._running is not state or not state.armed:
+                    continue
+                state.reason = reason
+            log_event(
+                logger, logging.WARNING, "job_interrupting", job_id=state.job_id, status=reason.status.value
+            )
+            os.kill(os.getpid(), SIGNAL)
+
+    def _check(self, state: _Running) -> JobInterrupted | None:
+        if state.deadline is not None and time.monotonic() >= state.deadline:
+            return JobInterrupted(
+                JobStatus.TIMEOUT, f"the job ran longer than its job_timeout of {state.timeout:g} s"
+            )
+        try:
+            if self._registry.cancel_requested(state.job_id):
+                return JobInterrupted(JobStatus.CANCELLED, "the job was cancelled by cancel_job()")
+        except redis.RedisError:
+            pass  # registry down: cancellation waits until it is back; timeouts still work
+        return None

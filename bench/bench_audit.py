@@ -295,9 +295,11 @@ def wait_for_stats(api: Management, vhost: str, n: int) -> float:
                 f"after {time.perf_counter() - started:.0f} s: {len(queues)} queues, {len(current)} with "
                 "stats, idle_since still moving"
             )
-        if complete:
-            moved = sum(1 for k, v in current.items() if previous is None or previous.get(k) != v)
-            say(f"  all {n} queues have stats; idle_since moved on {moved}, waiting for it to settle")
+        if complete and previous is None:
+            say(f"  all {n} queues have stats; checking that idle_since has settled")
+        elif complete:
+            moved = sum(1 for k, v in current.items() if previous is not None and previous.get(k) != v)
+            say(f"  idle_since moved on {moved} queues since the last look; waiting for it to settle")
         else:
             say(f"  {len(queues)}/{n} queues listed, {len(current)} with stats; waiting")
         previous = current if complete else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -43,8 +44,6 @@ def stubborn(params: dict[str, Any], progress: Progress) -> str:
     """Sleep without reporting and swallow every ``Exception``: cancel and timeout must still work."""
     deadline = time.monotonic() + float(params.get("seconds", 30))
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(Exception):
             time.sleep(0.1)
-        except Exception:
-            pass
     return "finished"

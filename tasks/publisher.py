@@ -21,7 +21,8 @@ from sdk.logfmt import log_event
 
 logger = logging.getLogger("ebb.worker")
 
-RETRY_POLICY = {"max_retries": 5, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0}
+# Long enough to ride out a broker restart (about a minute) without losing a message.
+RETRY_POLICY = {"max_retries": 40, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
 
 
 class ReplyPublisher:

@@ -131,6 +131,7 @@ def start_worker(log: Path, *extra_args: str, env: dict[str, str] | None = None)
         ],
         cwd=ROOT,
         env={**os.environ, **(env or {})},
+        start_new_session=True,  # its own process group: a test can SIGKILL it with its children
     )
     if not wait_until(lambda: log.exists() and " ready." in log.read_text(), 60):
         proc.kill()
@@ -145,3 +146,9 @@ def stop_worker(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+def kill_worker(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the worker and its pool processes at once, like a machine dying under it."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)

@@ -75,6 +75,8 @@ STATS_INTERVAL_S = 5.0
 TARGET_SECONDS = 4.0
 TARGET_RSS_MB = 100.0
 TARGET_QUEUES = 30_000
+#: How long cleanup keeps retrying to delete the vhost while the management API is away.
+CLEANUP_WAIT_S = 600.0
 
 #: The audit process: a fresh interpreter, so its RSS is imports plus one audit and nothing else.
 #: It reads a JSON config from argv[1] and prints one JSON document.
@@ -301,7 +303,8 @@ def wait_for_stats(api: Management, vhost: str, n: int) -> float:
             moved = sum(1 for k, v in current.items() if previous is not None and previous.get(k) != v)
             say(f"  idle_since moved on {moved} queues since the last look; waiting for it to settle")
         else:
-            say(f"  {len(queues)}/{n} queues listed, {len(current)} with stats; waiting")
+            lacking = next((str(q["name"]) for q in queues if "consumers" not in q), "-")
+            say(f"  {len(queues)}/{n} queues listed, {len(current)} with stats (not: {lacking}); waiting")
         previous = current if complete else None
         time.sleep(STATS_INTERVAL_S + 1 if complete else 2)
 
@@ -563,36 +566,61 @@ def uninterruptible() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old_term)
 
 
+def delete_vhost(api: Management, vhost: str) -> dict[str, Any]:
+    """DELETE the vhost, retrying while the management API is away (a test may restart the broker)."""
+    started = time.monotonic()
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            status: int | str = api.delete(f"vhosts/{quote(vhost, safe='')}", timeout=900)
+        except requests.RequestException as exc:
+            status = repr(exc)
+        if status in (204, 404) or time.monotonic() - started > CLEANUP_WAIT_S:
+            break
+        say(f"  deleting vhost {vhost}: {status}; retrying (up to {CLEANUP_WAIT_S:.0f} s in all)")
+        time.sleep(5)
+    gone: bool | str = "unknown"
+    while time.monotonic() - started < CLEANUP_WAIT_S + 60:
+        try:
+            gone = vhost not in {v["name"] for v in api.get("vhosts")}
+            break
+        except requests.RequestException as exc:
+            gone = f"unknown: {exc!r}"
+            time.sleep(5)
+    if gone is not True:
+        say(
+            f"VHOST {vhost} MAY BE LEFT OVER; delete it with: curl -u guest:guest -X DELETE "
+            f"{api.base}/vhosts/{quote(vhost, safe='')}"
+        )
+    return {
+        "vhost_delete_status": status,
+        "vhost_delete_attempts": attempts,
+        "vhost_delete_s": round(time.monotonic() - started, 2),
+        "vhost_gone": gone,
+    }
+
+
 def cleanup(api: Management, client: redis.Redis, vhost: str, job_ids: list[uuid.UUID]) -> dict[str, Any]:
-    """Drop the vhost (all its queues at once) and every Redis key of this run; then check both."""
+    """Drop every Redis key of this run and the vhost (all its queues at once); then check both."""
     out: dict[str, Any] = {}
     with uninterruptible():
-        say(f"deleting vhost {vhost} and this run's Redis keys")
-        started = time.perf_counter()
-        try:
-            out["vhost_delete_status"] = api.delete(f"vhosts/{quote(vhost, safe='')}", timeout=900)
-        except requests.RequestException as exc:
-            out["vhost_delete_status"] = repr(exc)
-        out["vhost_delete_s"] = round(time.perf_counter() - started, 2)
+        say(f"deleting this run's Redis keys and vhost {vhost}")
         pattern = f"ebb:audit:{vhost}:*"
+        batches = [[job_key(j) for j in job_ids[i : i + 1000]] for i in range(0, len(job_ids), 1000)]
         try:
+            removed = 0
             audit_keys = list(client.scan_iter(match=pattern, count=1000))
-            if audit_keys:
-                client.delete(*audit_keys)
-            for i in range(0, len(job_ids), 1000):
-                client.delete(*(job_key(j) for j in job_ids[i : i + 1000]))
+            for keys in [audit_keys, *batches]:
+                if keys:
+                    removed += int(client.delete(*keys))
             left = len(list(client.scan_iter(match=pattern, count=1000)))
-            for i in range(0, len(job_ids), 1000):
-                left += int(client.exists(*(job_key(j) for j in job_ids[i : i + 1000])))
-            out["redis_keys_deleted"] = len(audit_keys) + len(job_ids)
+            left += sum(int(client.exists(*keys)) for keys in batches)
+            out["redis_keys_removed"] = removed
             out["redis_keys_left"] = left
         except redis.RedisError as exc:
             out["redis_keys_left"] = f"unknown: {exc!r}"
-        try:
-            names = {v["name"] for v in api.get("vhosts")}
-            out["vhost_gone"] = vhost not in names
-        except requests.RequestException as exc:
-            out["vhost_gone"] = f"unknown: {exc!r}"
+        out.update(delete_vhost(api, vhost))
     say(f"cleanup: {out}")
     return out
 
@@ -659,6 +687,12 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
                 else "NEVER (the idle_since check is blind)"
             ),
         ]
+    broker = checks.get("broker")
+    if broker is not None and broker["restarted"]:
+        lines.append(
+            f"BROKER RESTARTED during the run (uptime {broker['uptime_start_s']} s -> "
+            f"{broker['uptime_end_s']} s; another test?): the figures above are not valid"
+        )
     cleaned = checks.get("cleanup")
     if cleaned is not None:
         lines.append(
@@ -686,6 +720,13 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
         for s in mem.get("live_at_reconcile", []):
             lines.append(f"    {s['mb']:7.1f} MB {s['blocks']:>8} blocks  {s['where']}")
     return "\n".join(lines)
+
+
+def broker_uptime_s(api: Management) -> float | None:
+    """Node uptime: if it went down during the run, a test restarted the broker under us."""
+    with contextlib.suppress(requests.RequestException, KeyError, ValueError, TypeError, IndexError):
+        return min(float(node["uptime"]) for node in api.get("nodes")) / 1000
+    return None
 
 
 def rabbitmq_version(api: Management) -> str:
@@ -739,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         say(f"creating vhost {vhost}")
         create_vhost(api, vhost, settings.management_user)
+        uptime_start = broker_uptime_s(api)
         say(f"declaring {n} job queues")
         meta["create_s"] = declare_queues(settings, specs)
         say(f"  {n} queues in {meta['create_s']:.2f} s; registering {len(registered)} jobs in Redis")
@@ -748,9 +790,18 @@ def main(argv: list[str] | None = None) -> int:
         say("timing the management API listing")
         api_t = time_api(api, vhost)
         before = snapshot(api, vhost)
-        unreg = sum(1 for job, _ in specs if job not in set(registered))
+        known = set(registered)
+        unreg = sum(1 for job, _ in specs if job not in known)
         with amqp_refused(api, settings) as guard:
-            runs.append(audit(settings, logs, "first", None, {"suspect": n, "new_orphans": 0, "new": 0}))
+            runs.append(
+                audit(
+                    settings,
+                    logs,
+                    "first",
+                    None,
+                    {"suspect": n, "new": 0, "new_orphans": 0, "unknown_to_registry": unreg},
+                )
+            )
             runs.append(
                 audit(
                     settings,
@@ -772,6 +823,12 @@ def main(argv: list[str] | None = None) -> int:
                 problems.append("the guard did not refuse an AMQP connection")
             if args.profile:
                 checks["diagnostics"] = diagnose(settings, client, logs)
+        uptime_end = broker_uptime_s(api)
+        checks["broker"] = {
+            "uptime_start_s": uptime_start,
+            "uptime_end_s": uptime_end,
+            "restarted": uptime_start is None or uptime_end is None or uptime_end < uptime_start,
+        }
         say("sensor check: passive-declaring one queue must move its idle_since")
         sensor_s = sensor_check(api, settings, contract.queue_name(*specs[0]))
         checks["untouched"] = {
@@ -797,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = (
         all(run.time_ok and run.rss_ok and not run.mismatches for run in runs)
         and checks["untouched"]["ok"]
+        and not checks["broker"]["restarted"]
         and cleaned.get("vhost_gone") is True
         and cleaned.get("redis_keys_left") == 0
     )

@@ -10,9 +10,11 @@ from sdk.errors import (
     JobFailedError,
     JobQueuesExpiredError,
     UnknownJobError,
+    UnknownWorkflowError,
 )
 from sdk.job import Job
 from sdk.registry import JobRecord, RegistryUnavailableError
+from sdk.workers import WorkflowInfo
 
 __all__ = [
     "CallbackError",
@@ -32,4 +34,6 @@ __all__ = [
     "Settings",
     "StatusUpdate",
     "UnknownJobError",
+    "UnknownWorkflowError",
+    "WorkflowInfo",
 ]

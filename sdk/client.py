@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
 from amqp import Channel, Message
 from amqp.exceptions import NotFound
 from celery import Celery
@@ -31,11 +32,13 @@ from sdk.errors import (
     ClientClosedError,
     JobQueuesExpiredError,
     UnknownJobError,
+    UnknownWorkflowError,
 )
 from sdk.job import Job, validate_ttl
 from sdk.logfmt import log_event
 from sdk.loop import BrokerLoop
 from sdk.registry import JobRecord, Registry, RegistryUnavailableError
+from sdk.workers import WorkflowInfo, list_workflows
 
 logger = logging.getLogger("ebb.sdk")
 
@@ -83,6 +86,7 @@ class JobClient:
             base = Settings(**{**base.__dict__, "broker_url": broker_url})
         self.settings = base
         self._registry = Registry(base.redis_url, base.registry_grace)
+        self._known_workflows: set[str] = set()
         self._watches: dict[uuid.UUID, _Watch] = {}
         self._finished: OrderedDict[uuid.UUID, _Watch] = OrderedDict()
         self._inbox: deque[tuple[_Watch, QueueKind, Message]] = deque()
@@ -171,12 +175,20 @@ class JobClient:
             raise ValueError(f"workflow must be a non-empty string, not {workflow!r}")
         params_dict = dict(params or {})
         try:
-            contract.encode(params_dict)
+            size = len(contract.encode(params_dict))
         except (TypeError, ValueError) as exc:
             raise TypeError(f"params for {workflow!r} must be JSON-serialisable: {exc}") from None
+        if size > self.settings.max_params_bytes:
+            raise ValueError(
+                f"params for {workflow!r} are {size} bytes as JSON, over the limit of "
+                f"{self.settings.max_params_bytes} (EBB_MAX_PARAMS_BYTES); pass a reference "
+                "(a path, a URL, a key) instead of the data itself"
+            )
         ttl = validate_ttl(
             auto_cleanup_after_ttl, default=self.settings.default_ttl, maximum=self.settings.max_ttl
         )
+        timeout = _timeout_seconds(job_timeout)
+        self._check_workflow(workflow)
         queues = {QueueKind.RESULT}
         if on_progress is not None:
             queues.add(QueueKind.PROGRESS)
@@ -184,7 +196,6 @@ class JobClient:
             queues.add(QueueKind.STATUS)
         job = Job(id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=frozenset(queues), reference=reference)
         watch = _Watch(job, on_finished, on_progress, on_status, auto_disconnect_on_result)
-        timeout = _timeout_seconds(job_timeout)
         request = contract.TaskRequest(job.id, workflow, params_dict, job.queues, ttl, timeout)
         now = time.time()
         # Written before the task exists, so the worker's RUNNING can never be overwritten.
@@ -286,6 +297,27 @@ class JobClient:
         self._registry.write(handle.id, handle.ttl, {"queues_last_in_use": time.time()})
         log_event(logger, logging.INFO, "job_connected", job_id=job_id)
         return handle
+
+    def list_workflows(self) -> list[WorkflowInfo]:
+        """Workflows the live workers on this client's task queue advertise (read from Redis)."""
+        try:
+            found = list_workflows(self._registry.client, self.settings.task_queue)
+        except redis.RedisError as exc:
+            raise RegistryUnavailableError(f"cannot list workflows: Redis unreachable ({exc})") from exc
+        self._known_workflows = {w.name for w in found}
+        return found
+
+    def _check_workflow(self, workflow: str) -> None:
+        """Refuse a workflow no live worker runs, before any queue exists; degrade if Redis is down."""
+        if not self.settings.check_workflows or workflow in self._known_workflows:
+            return
+        try:
+            known = [w.name for w in self.list_workflows()]
+        except RegistryUnavailableError as exc:
+            log_event(logger, logging.WARNING, "workflow_check_skipped", workflow=workflow, error=exc)
+            return
+        if workflow not in known:
+            raise UnknownWorkflowError(workflow, known, self.settings.task_queue)
 
     def cancel_job(self, job: Job | uuid.UUID | str) -> None:
         """Ask for the job to stop: a queued job never starts, a running one is interrupted.

@@ -26,6 +26,19 @@ def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _count(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number; set it to e.g. {default}") from None
+    if value < 1:
+        raise ValueError(f"{name}={raw!r} must be at least 1")
+    return value
+
+
 def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raw = environ.get(name)
     if raw is None or raw.strip() == "":
@@ -54,6 +67,8 @@ class Settings:
     heartbeat: float = 60.0
     reconnect_timeout: float = 120.0
     max_attempts: int = 3
+    check_workflows: bool = True
+    max_params_bytes: int = 1_048_576
     registry_grace: timedelta = timedelta(days=7)
     audit_interval: float = 300.0
     audit_delete_unexpiring: bool = False
@@ -85,7 +100,9 @@ class Settings:
             workflow_modules=modules,
             heartbeat=_seconds(env, "EBB_HEARTBEAT", default.heartbeat),
             reconnect_timeout=_seconds(env, "EBB_RECONNECT_TIMEOUT", default.reconnect_timeout),
-            max_attempts=int(_seconds(env, "EBB_MAX_ATTEMPTS", default.max_attempts)),
+            max_attempts=_count(env, "EBB_MAX_ATTEMPTS", default.max_attempts),
+            check_workflows=_flag(env, "EBB_CHECK_WORKFLOWS", default.check_workflows),
+            max_params_bytes=_count(env, "EBB_MAX_PARAMS_BYTES", default.max_params_bytes),
             registry_grace=timedelta(
                 seconds=_seconds(env, "EBB_REGISTRY_GRACE", default.registry_grace.total_seconds())
             ),

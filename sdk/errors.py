@@ -77,5 +77,18 @@ class BrokerUnavailableError(EbbError, ConnectionError):
     """RabbitMQ cannot be reached right now; nothing was submitted or changed by this call."""
 
 
+class UnknownWorkflowError(EbbError, ValueError):
+    """No live worker advertises this workflow; nothing was declared or published."""
+
+    def __init__(self, workflow: str, known: list[str], queue: str) -> None:
+        self.workflow = workflow
+        self.known = known
+        listed = ", ".join(known) if known else "none (is a worker running? celery -A tasks worker)"
+        super().__init__(
+            f"no worker on task queue {queue!r} runs workflow {workflow!r}; known workflows: {listed}. "
+            "Register it with @workflow and list its module in EBB_WORKFLOW_MODULES."
+        )
+
+
 class ClientClosedError(EbbError):
     """The client was closed, or lost its broker connection; its jobs keep their queues until TTL."""

@@ -12,7 +12,7 @@ from tasks.workflows import Progress, workflow
 logger = logging.getLogger("ebb.demo")
 
 
-@workflow("demo.sleep")
+@workflow("demo.sleep", params=("seconds", "steps"))
 def sleep(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """Sleep ``seconds`` in ``steps`` equal steps, reporting progress after each."""
     seconds = float(params.get("seconds", 1.0))
@@ -25,21 +25,21 @@ def sleep(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
     return {"slept": params.get("seconds", 1.0)}
 
 
-@workflow("demo.fail")
+@workflow("demo.fail", params=("message",))
 def fail(params: dict[str, Any], progress: Progress) -> None:
     """Always raise, with the given message: for trying out ERROR results."""
     logger.warning("about to fail on purpose")
     raise RuntimeError(str(params.get("message", "demo.fail was asked to fail")))
 
 
-@workflow("demo.echo")
+@workflow("demo.echo", params=("*",))
 def echo(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """Return the params unchanged: the cheapest possible job, for benchmarks and smoke tests."""
     progress(1.0, "echoed")
     return params
 
 
-@workflow("demo.stubborn")
+@workflow("demo.stubborn", params=("seconds",))
 def stubborn(params: dict[str, Any], progress: Progress) -> str:
     """Sleep without reporting and swallow every ``Exception``: cancel and timeout must still work."""
     deadline = time.monotonic() + float(params.get("seconds", 30))

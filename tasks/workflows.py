@@ -14,23 +14,41 @@ class Progress(Protocol):
 Workflow = Callable[[dict[str, Any], Progress], Any]
 
 _registry: dict[str, Workflow] = {}
+_params: dict[str, tuple[str, ...]] = {}
 
 
 class UnknownWorkflowError(LookupError):
     """No workflow of that name is registered on this worker."""
 
 
-def workflow(name: str) -> Callable[[Workflow], Workflow]:
-    """Register ``fn`` under ``name``; a second registration under the same name is a mistake."""
+def workflow(name: str, params: Iterable[str] = ()) -> Callable[[Workflow], Workflow]:
+    """Register ``fn`` under ``name``; ``params`` names its parameters for callers to discover.
+
+    The first line of the function's docstring is its advertised description. A second
+    registration under the same name is a mistake.
+    """
 
     def register(fn: Workflow) -> Workflow:
         existing = _registry.get(name)
         if existing is not None and existing is not fn:
             raise ValueError(f"workflow {name!r} is already registered by {existing.__module__}")
         _registry[name] = fn
+        _params[name] = tuple(params)
         return fn
 
     return register
+
+
+def describe() -> list[dict[str, Any]]:
+    """What this worker advertises: name, description and parameter names of each workflow."""
+    return [
+        {
+            "name": name,
+            "description": (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
+            "params": list(_params.get(name, ())),
+        }
+        for name, fn in sorted(_registry.items())
+    ]
 
 
 def get(name: str) -> Workflow:

@@ -24,6 +24,7 @@ from sdk import (
     JobResult,
     JobStatus,
     ProgressUpdate,
+    UnknownWorkflowError,
 )
 from sdk.config import Settings
 from sdk.contract import QueueKind, encode
@@ -144,10 +145,39 @@ def test_failing_workflow_gives_error_result(client: JobClient, management: Mana
     assert wait_until(lambda: not management.job_queues(job.id), 10)
 
 
-def test_unknown_workflow_gives_error_result_naming_known_ones(client: JobClient) -> None:
-    result = client.wait(client.submit_job("no.such.workflow", {}), timeout=30)
+def test_unknown_workflow_is_refused_before_any_queue_exists(
+    client: JobClient, management: Management
+) -> None:
+    before = set(management.all_job_queue_names())
+    with pytest.raises(UnknownWorkflowError) as caught:
+        client.submit_job("no.such.workflow", {})
+    assert "demo.sleep" in str(caught.value) and "no.such.workflow" in str(caught.value)
+    assert "demo.sleep" in caught.value.known
+    assert set(management.all_job_queue_names()) <= before
+
+
+def test_workers_advertise_their_workflows(client: JobClient) -> None:
+    workflows = {w.name: w for w in client.list_workflows()}
+    assert {"demo.sleep", "demo.fail", "demo.echo"} <= set(workflows)
+    assert workflows["demo.sleep"].params == ("seconds", "steps")
+    assert workflows["demo.sleep"].description.startswith("Sleep")
+    assert workflows["demo.sleep"].workers >= 1
+
+
+def test_worker_reports_an_unknown_workflow_as_error(settings: Settings, worker: Path) -> None:
+    """A caller that skipped the check (or could not ask Redis) still gets a clear ERROR result."""
+    unchecked = Settings(**{**settings.__dict__, "check_workflows": False})
+    with JobClient(settings=unchecked) as client:
+        result = client.wait(client.submit_job("no.such.workflow", {}), timeout=30)
     assert result.status is JobStatus.ERROR
     assert result.error is not None and "demo.sleep" in result.error.message
+
+
+def test_oversized_params_are_refused(client: JobClient, management: Management) -> None:
+    before = set(management.all_job_queue_names())
+    with pytest.raises(ValueError, match="EBB_MAX_PARAMS_BYTES"):
+        client.submit_job("demo.echo", {"blob": "x" * 2_000_000})
+    assert set(management.all_job_queue_names()) <= before
 
 
 @pytest.mark.parametrize(
@@ -217,7 +247,9 @@ def test_job_round_trips_through_json() -> None:
 @pytest.fixture
 def silent_client(settings: Settings) -> Iterator[JobClient]:
     """A client whose jobs go to a task queue no worker reads: the test plays the worker."""
-    quiet = Settings(**{**settings.__dict__, "task_queue": f"{settings.task_queue}.nobody"})
+    quiet = Settings(
+        **{**settings.__dict__, "task_queue": f"{settings.task_queue}.nobody", "check_workflows": False}
+    )
     with JobClient(settings=quiet) as job_client:
         yield job_client
         job_client._loop.call(lambda: job_client._publish_channel.queue_delete(quiet.task_queue))

@@ -113,13 +113,15 @@ def test_job_whose_workers_keep_dying_ends_in_error(
 ) -> None:
     settings, env = private_queue
     env = {**env, "EBB_MAX_ATTEMPTS": "2"}
+    worker = start_worker(tmp_path / "w1.log", env=env)
     with JobClient(settings=settings) as client:
         statuses: list[JobStatus] = []
         job = client.submit_job(
             "demo.sleep", {"seconds": 20, "steps": 1}, on_status=lambda j, s: statuses.append(s.status)
         )
         for attempt in (1, 2):
-            worker = start_worker(tmp_path / f"w{attempt}.log", env=env)
+            if attempt == 2:
+                worker = start_worker(tmp_path / "w2.log", env=env)
             assert wait_until(
                 lambda n=attempt: (  # type: ignore[misc]
                     client.job_status(job).attempts == n and statuses.count(JobStatus.RUNNING) == n

@@ -1,0 +1,61 @@
+"""A worker tells callers which workflows it runs, for as long as it is alive."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+import redis
+from celery.signals import worker_ready, worker_shutdown
+
+from sdk.config import Settings
+from sdk.logfmt import log_event
+from sdk.workers import ADVERTISE_EVERY, ADVERTISE_EXPIRY, WORKERS_KEY_PREFIX, advertisement
+from tasks import workflows
+
+logger = logging.getLogger("ebb.worker")
+_stop = threading.Event()
+_advertised: list[str] = []
+
+
+def _key(hostname: str) -> str:
+    return f"{WORKERS_KEY_PREFIX}{hostname}"
+
+
+def _advertise_forever(hostname: str, settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    while True:
+        try:
+            client.set(
+                _key(hostname),
+                advertisement(hostname, settings.task_queue, workflows.describe()),
+                ex=ADVERTISE_EXPIRY,
+            )
+        except redis.RedisError as exc:
+            log_event(logger, logging.WARNING, "advertise_failed", worker=hostname, error=repr(exc))
+        if _stop.wait(ADVERTISE_EVERY):
+            return
+
+
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    hostname = str(getattr(sender, "hostname", "unknown"))
+    _advertised.append(hostname)
+    threading.Thread(
+        target=_advertise_forever, args=(hostname, Settings.from_env()), name="ebb-advertise", daemon=True
+    ).start()
+
+
+def _on_shutdown(**_: Any) -> None:
+    """Withdraw at once, so callers stop sending this worker's workflows nowhere."""
+    _stop.set()
+    settings = Settings.from_env()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    for hostname in _advertised:
+        with contextlib.suppress(redis.RedisError):
+            client.delete(_key(hostname))
+
+
+worker_ready.connect(_on_ready, weak=False)
+worker_shutdown.connect(_on_shutdown, weak=False)

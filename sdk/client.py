@@ -87,6 +87,7 @@ class JobClient:
         self.settings = base
         self._registry = Registry(base.redis_url, base.registry_grace)
         self._known_workflows: set[str] = set()
+        self._returned: dict[str, bool] = {}
         self._watches: dict[uuid.UUID, _Watch] = {}
         self._finished: OrderedDict[uuid.UUID, _Watch] = OrderedDict()
         self._inbox: deque[tuple[_Watch, QueueKind, Message]] = deque()
@@ -130,7 +131,7 @@ class JobClient:
         self._consume_channel.basic_qos(0, 0, False)
         self._publish_channel = connection.channel()
         self._probe_channel = None
-        self._producer = Producer(self._publish_channel, serializer="json", auto_declare=False)
+        self._producer = self._make_producer()
         if not reconnected:
             return
         self._inbox.clear()  # unacked deliveries of the old channel come again
@@ -474,10 +475,20 @@ class JobClient:
                 retry=False,
                 argsrepr=repr((job.workflow, str(job.id))),
                 kwargsrepr="{}",
+                # The task queue belongs to the workers: callers never declare it (and need no
+                # permission to), and a task with no queue to go to comes back instead of vanishing.
+                declare=[],
+                mandatory=True,
             )
         except Exception:
             self._reopen_publish_channel()
             raise
+        if self._returned.pop(self.settings.task_queue, None):
+            self._delete_queues(job.id, set(job.queues))
+            raise BrokerUnavailableError(
+                f"task queue {self.settings.task_queue!r} does not exist, so job {job.id} was not "
+                "submitted: start a worker (celery -A tasks worker) or check EBB_TASK_QUEUE"
+            )
         self._consume(watch, job.queues)
 
     def _consume(self, watch: _Watch, kinds: set[QueueKind] | frozenset[QueueKind]) -> None:
@@ -533,6 +544,15 @@ class JobClient:
             log_event(logger, logging.DEBUG, "queue_deleted", job_id=job_id, queue=name)
         self._cleanup_pending.pop(job_id, None)
 
+    def _make_producer(self) -> Producer:
+        return Producer(
+            self._publish_channel, serializer="json", auto_declare=False, on_return=self._on_return
+        )
+
+    def _on_return(self, exception: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        """A mandatory publish the broker could not route: noted, and raised by the publisher."""
+        self._returned[routing_key] = True
+
     def _loop_connection(self) -> Connection:
         connection = self._loop.connection
         assert connection is not None
@@ -543,7 +563,7 @@ class JobClient:
             self._publish_channel.close()
         if self._loop_connection().connected:
             self._publish_channel = self._loop_connection().channel()
-            self._producer = Producer(self._publish_channel, serializer="json", auto_declare=False)
+            self._producer = self._make_producer()
 
     def _ack(self, message: Message, *, requeue: bool = False) -> None:
         """Settle a delivery on the channel it came on; after a reconnect it is redelivered anyway."""

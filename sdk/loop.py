@@ -22,7 +22,7 @@ import amqp.exceptions
 import kombu.exceptions
 from kombu.connection import Connection
 
-from sdk.errors import BrokerUnavailableError, ClientClosedError
+from sdk.errors import BrokerUnavailableError, ClientClosedError, EbbError
 from sdk.logfmt import log_event
 
 T = TypeVar("T")
@@ -185,7 +185,7 @@ class BrokerLoop:
                 future.set_result(fn())
             except BaseException as exc:
                 future.set_exception(exc)
-                if isinstance(exc, AMQP_ERRORS) and not isinstance(exc, amqp.exceptions.NotFound):
+                if _connection_broken(exc):
                     raise
 
     def _fail_pending_commands(self, error: BaseException | None = None) -> None:
@@ -204,3 +204,12 @@ AMQP_ERRORS: tuple[type[BaseException], ...] = (
     amqp.exceptions.AMQPError,
     kombu.exceptions.OperationalError,
 )
+
+
+def _connection_broken(exc: BaseException) -> bool:
+    """After a failed command: is the connection gone (reconnect), or only that call's channel?"""
+    if isinstance(exc, EbbError):
+        return False
+    if isinstance(exc, amqp.exceptions.ChannelError):
+        return False  # the caller gets the error; its channel is reopened on demand
+    return isinstance(exc, AMQP_ERRORS)

@@ -251,6 +251,10 @@ def silent_client(settings: Settings) -> Iterator[JobClient]:
         **{**settings.__dict__, "task_queue": f"{settings.task_queue}.nobody", "check_workflows": False}
     )
     with JobClient(settings=quiet) as job_client:
+        # Workers own the task queue; here no worker exists, so the test declares it.
+        job_client._loop.call(
+            lambda: job_client._publish_channel.queue_declare(quiet.task_queue, durable=True)
+        )
         yield job_client
         job_client._loop.call(lambda: job_client._publish_channel.queue_delete(quiet.task_queue))
 
@@ -363,3 +367,13 @@ def test_wait_in_another_thread_ends_when_the_client_closes(settings: Settings, 
     thread.join(5)
     assert not thread.is_alive()
     assert len(outcome) == 1 and "closed" in str(outcome[0])
+
+
+def test_missing_task_queue_is_an_error_not_a_silent_loss(settings: Settings, management: Management) -> None:
+    nowhere = Settings(
+        **{**settings.__dict__, "task_queue": f"ebb.never.{uuid.uuid4().hex[:6]}", "check_workflows": False}
+    )
+    before = set(management.all_job_queue_names())
+    with JobClient(settings=nowhere) as client, pytest.raises(ConnectionError, match="does not exist"):
+        client.submit_job("demo.echo", {}, on_progress=lambda j, p: None)
+    assert wait_until(lambda: set(management.all_job_queue_names()) <= before, 10)

@@ -10,11 +10,13 @@ import time
 from typing import Any
 
 import click
+import redis
 
 from sdk import Job, JobClient, JobResult, ProgressUpdate, Settings, StatusUpdate
 from sdk.contract import parse_job_id
 from sdk.errors import UnknownJobError
 from sdk.registry import Registry, RegistryUnavailableError
+from sdk.workers import list_workflows
 from tasks.audit import Auditor, AuditReport
 from tasks.broker_api import BrokerAPI, ManagementError
 
@@ -25,10 +27,12 @@ def main() -> None:
 
 
 def _worker_running(settings: Settings) -> bool:
-    from tasks.app import app
-
-    replies = app.control.inspect(timeout=1.0).active_queues() or {}
-    return any(q.get("name") == settings.task_queue for queues in replies.values() for q in queues)
+    """A live worker on our task queue advertises demo.sleep in Redis (see sdk.workers)."""
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return any(w.name == "demo.sleep" for w in list_workflows(client, settings.task_queue))
+    except redis.RedisError as exc:
+        raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
 
 
 def _start_worker() -> subprocess.Popen[bytes]:
@@ -67,6 +71,7 @@ def demo(seconds: float, steps: int) -> None:
         while not _worker_running(settings):
             if time.monotonic() > deadline or worker.poll() is not None:
                 raise click.ClickException("the demo worker did not start; run celery -A tasks worker")
+            time.sleep(0.2)
     try:
         with JobClient(settings=settings) as client:
 

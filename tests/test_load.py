@@ -1,0 +1,84 @@
+"""Several callers, a few hundred jobs, callers killed and reconnected at random: nothing lost or doubled."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from sdk import JobClient
+from sdk.config import Settings
+from tests.support import ROOT, Management, wait_until
+
+CALLERS = 4
+JOBS_PER_CALLER = 60
+TTL = 20.0
+
+
+def spawn(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests", "load_client.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def events(log: Path) -> list[tuple[str, ...]]:
+    return [tuple(line.split()) for line in log.read_text().splitlines() if line]
+
+
+def test_callers_killed_and_reconnected_at_random(
+    settings: Settings, worker: Path, management: Management, tmp_path: Path
+) -> None:
+    rng = random.Random(20261128)
+    logs = [tmp_path / f"caller{i}.log" for i in range(CALLERS)]
+    callers = [spawn("submit", str(JOBS_PER_CALLER), str(TTL), str(log)) for log in logs]
+    time.sleep(rng.uniform(2.0, 4.0))
+    doomed = rng.sample(range(CALLERS), 2)
+    for i in doomed:
+        callers[i].kill()  # SIGKILL, mid-submission or mid-wait
+        callers[i].wait(10)
+    # One dead caller's jobs are picked up by a new process; the other's are abandoned to their TTL.
+    revived, abandoned = doomed
+    rescue_log = tmp_path / "rescue.log"
+    rescuer = spawn("reconnect", str(logs[revived]), str(rescue_log))
+    for i, proc in enumerate(callers):
+        if i not in doomed:
+            assert proc.wait(180) == 0, f"caller {i} failed"
+    assert rescuer.wait(180) == 0
+
+    all_jobs: set[str] = set()
+    for i, log in enumerate(logs):
+        lines = events(log)
+        submitted = [e[1] for e in lines if e[0] == "submitted"]
+        results = Counter(e[1] for e in lines if e[0] == "result")
+        all_jobs |= set(submitted)
+        if i not in doomed:
+            assert len(submitted) == JOBS_PER_CALLER
+            assert results == Counter(submitted), f"caller {i}: a result missing or delivered twice"
+            assert ("done",) in lines
+    rescued = Counter(e[1] for e in events(rescue_log) if e[0] == "result")
+    revived_lines = events(logs[revived])
+    pending = {e[1] for e in revived_lines if e[0] == "submitted"} - {
+        e[1] for e in revived_lines if e[0] == "result"
+    }
+    assert set(rescued) == pending and all(n == 1 for n in rescued.values())
+
+    # Every job that reached the broker has exactly one outcome in the registry.
+    with JobClient(settings=settings) as client:
+        assert wait_until(lambda: all(client.job_status(j).finished_at for j in all_jobs), 60)
+        statuses = Counter(client.job_status(j).status for j in all_jobs)
+    assert statuses == Counter({"SUCCEEDED": len(all_jobs)})
+    assert len(all_jobs) >= 2 * JOBS_PER_CALLER
+
+    # Nothing stays on the broker but the abandoned caller's queues, and those expire on their TTL.
+    abandoned_jobs = {e[1] for e in events(logs[abandoned]) if e[0] == "submitted"}
+    others = all_jobs - abandoned_jobs
+    assert all(not management.job_queues(uuid.UUID(j)) for j in others)
+    assert wait_until(lambda: all(not management.job_queues(uuid.UUID(j)) for j in abandoned_jobs), TTL + 30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 import uuid
@@ -9,9 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
-from sdk import Job, JobClient, JobResult, JobStatus
+from sdk import Job, JobClient, JobResult, JobStatus, RegistryUnavailableError
 from sdk.config import Settings
 from sdk.contract import QueueKind
 from tests.support import ClientProcess, Management, start_worker, stop_worker, wait_until
@@ -89,3 +91,56 @@ def test_broker_restart_loses_nothing(
         assert wait_until(lambda j=job: not management.job_queues(j.id), 15)  # type: ignore[misc]
     # The expiring job's queues survived the restart and still expire on their TTL.
     assert wait_until(lambda: not management.job_queues(expiring_job.id), 30)
+
+
+def _redis_up(settings: Settings) -> bool:
+    try:
+        return bool(redis.Redis.from_url(settings.redis_url, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def test_redis_stopped_and_started_while_jobs_run(
+    settings: Settings, client: JobClient, management: Management, caplog: pytest.LogCaptureFixture
+) -> None:
+    progress: list[float] = []
+    jobs = [
+        client.submit_job(
+            "demo.sleep", {"seconds": 4, "steps": 4}, on_progress=lambda j, p: progress.append(p.progress)
+        )
+        for _ in range(3)
+    ]
+    assert wait_until(lambda: len(progress) >= 1, 15)
+    subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", "6379", "shutdown", "nosave"], timeout=30)
+    try:
+        assert wait_until(lambda: not _redis_up(settings), 10), "Redis did not stop"
+        with caplog.at_level(logging.WARNING, "ebb.registry"):
+            results = [client.wait(job, timeout=30) for job in jobs]  # finish while Redis is down
+        assert all(r.status is JobStatus.SUCCEEDED for r in results)
+        assert "event=registry_unavailable" in caplog.text
+        with pytest.raises(RegistryUnavailableError):
+            client.job_status(jobs[0])
+    finally:
+        subprocess.run(
+            [
+                "redis-server",
+                "--daemonize",
+                "yes",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "6379",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            check=True,
+            timeout=30,
+        )
+        assert wait_until(lambda: _redis_up(settings), 20), "Redis did not come back"
+    assert all(not management.job_queues(job.id) for job in jobs)
+    time.sleep(5.5)  # the registry retries 5 s after an outage
+    later = client.submit_job("demo.echo", {"n": 1})
+    assert client.wait(later, timeout=30).succeeded
+    assert client.job_status(later).result_delivered, "the registry did not recover"

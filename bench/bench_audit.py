@@ -72,6 +72,8 @@ COLUMNS = "name,consumers,messages,arguments,idle_since,durable"
 PAGE_SIZE = 500
 #: Management stats are emitted every 5 s; a queue touched during an audit shows it after that.
 STATS_INTERVAL_S = 5.0
+#: Seconds without a single queue gaining stats before the stragglers are nudged.
+STATS_STALL_S = 20.0
 TARGET_SECONDS = 4.0
 TARGET_RSS_MB = 100.0
 TARGET_QUEUES = 30_000
@@ -277,34 +279,66 @@ def register_jobs(client: redis.Redis, job_ids: list[uuid.UUID]) -> float:
     return time.perf_counter() - started
 
 
-def wait_for_stats(api: Management, vhost: str, n: int) -> float:
+def nudge(settings: Settings, names: list[str]) -> int:
+    """Passive-declare queues whose stats never came: the call wakes the queue, which then reports.
+
+    Only during setup, before anything is measured; returns how many answered.
+    """
+    answered = 0
+    with Connection(settings.broker_url, connect_timeout=10) as connection:
+        channel = connection.channel()
+        for name in names:
+            try:
+                channel.queue_declare(queue=name, passive=True)
+                answered += 1
+            except Exception as exc:  # a queue whose process is gone: the channel closes with it
+                say(f"  passive declare of {name} failed: {exc}")
+                channel = connection.channel()
+    return answered
+
+
+def wait_for_stats(api: Management, settings: Settings, n: int) -> dict[str, Any]:
     """Wait until all ``n`` queues have stats, and their ``idle_since`` has settled.
 
-    The audit calls a queue without stats "new". A new queue reports ``idle_since`` once more
-    when it first hibernates; only after that is the value a fixed point to compare against.
+    The audit calls a queue without stats "new". A few queues of a large batch may stay without
+    stats for minutes; after ``STATS_STALL_S`` without progress they are nudged (see ``nudge``).
+    A new queue reports ``idle_since`` once more when it first hibernates; only after that is the
+    value a fixed point to compare against.
     """
-    started = time.perf_counter()
-    deadline = time.monotonic() + max(180.0, n / 100)
+    started = time.monotonic()
+    deadline = started + max(180.0, n / 100)
     previous: dict[str, Any] | None = None
+    out: dict[str, Any] = {"nudged": 0, "nudged_answered": 0, "lacking_example": None}
+    best, progress_at = -1, started
     while True:
-        queues = queue_list(api, vhost, "name,consumers,idle_since")
+        queues = queue_list(api, settings.vhost, "name,consumers,idle_since")
         current = {str(q["name"]): q.get("idle_since") for q in queues if "consumers" in q}
         complete = len(queues) == n and len(current) == n and all(current.values())
         if complete and current == previous:
-            return time.perf_counter() - started
+            out["wait_s"] = time.monotonic() - started
+            return out
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"after {time.perf_counter() - started:.0f} s: {len(queues)} queues, {len(current)} with "
-                "stats, idle_since still moving"
+                f"after {time.monotonic() - started:.0f} s: {len(queues)} queues, {len(current)} with "
+                "stats, or idle_since still moving"
             )
+        if len(current) > best:
+            best, progress_at = len(current), time.monotonic()
+        lacking = [str(q["name"]) for q in queues if "consumers" not in q]
         if complete and previous is None:
             say(f"  all {n} queues have stats; checking that idle_since has settled")
         elif complete:
             moved = sum(1 for k, v in current.items() if previous is not None and previous.get(k) != v)
             say(f"  idle_since moved on {moved} queues since the last look; waiting for it to settle")
+        elif len(queues) == n and lacking and time.monotonic() - progress_at > STATS_STALL_S:
+            detail = api.get(f"queues/{quote(settings.vhost, safe='')}/{quote(lacking[0], safe='')}")
+            out["lacking_example"] = {k: v for k, v in detail.items() if not k.endswith("_details")}
+            say(f"  {len(lacking)} queues still without stats, e.g. {out['lacking_example']}; nudging them")
+            out["nudged"] += len(lacking)
+            out["nudged_answered"] += nudge(settings, lacking)
+            progress_at = time.monotonic()
         else:
-            lacking = next((str(q["name"]) for q in queues if "consumers" not in q), "-")
-            say(f"  {len(queues)}/{n} queues listed, {len(current)} with stats (not: {lacking}); waiting")
+            say(f"  {len(queues)}/{n} queues listed, {len(current)} with stats; waiting")
         previous = current if complete else None
         time.sleep(STATS_INTERVAL_S + 1 if complete else 2)
 
@@ -640,6 +674,12 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
         f"({n / meta['create_s']:.0f} queues/s)"
         f"; registry {meta['register_s']:.2f} s; all stats in after {meta['stats_wait_s']:.1f} s",
     ]
+    if meta.get("stats", {}).get("nudged"):
+        lines.append(
+            f"{'':<34}({meta['stats']['nudged']} queues got no stats for {STATS_STALL_S:.0f} s and were "
+            f"nudged with a passive declare before any measurement; "
+            f"{meta['stats']['nudged_answered']} answered)"
+        )
     if api_t is not None:
         lines += [
             f"{'API: one request (audit columns)':<34}{api_t.single_s:.2f} s median of "
@@ -690,8 +730,8 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
     broker = checks.get("broker")
     if broker is not None and broker["restarted"]:
         lines.append(
-            f"BROKER RESTARTED during the run (uptime {broker['uptime_start_s']} s -> "
-            f"{broker['uptime_end_s']} s; another test?): the figures above are not valid"
+            f"BROKER RESTARTED during the run (churn counters {broker['churn_start']} -> "
+            f"{broker['churn_end']}; another test?): the figures above are not valid"
         )
     cleaned = checks.get("cleanup")
     if cleaned is not None:
@@ -722,10 +762,16 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
     return "\n".join(lines)
 
 
-def broker_uptime_s(api: Management) -> float | None:
-    """Node uptime: if it went down during the run, a test restarted the broker under us."""
-    with contextlib.suppress(requests.RequestException, KeyError, ValueError, TypeError, IndexError):
-        return min(float(node["uptime"]) for node in api.get("nodes")) / 1000
+def broker_churn(api: Management) -> int | None:
+    """Connections and queue declares since the RabbitMQ app started (all vhosts).
+
+    A test that restarts the broker (``rabbitmqctl stop_app``/``start_app``) resets these
+    counters, while the Erlang VM's uptime goes on: if the sum went down, the broker restarted
+    under the run.
+    """
+    with contextlib.suppress(requests.RequestException, KeyError, ValueError, TypeError):
+        churn = api.get("overview")["churn_rates"]
+        return int(churn["connection_created"]) + int(churn["queue_declared"])
     return None
 
 
@@ -780,13 +826,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         say(f"creating vhost {vhost}")
         create_vhost(api, vhost, settings.management_user)
-        uptime_start = broker_uptime_s(api)
         say(f"declaring {n} job queues")
         meta["create_s"] = declare_queues(settings, specs)
+        churn_start = broker_churn(api)
         say(f"  {n} queues in {meta['create_s']:.2f} s; registering {len(registered)} jobs in Redis")
         meta["register_s"] = register_jobs(client, registered)
         say("waiting for the management stats of every queue")
-        meta["stats_wait_s"] = wait_for_stats(api, vhost, n)
+        stats = wait_for_stats(api, settings, n)
+        meta["stats_wait_s"] = stats.pop("wait_s")
+        meta["stats"] = stats
         say("timing the management API listing")
         api_t = time_api(api, vhost)
         before = snapshot(api, vhost)
@@ -823,11 +871,11 @@ def main(argv: list[str] | None = None) -> int:
                 problems.append("the guard did not refuse an AMQP connection")
             if args.profile:
                 checks["diagnostics"] = diagnose(settings, client, logs)
-        uptime_end = broker_uptime_s(api)
+        churn_end = broker_churn(api)
         checks["broker"] = {
-            "uptime_start_s": uptime_start,
-            "uptime_end_s": uptime_end,
-            "restarted": uptime_start is None or uptime_end is None or uptime_end < uptime_start,
+            "churn_start": churn_start,
+            "churn_end": churn_end,
+            "restarted": churn_start is None or churn_end is None or churn_end < churn_start,
         }
         say("sensor check: passive-declaring one queue must move its idle_since")
         sensor_s = sensor_check(api, settings, contract.queue_name(*specs[0]))

@@ -1,4 +1,4 @@
-"""The ``ebb`` command line for callers and operators."""
+"""Operator commands: the one-command demo and the orphaned-queue audit."""
 
 from __future__ import annotations
 
@@ -13,17 +13,10 @@ import click
 import redis
 
 from sdk import Job, JobClient, JobResult, ProgressUpdate, Settings, StatusUpdate
-from sdk.contract import parse_job_id
-from sdk.errors import UnknownJobError
-from sdk.registry import Registry, RegistryUnavailableError
 from sdk.workers import list_workflows
 from tasks.audit import Auditor, AuditReport
-from tasks.broker_api import BrokerAPI, ManagementError
-
-
-@click.group()
-def main() -> None:
-    """Ebb: Celery jobs whose per-job RabbitMQ queues clean themselves up."""
+from tasks.broker_api import BrokerAPI
+from tasks.cli.base import handles_errors, main
 
 
 def _worker_running(settings: Settings) -> bool:
@@ -58,6 +51,7 @@ def _start_worker() -> subprocess.Popen[bytes]:
 
 
 @main.command()
+@handles_errors
 @click.option("--seconds", default=2.0, show_default=True, help="How long the demo job sleeps.")
 @click.option("--steps", default=4, show_default=True, help="How many progress reports it sends.")
 def demo(seconds: float, steps: int) -> None:
@@ -115,13 +109,11 @@ def demo(seconds: float, steps: int) -> None:
     is_flag=True,
     help="Also delete jobs.* queues without x-expires that have no consumer.",
 )
+@handles_errors
 def audit(as_json: bool, delete_unexpiring: bool) -> None:
     """Run the orphaned-queue audit now and print its report (reads the management API only)."""
     settings = Settings.from_env()
-    try:
-        report = Auditor(settings).run(delete_unexpiring=delete_unexpiring or None)
-    except ManagementError as exc:
-        raise click.ClickException(str(exc)) from exc
+    report = Auditor(settings).run(delete_unexpiring=delete_unexpiring or None)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -146,30 +138,3 @@ def _print_audit(report: AuditReport) -> None:
         click.echo(f"deleted (no x-expires, unused): {name}")
     counts = ", ".join(f"{k}={v}" for k, v in report.counts().items())
     click.echo(f"{len(report.findings)} job queues in {report.duration_s:.2f}s: {counts}")
-
-
-@main.command()
-@click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
-def status(job_id: str, as_json: bool) -> None:
-    """What the job registry knows of JOB_ID (never touches the job's queues)."""
-    settings = Settings.from_env()
-    try:
-        parsed = parse_job_id(job_id)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    try:
-        record = Registry(settings.redis_url, settings.registry_grace).get(parsed)
-    except RegistryUnavailableError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if record is None:
-        raise click.ClickException(str(UnknownJobError(parsed)))
-    if as_json:
-        data = {k: (str(v) if k in ("job_id", "ttl") else v) for k, v in record.__dict__.items()}
-        click.echo(json.dumps(data, indent=2))
-    else:
-        click.echo(record.story())
-
-
-if __name__ == "__main__":
-    main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,11 +32,18 @@ registry = Registry(settings.redis_url, settings.registry_grace)
 class JobReporter:
     """Numbers and publishes one job's status, progress and result messages."""
 
-    def __init__(self, request: TaskRequest, publisher: ReplyPublisher, attempt: int) -> None:
+    #: Flower hears of progress at most this often per job (as a custom PROGRESS task state).
+    FLOWER_PROGRESS_EVERY = 1.0
+
+    def __init__(
+        self, request: TaskRequest, publisher: ReplyPublisher, attempt: int, task: Task | None = None
+    ) -> None:
         self.request = request
         self.publisher = publisher
         self.attempt = attempt
+        self.task = task
         self.last_seq: dict[str, int] = {}
+        self._flower_sent_at = 0.0
 
     def _send(self, kind: QueueKind, build: Any) -> None:
         if kind not in self.request.queues:
@@ -62,12 +70,33 @@ class JobReporter:
                 self.request.job_id, float(fraction), str(message), seq, contract.now(), self.attempt
             ),
         )
+        self._tell_flower(float(fraction), str(message))
+
+    def _tell_flower(self, fraction: float, message: str) -> None:
+        """A ``task-progress`` event: Flower shows the task in state PROGRESS with these fields."""
+        now = time.monotonic()
+        if self.task is None or (now - self._flower_sent_at < self.FLOWER_PROGRESS_EVERY and fraction < 1.0):
+            return
+        self._flower_sent_at = now
+        try:
+            self.task.send_event("task-progress", progress=round(fraction, 4), message=message[:200])
+        except Exception as exc:  # monitoring must never break a job
+            log_event(
+                logger, logging.DEBUG, "progress_event_failed", job_id=self.request.job_id, error=repr(exc)
+            )
 
     def finish(self, status: JobStatus, output: Any = None, error: JobError | None = None) -> str:
-        """The final status, then the one result; returns the status for Celery's own records."""
+        """The final status, then the one result; then tell Celery (and so Flower) how it ended.
+
+        SUCCEEDED returns (Celery SUCCESS); ERROR, TIMEOUT and CANCELLED raise :class:`JobEnded`
+        (Celery FAILURE, its message naming the status, logged without a traceback).
+        """
         self.status(status)
         self.result(status, output, error)
-        return status.value
+        if status is JobStatus.SUCCEEDED:
+            return status.value
+        detail = f"{error.type}: {error.message}" if error else "no details"
+        raise JobEnded(f"job {self.request.job_id} ended {status.value}: {detail}")
 
     def result(self, status: JobStatus, output: Any = None, error: JobError | None = None) -> None:
         result = contract.JobResult(
@@ -146,7 +175,11 @@ def _begin(request: TaskRequest, redelivered: bool) -> tuple[int, JobRecord | No
     return attempt, record
 
 
-@app.task(name=contract.TASK_NAME, bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
+class JobEnded(Exception):
+    """How Celery hears that a job ended ERROR, TIMEOUT or CANCELLED (after its result was published)."""
+
+
+@app.task(name=contract.TASK_NAME, bind=True, ignore_result=True, throws=(JobEnded,))  # type: ignore[untyped-decorator]
 def run_job(self: Task, request: dict[str, Any]) -> str:
     """Run the requested workflow; every outcome, failure included, goes to the result queue."""
     try:
@@ -159,7 +192,7 @@ def run_job(self: Task, request: dict[str, Any]) -> str:
     if begun is None:
         return "SKIPPED"
     attempt, record = begun
-    reporter = JobReporter(parsed, ReplyPublisher.for_process(settings), attempt)
+    reporter = JobReporter(parsed, ReplyPublisher.for_process(settings), attempt, self)
     if attempt > settings.max_attempts:
         why = (
             f"the job was started {attempt} times and its worker died each time before it ended "

@@ -1,0 +1,152 @@
+"""Flower, for real: authenticated, fed by the workers' events, checked via its API and in a browser."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from sdk import JobClient, JobStatus
+from sdk.config import Settings
+from tests.support import ROOT, wait_until
+
+ARTIFACTS = Path(os.environ.get("EBB_TEST_ARTIFACTS", os.path.join(ROOT, "artifacts")))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def flower(worker: Path, tmp_path: Path) -> Iterator[tuple[str, tuple[str, str]]]:
+    """``celery -A tasks flower`` on a free local port, behind basic auth taken from the environment."""
+    user, password = "ops", secrets.token_urlsafe(12)
+    port = _free_port()
+    log = (tmp_path / "flower.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"],
+        cwd=ROOT,
+        env={**os.environ, "FLOWER_BASIC_AUTH": f"{user}:{password}"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return requests.get(f"{url}/healthcheck", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    try:
+        assert wait_until(up, 30), (tmp_path / "flower.log").read_text()
+        yield url, (user, password)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _tasks(url: str, auth: tuple[str, str]) -> dict[str, Any]:
+    data = requests.get(f"{url}/api/tasks", auth=auth, timeout=10).json()
+    assert isinstance(data, dict)
+    return data
+
+
+def test_flower_shows_jobs_with_their_states(
+    settings: Settings, client: JobClient, flower: tuple[str, tuple[str, str]]
+) -> None:
+    url, auth = flower
+    assert requests.get(f"{url}/api/tasks", timeout=10).status_code == 401, "Flower must require auth"
+    assert requests.get(f"{url}/api/workers", auth=auth, timeout=10).ok
+
+    ok = client.submit_job("demo.echo", {"blob": "x" * 100_000})  # large input: never in Flower
+    failed = client.submit_job("demo.fail", {"message": "shown in Flower"})
+    running = client.submit_job("demo.sleep", {"seconds": 20, "steps": 20}, on_progress=lambda j, p: None)
+    assert client.wait(ok, timeout=30).succeeded
+    assert client.wait(failed, timeout=30).status is JobStatus.ERROR
+
+    def states() -> dict[str, str]:
+        return {k: v["state"] for k, v in _tasks(url, auth).items()}
+
+    assert wait_until(lambda: states().get(str(running.id)) == "PROGRESS", 20), states()
+    assert wait_until(
+        lambda: states().get(str(ok.id)) == "SUCCESS" and states().get(str(failed.id)) == "FAILURE", 20
+    ), states()
+    tasks = _tasks(url, auth)
+    assert tasks[str(ok.id)]["name"] == "ebb.run_job"
+    assert tasks[str(ok.id)]["args"] == repr(("demo.echo", str(ok.id)))
+    assert "xxxx" not in str(tasks[str(ok.id)])
+    assert "ended ERROR" in tasks[str(failed.id)]["exception"]
+    client.cancel_job(running)
+    assert client.wait(running, timeout=15).status is JobStatus.CANCELLED
+    assert wait_until(
+        lambda: "ended CANCELLED" in str(_tasks(url, auth)[str(running.id)].get("exception")), 15
+    )
+
+    # The audit runs as a Celery task too, so Flower lists its runs.
+    from tasks.app import app
+
+    audit_id = str(uuid.uuid4())
+    app.send_task("ebb.audit_queues", task_id=audit_id, queue=settings.task_queue)
+    assert wait_until(lambda: states().get(audit_id) == "SUCCESS", 30)
+    assert _tasks(url, auth)[audit_id]["name"] == "ebb.audit_queues"
+
+    _check_tasks_page_in_chromium(url, auth, [str(ok.id), str(failed.id), str(running.id)])
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "Debian's chromium package is needed for this test (.ci/run installs it)"
+    return found
+
+
+def _check_tasks_page_in_chromium(url: str, auth: tuple[str, str], job_ids: list[str]) -> None:
+    page = url.replace("http://", f"http://{auth[0]}:{auth[1]}@") + "/tasks"
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--virtual-time-budget=10000",
+    ]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run(
+            [_chromium(), *flags, f"--user-data-dir={profile}", "--dump-dom", page],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        ).stdout
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [
+                _chromium(),
+                *flags,
+                f"--user-data-dir={profile}",
+                "--window-size=1600,1000",
+                f"--screenshot={ARTIFACTS / 'flower-tasks.png'}",
+                page,
+            ],
+            capture_output=True,
+            timeout=90,
+        )
+    assert "Tasks" in dom
+    missing = [job_id for job_id in job_ids if job_id not in dom]
+    assert not missing, f"job ids not on Flower's tasks page: {missing}"
+    assert (ARTIFACTS / "flower-tasks.png").stat().st_size > 10_000

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -65,6 +66,10 @@ KINDS = sorted(QueueKind)
 QUEUE_TTL = timedelta(hours=1)
 #: Registry keys of the bench expire by themselves soon after, should cleanup never run.
 REGISTRY_EXPIRE_S = int(QUEUE_TTL.total_seconds()) + 3600
+#: Idle queues outside the audit's ``jobs.`` prefix, declared alike: the audit never looks at
+#: them, so if ``idle_since`` moves on them too, the broker moved it, not the audit.
+CONTROL_QUEUES = 30
+CONTROL_PREFIX = "bench.control."
 #: One synchronous declare after this many ``nowait`` ones, so the broker keeps up.
 BARRIER_EVERY = 1000
 #: What the audit asks the management API for (``tasks.broker_api.JOB_QUEUE_COLUMNS``).
@@ -172,9 +177,12 @@ out["counts"] = report.counts()
 if mode == "cprofile":
     import io, pstats
 
-    for key in ("tottime", "cumulative"):
+    for key, sort, restrictions in (
+        ("tottime", "tottime", (22,)),
+        ("project", "cumulative", (r"/(tasks|sdk)/", 25)),
+    ):
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(18)
+        pstats.Stats(profiler, stream=text).sort_stats(sort).print_stats(*restrictions)
         out["profile_" + key] = text.getvalue()
 elif mode == "tracemalloc":
     out["traced_peak_mb"] = max(p["peak_mb"] for p in phases) if phases else None
@@ -252,6 +260,10 @@ def declare_queues(settings: Settings, specs: list[tuple[uuid.UUID, QueueKind]])
             contract.job_queue(job_id, kind, QUEUE_TTL).queue_declare(nowait=not barrier, channel=channel)
             if barrier and i % (BARRIER_EVERY * 5) == 0:
                 say(f"  {i} queues declared")
+        for i in range(CONTROL_QUEUES):
+            control = contract.job_queue(uuid.UUID(int=i), QueueKind.RESULT, QUEUE_TTL)
+            control.name = f"{CONTROL_PREFIX}{i:03d}"
+            control.queue_declare(nowait=i < CONTROL_QUEUES - 1, channel=channel)
     return time.perf_counter() - started
 
 
@@ -428,8 +440,12 @@ def snapshot(api: Management, vhost: str) -> Snapshot:
     )
 
 
-def compare(before: Snapshot, after: Snapshot, n: int) -> list[str]:
-    """Every difference an audit that consumed, declared or got from a queue would leave."""
+def compare(before: Snapshot, after: Snapshot, n: int) -> tuple[list[str], dict[str, int]]:
+    """Every difference an audit that consumed, declared or got from a queue would leave.
+
+    ``idle_since`` also moves when RabbitMQ wakes every queue for its own reasons (after a memory
+    monitor update, say): only job queues moving while the control queues stay put is a touch.
+    """
     problems: list[str] = []
     if len(before.queues) != n or set(before.queues) != set(after.queues):
         problems.append(
@@ -442,13 +458,17 @@ def compare(before: Snapshot, after: Snapshot, n: int) -> list[str]:
     if messages or before.vhost_messages != after.vhost_messages:
         problems.append(f"messages: {before.vhost_messages} before, {after.vhost_messages} after")
     reset = [name for name, v in before.queues.items() if after.queues.get(name, v)[2] != v[2]]
-    if reset:
-        problems.append(f"idle_since moved on {len(reset)} queues (declared or read?), e.g. {reset[0]}")
+    moved = {
+        "jobs": sum(1 for name in reset if name.startswith(contract.QUEUE_PREFIX)),
+        "control": sum(1 for name in reset if name.startswith(CONTROL_PREFIX)),
+    }
+    if moved["jobs"] and not moved["control"]:
+        problems.append(f"idle_since moved on {moved['jobs']} job queues and no control queue: touched")
     if before.message_stats != after.message_stats:
         problems.append(f"vhost message stats changed: {before.message_stats} -> {after.message_stats}")
     if after.consumers or after.connections:
         problems.append(f"{after.consumers} consumers, {after.connections} connections on the vhost")
-    return problems
+    return problems, moved
 
 
 @contextlib.contextmanager
@@ -468,7 +488,8 @@ def amqp_refused(api: Management, settings: Settings) -> Iterator[bool]:
             refused = "limit" in str(exc) or type(exc).__name__ == "NotAllowed"
         yield refused
     finally:
-        api.delete(path)
+        with contextlib.suppress(requests.RequestException):  # deleting the vhost drops it anyway
+            api.delete(path)
 
 
 def sensor_check(api: Management, settings: Settings, queue: str) -> float | None:
@@ -581,7 +602,10 @@ def diagnose(settings: Settings, client: redis.Redis, logs: Path) -> dict[str, A
     for mode in ("cprofile", "tracemalloc"):
         client.delete(orphans_key)  # suspects stay: with confirm_after 0 all are confirmed again
         say(f"diagnostic run: {mode} (worst case again; figures are not the measured ones)")
-        out[mode] = run_child(settings, logs / f"diag-{mode}.log", 0.0, mode)
+        try:
+            out[mode] = run_child(settings, logs / f"diag-{mode}.log", 0.0, mode)
+        except Exception as exc:
+            out[mode] = {"error": repr(exc)[:2000]}
     return out
 
 
@@ -612,7 +636,7 @@ def delete_vhost(api: Management, vhost: str) -> dict[str, Any]:
             status = repr(exc)
         if status in (204, 404) or time.monotonic() - started > CLEANUP_WAIT_S:
             break
-        say(f"  deleting vhost {vhost}: {status}; retrying (up to {CLEANUP_WAIT_S:.0f} s in all)")
+        say(f"  deleting vhost {vhost}: {str(status)[:90]}; retrying (up to {CLEANUP_WAIT_S:.0f} s in all)")
         time.sleep(5)
     gone: bool | str = "unknown"
     while time.monotonic() - started < CLEANUP_WAIT_S + 60:
@@ -713,19 +737,23 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
     untouched = checks.get("untouched")
     if untouched is not None:
         verdict = "PASS" if untouched["ok"] else "FAIL"
+        moved = untouched["idle_since_moved"]
         lines += [
             "",
             f"no queue touched: {verdict}: AMQP to the vhost refused during the audits "
             f"(guard probe refused: {untouched['guard_effective']}); "
-            f"{untouched['queues_before']} queues before, {untouched['queues_after']} after; consumers, "
-            f"messages, idle_since of every queue and vhost message stats unchanged"
+            f"{untouched['queues_before']} queues before, {untouched['queues_after']} after "
+            f"(incl. {CONTROL_QUEUES} control queues); no consumer, no message, vhost message stats unchanged"
             + ("" if untouched["ok"] else f"; problems: {untouched['problems']}"),
-            "  sensor check: a passive declare moved idle_since after "
+            f"  idle_since moved on {moved['jobs']} job queues and {moved['control']}/{CONTROL_QUEUES} "
+            "control queues"
             + (
-                f"{untouched['sensor_s']:.1f} s"
-                if untouched["sensor_s"] is not None
-                else "NEVER (the idle_since check is blind)"
-            ),
+                " (the broker woke them all: inconclusive, the guard decides)"
+                if moved["control"]
+                else ("" if moved["jobs"] else " (none touched)")
+            )
+            + "; sensor check: a passive declare moved a queue's idle_since after "
+            + (f"{untouched['sensor_s']:.1f} s" if untouched["sensor_s"] is not None else "NEVER (blind)"),
         ]
     broker = checks.get("broker")
     if broker is not None and broker["restarted"]:
@@ -744,21 +772,32 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
     if diag:
         lines += ["", "diagnostics (worst case re-run; profiler overhead included):"]
         prof = diag["cprofile"]
-        lines += [
-            f"cProfile: run() {prof['wall_s']:.2f} s",
-            prof["profile_tottime"],
-            prof["profile_cumulative"],
-        ]
+        if "error" in prof:
+            lines.append(f"cProfile run failed: {prof['error']}")
+        else:
+            lines += [
+                f"cProfile: run() {prof['wall_s']:.2f} s; by own time, then project code by cumulative time",
+                prof["profile_tottime"],
+                prof["profile_project"],
+            ]
         mem = diag["tracemalloc"]
-        lines.append(f"tracemalloc: traced peak {mem.get('traced_peak_mb') or 0:.1f} MB; per phase (MB):")
-        for p in mem.get("phases", []):
+        if "error" in mem:
+            lines.append(f"tracemalloc run failed: {mem['error']}")
+        else:
             lines.append(
-                f"  {p['phase']:<12} {p['s']:.2f} s  before {p['before_mb']:.1f}  peak {p['peak_mb']:.1f}  "
-                f"after {p['after_mb']:.1f}"
+                f"tracemalloc: run() {mem['wall_s']:.2f} s, "
+                f"traced peak {mem.get('traced_peak_mb') or 0:.1f} MB; per phase (MB traced):"
             )
-        lines.append("  live at _reconcile entry, top allocation sites:")
-        for s in mem.get("live_at_reconcile", []):
-            lines.append(f"    {s['mb']:7.1f} MB {s['blocks']:>8} blocks  {s['where']}")
+            for p in mem.get("phases", []):
+                lines.append(
+                    f"  {p['phase']:<12} {p['s']:5.2f} s  before {p['before_mb']:6.1f}  "
+                    f"peak {p['peak_mb']:6.1f}  after {p['after_mb']:6.1f}"
+                )
+            lines.append("  live at _reconcile entry, top allocation sites:")
+            for s in mem.get("live_at_reconcile", []):
+                lines.append(f"    {s['mb']:7.1f} MB {s['blocks']:>8} blocks  {s['where']}")
+    if "error" in checks:
+        lines += ["", f"RUN FAILED: {checks['error']}"]
     return "\n".join(lines)
 
 
@@ -832,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  {n} queues in {meta['create_s']:.2f} s; registering {len(registered)} jobs in Redis")
         meta["register_s"] = register_jobs(client, registered)
         say("waiting for the management stats of every queue")
-        stats = wait_for_stats(api, settings, n)
+        stats = wait_for_stats(api, settings, n + CONTROL_QUEUES)
         meta["stats_wait_s"] = stats.pop("wait_s")
         meta["stats"] = stats
         say("timing the management API listing")
@@ -866,11 +905,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             time.sleep(STATS_INTERVAL_S + 2)  # a touch during the last run shows in the next stats
             after = snapshot(api, vhost)
-            problems = compare(before, after, n)
+            problems, moved = compare(before, after, n + CONTROL_QUEUES)
             if not guard:
                 problems.append("the guard did not refuse an AMQP connection")
-            if args.profile:
-                checks["diagnostics"] = diagnose(settings, client, logs)
         churn_end = broker_churn(api)
         checks["broker"] = {
             "churn_start": churn_start,
@@ -886,10 +923,16 @@ def main(argv: list[str] | None = None) -> int:
             "queues_before": len(before.queues),
             "queues_after": len(after.queues),
             "sensor_s": sensor_s,
+            "idle_since_moved": moved,
         }
+        if args.profile:
+            checks["diagnostics"] = diagnose(settings, client, logs)
     except KeyboardInterrupt:
         say("interrupted; cleaning up")
         return 130
+    except Exception as exc:  # report what was measured before it; cleanup runs regardless
+        say(f"failed: {''.join(traceback.format_exception(exc))[-4000:]}")
+        checks["error"] = repr(exc)[:1000]
     finally:
         checks["cleanup"] = cleanup(api, client, vhost, job_ids)
         for path in logs.iterdir():
@@ -900,9 +943,11 @@ def main(argv: list[str] | None = None) -> int:
     report = table(meta, api_t, runs, checks)
     cleaned = checks["cleanup"]
     ok = (
-        all(run.time_ok and run.rss_ok and not run.mismatches for run in runs)
-        and checks["untouched"]["ok"]
-        and not checks["broker"]["restarted"]
+        "error" not in checks
+        and len(runs) == 3
+        and all(run.time_ok and run.rss_ok and not run.mismatches for run in runs)
+        and checks.get("untouched", {}).get("ok") is True
+        and checks.get("broker", {}).get("restarted") is False
         and cleaned.get("vhost_gone") is True
         and cleaned.get("redis_keys_left") == 0
     )

@@ -313,12 +313,36 @@ class JobClient:
         if not self.settings.check_workflows or workflow in self._known_workflows:
             return
         try:
-            known = [w.name for w in self.list_workflows()]
+            found = self.list_workflows()
         except RegistryUnavailableError as exc:
             log_event(logger, logging.WARNING, "workflow_check_skipped", workflow=workflow, error=exc)
             return
-        if workflow not in known:
-            raise UnknownWorkflowError(workflow, known, self.settings.task_queue)
+        known = [w.name for w in found]
+        if workflow in known:
+            return
+        if not found and self._task_queue_consumers() > 0:
+            # Workers are there but none has advertised (Redis restarted and lost the keys; they
+            # re-advertise within ADVERTISE_EVERY): let the worker judge the workflow.
+            log_event(
+                logger, logging.WARNING, "workflow_check_skipped", workflow=workflow, reason="no adverts"
+            )
+            return
+        raise UnknownWorkflowError(workflow, known, self.settings.task_queue)
+
+    def _task_queue_consumers(self) -> int:
+        """Workers reading the task queue, asked with a passive declare (the workers' queue, no TTL)."""
+
+        def probe() -> int:
+            if self._probe_channel is None:
+                self._probe_channel = self._loop_connection().channel()
+            try:
+                ok = self._probe_channel.queue_declare(self.settings.task_queue, passive=True)
+            except NotFound:
+                self._probe_channel = None
+                return 0
+            return int(ok.consumer_count)
+
+        return self._loop.call(probe)
 
     def cancel_job(self, job: Job | uuid.UUID | str) -> None:
         """Ask for the job to stop: a queued job never starts, a running one is interrupted.

@@ -1,6 +1,6 @@
 """Which workflows the running workers can run, as they advertise it in Redis.
 
-Each worker keeps ``ebb:workers:<hostname>`` alive (60 s expiry, refreshed every 20 s) with the
+Each worker keeps ``ebb:workers:<hostname>`` alive (30 s expiry, refreshed every 10 s) with the
 task queue it reads and its workflows, so a caller can list them and refuse at once a workflow
 nobody runs, before any queue is declared.
 """
@@ -15,8 +15,8 @@ from typing import Any
 import redis
 
 WORKERS_KEY_PREFIX = "ebb:workers:"
-ADVERTISE_EVERY = 20.0
-ADVERTISE_EXPIRY = 60
+ADVERTISE_EVERY = 10.0
+ADVERTISE_EXPIRY = 30
 
 
 @dataclass(frozen=True)

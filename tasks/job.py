@@ -108,18 +108,19 @@ class JobReporter:
             at=contract.now(),
             attempt=self.attempt,
         )
+        # The registry first: whoever receives the result can already read how the job ended.
+        registry.write(
+            self.request.job_id, self.request.ttl, {"status": status.value, "finished_at": result.at}
+        )
         delivered = self.publisher.publish(
             contract.queue_name(self.request.job_id, QueueKind.RESULT), result.to_dict()
         )
-        registry.write(
-            self.request.job_id,
-            self.request.ttl,
-            {
-                "status": status.value,
-                "finished_at": result.at,
-                "lost": None if delivered else "result dropped: its queue had expired before the job ended",
-            },
-        )
+        if not delivered:
+            registry.write(
+                self.request.job_id,
+                self.request.ttl,
+                {"lost": "result dropped: its queue had expired before the job ended"},
+            )
         log_event(
             logger,
             logging.INFO,

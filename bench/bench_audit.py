@@ -693,7 +693,8 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
         f"load {meta['load_avg_1min']['before']:.2f} -> {meta['load_avg_1min']['after']:.2f}",
         "",
         f"{'queues':<34}{n} ({meta['jobs']} jobs x up to 3 kinds, idle, x-expires "
-        f"{QUEUE_TTL.total_seconds():.0f} s); {meta['registered']} jobs in the registry",
+        f"{QUEUE_TTL.total_seconds():.0f} s) + {CONTROL_QUEUES} control queues; "
+        f"{meta['registered']} jobs in the registry",
         f"{'create queues (nowait declares)':<34}{meta['create_s']:.2f} s "
         f"({n / meta['create_s']:.0f} queues/s)"
         f"; registry {meta['register_s']:.2f} s; all stats in after {meta['stats_wait_s']:.1f} s",
@@ -903,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
                     settings, logs, "steady", None, {"orphaned": n, "new_orphans": 0, "orphan_found_lines": 0}
                 )
             )
-            time.sleep(STATS_INTERVAL_S + 2)  # a touch during the last run shows in the next stats
+            time.sleep(2 * STATS_INTERVAL_S + 1)  # a touch during the last run shows in the stats by then
             after = snapshot(api, vhost)
             problems, moved = compare(before, after, n + CONTROL_QUEUES)
             if not guard:

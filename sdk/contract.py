@@ -159,14 +159,9 @@ class StatusUpdate:
     @classmethod
     def from_dict(cls, raw: object) -> StatusUpdate:
         data = _check_header(raw, "status")
-        status = _require(data, "status", str, "status message")
-        try:
-            parsed = JobStatus(status)
-        except ValueError:
-            raise MalformedMessageError(f"unknown job status {status!r}") from None
         return cls(
             job_id=_job_id_field(data, "status message"),
-            status=parsed,
+            status=_status_field(data, "status message"),
             seq=_require(data, "seq", int, "status message"),
             at=float(_require(data, "at", (int, float), "status message")),
             attempt=_attempt(data, "status message"),
@@ -275,13 +270,9 @@ class JobResult:
     @classmethod
     def from_dict(cls, raw: object) -> JobResult:
         data = _check_header(raw, "result")
-        status = _require(data, "status", str, "result message")
-        try:
-            parsed = JobStatus(status)
-        except ValueError:
-            raise MalformedMessageError(f"unknown result status {status!r}") from None
+        parsed = _status_field(data, "result message")
         if parsed not in TERMINAL_STATUSES:
-            raise MalformedMessageError(f"result status {status!r} is not a final status")
+            raise MalformedMessageError(f"result status {parsed.value!r} is not a final status")
         error_raw = data.get("error")
         error = None
         if error_raw is not None:
@@ -311,6 +302,14 @@ class JobResult:
             at=float(_require(data, "at", (int, float), "result message")),
             attempt=_attempt(data, "result message"),
         )
+
+
+def _status_field(data: dict[str, Any], what: str) -> JobStatus:
+    status = _require(data, "status", str, what)
+    try:
+        return JobStatus(status)
+    except ValueError:
+        raise MalformedMessageError(f"{what} has an unknown job status {status!r}") from None
 
 
 def _attempt(data: dict[str, Any], what: str) -> int:

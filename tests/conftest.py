@@ -19,7 +19,7 @@ os.environ.setdefault("EBB_TASK_QUEUE", f"ebb.test.{os.getpid()}")
 
 from sdk import JobClient
 from sdk.config import Settings
-from tests.support import Management, start_worker, stop_worker
+from tests.support import ClientProcess, Management, start_worker, stop_worker
 
 
 def _check_servers(settings: Settings) -> None:
@@ -77,3 +77,13 @@ def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def client(settings: Settings, worker: Path) -> Iterator[JobClient]:
     with JobClient(settings=settings) as job_client:
         yield job_client
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_callers() -> Iterator[None]:
+    """A failed test must not leave a caller process holding consumers on its queues."""
+    yield
+    while ClientProcess.alive:
+        caller = ClientProcess.alive.pop()
+        if caller.proc.poll() is None:
+            caller.kill()

@@ -70,6 +70,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 class ClientProcess:
     """A caller in its own process, so a test can kill it with SIGKILL like a crash would."""
 
+    alive: list[ClientProcess] = []  # killed after each test by conftest, whatever the outcome
+
     def __init__(self, workflow: str, params: dict[str, Any], ttl: float, callbacks: str = "all"):
         self.proc = subprocess.Popen(
             [
@@ -85,6 +87,7 @@ class ClientProcess:
             text=True,
             cwd=ROOT,
         )
+        ClientProcess.alive.append(self)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import requests
@@ -70,7 +70,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 class ClientProcess:
     """A caller in its own process, so a test can kill it with SIGKILL like a crash would."""
 
-    alive: list[ClientProcess] = []  # killed after each test by conftest, whatever the outcome
+    alive: ClassVar[list[ClientProcess]] = []  # killed after each test by conftest, whatever the outcome
 
     def __init__(self, workflow: str, params: dict[str, Any], ttl: float, callbacks: str = "all"):
         self.proc = subprocess.Popen(

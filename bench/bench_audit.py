@@ -10,11 +10,17 @@ fresh Python process so that its peak RSS is the audit's own:
   confirm-all  ``confirm_after = 0``: every queue becomes an orphan at once (one log line each)
   steady       orphans already reported, nothing new
 
-Targets, per run, for 30,000 queues: wall time of ``run()`` < 4 s and peak RSS < 100 MB. It also
-times the raw management API listing (one request, and a paginated walk for comparison) and checks
-that the audit touched no queue: AMQP connections to the vhost are refused while it runs, and every
-queue's consumers, messages and ``idle_since`` (which a passive declare or ``basic.get`` resets)
-must be the same afterwards.
+Targets, per run, for 30,000 queues: wall time of ``run()`` < 4 s and peak RSS < 100 MB. Each
+run is split into its steps (management API, registry lookups, reconcile). The bench also times
+the raw management API listing (one request, a paginated walk, and a stats-free listing) and
+checks that the audit touched no queue: the vhost refuses AMQP connections while the audits run
+(a probe proves it), and the queue set, consumers, messages and message stats must be unchanged
+afterwards. ``idle_since`` (a passive declare or ``basic.get`` resets it) is compared too, against
+a few control queues outside the ``jobs.`` prefix: RabbitMQ sometimes re-dates every queue itself.
+
+A full run takes about six minutes, mostly declaring and deleting 30,000 durable queues. Do not
+run it alongside ``tests/test_restart.py``: a broker restart recovers every one of them (slowing
+the restart to a minute) and voids the figures; the bench notices and says so.
 
 Run from anywhere::
 
@@ -58,6 +64,7 @@ from sdk import contract
 from sdk.config import Settings
 from sdk.contract import QueueKind
 from sdk.registry import job_key
+from tasks.broker_api import JOB_QUEUE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -72,8 +79,8 @@ CONTROL_QUEUES = 30
 CONTROL_PREFIX = "bench.control."
 #: One synchronous declare after this many ``nowait`` ones, so the broker keeps up.
 BARRIER_EVERY = 1000
-#: What the audit asks the management API for (``tasks.broker_api.JOB_QUEUE_COLUMNS``).
-COLUMNS = "name,consumers,messages,arguments,idle_since,durable"
+#: What the audit asks the management API for.
+COLUMNS = ",".join(JOB_QUEUE_COLUMNS)
 PAGE_SIZE = 500
 #: Management stats are emitted every 5 s; a queue touched during an audit shows it after that.
 STATS_INTERVAL_S = 5.0
@@ -124,40 +131,39 @@ if mode == "cprofile":
 
     profiler = cProfile.Profile()
 elif mode == "tracemalloc":
-    import functools, tracemalloc
+    import tracemalloc
 
-    def watch(obj, name):
-        original = getattr(obj, name)
 
-        @functools.wraps(original)
-        def wrapper(*args, **kwargs):
-            before = tracemalloc.get_traced_memory()[0]
-            tracemalloc.reset_peak()
-            started = time.perf_counter()
+def watch(obj, name):
+    # Times one step of run() (three calls per run: no measurable cost); traces memory on demand.
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        phase = {"phase": name}
+        if mode == "tracemalloc":
+            phase["before_mb"] = tracemalloc.get_traced_memory()[0] / 1e6
             if name == "_reconcile":
                 top = tracemalloc.take_snapshot().statistics("lineno")[:15]
                 out["live_at_reconcile"] = [
                     {"where": str(s.traceback), "mb": s.size / 1e6, "blocks": s.count} for s in top
                 ]
-                tracemalloc.reset_peak()
-            result = original(*args, **kwargs)
+            tracemalloc.reset_peak()
+        started = time.perf_counter()
+        result = original(*args, **kwargs)
+        phase["s"] = time.perf_counter() - started
+        if mode == "tracemalloc":
             current, peak = tracemalloc.get_traced_memory()
-            phases.append(
-                {
-                    "phase": name,
-                    "s": time.perf_counter() - started,
-                    "before_mb": before / 1e6,
-                    "peak_mb": peak / 1e6,
-                    "after_mb": current / 1e6,
-                }
-            )
-            return result
+            phase["peak_mb"], phase["after_mb"] = peak / 1e6, current / 1e6
+        phases.append(phase)
+        return result
 
-        setattr(obj, name, wrapper)
+    setattr(obj, name, wrapper)
 
-    watch(auditor.api, "job_queues")
-    watch(auditor.registry, "get_many")
-    watch(auditor, "_reconcile")
+
+watch(auditor.api, "job_queues")
+watch(auditor.registry, "get_many")
+watch(auditor, "_reconcile")
+if mode == "tracemalloc":
     tracemalloc.start()
 out["rss_before_kb"] = proc_kb("VmRSS")
 out["hwm_before_kb"] = proc_kb("VmHWM")
@@ -186,7 +192,7 @@ if mode == "cprofile":
         out["profile_" + key] = text.getvalue()
 elif mode == "tracemalloc":
     out["traced_peak_mb"] = max(p["peak_mb"] for p in phases) if phases else None
-    out["phases"] = phases
+out["phases"] = phases
 logging.shutdown()
 print(json.dumps(out))
 """
@@ -368,6 +374,11 @@ class ApiTiming:
     paginated_s: float
     pages: int
     paginated_listed: int
+    #: A possible cheaper source: the queue list without per-queue stats, plus the vhost's consumers.
+    no_stats_s: float
+    no_stats_listed: int
+    no_stats_sample: dict[str, Any]
+    consumers_s: float
 
 
 def time_api(api: Management, vhost: str, repeats: int = 3) -> ApiTiming:
@@ -400,6 +411,22 @@ def time_api(api: Management, vhost: str, repeats: int = 3) -> ApiTiming:
         walked += len(data["items"])
         page += 1
     paginated_s = time.perf_counter() - started
+
+    no_stats: list[float] = []
+    items: list[dict[str, Any]] = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        response = api.session.get(
+            url,
+            params={"disable_stats": "true", "enable_queue_totals": "true", "columns": COLUMNS},
+            timeout=120,
+        )
+        response.raise_for_status()
+        items = response.json()
+        no_stats.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    api.get(f"consumers/{quote(vhost, safe='')}")
+    consumers_s = time.perf_counter() - started
     return ApiTiming(
         single_s=statistics.median(runs),
         single_runs=runs,
@@ -409,6 +436,10 @@ def time_api(api: Management, vhost: str, repeats: int = 3) -> ApiTiming:
         paginated_s=paginated_s,
         pages=pages,
         paginated_listed=walked,
+        no_stats_s=statistics.median(no_stats),
+        no_stats_listed=len(items),
+        no_stats_sample=items[0] if items else {},
+        consumers_s=consumers_s,
     )
 
 
@@ -524,11 +555,25 @@ class AuditRun:
 
     @property
     def peak_mb(self) -> float:
-        return mb(max(self.result["vmhwm_kb"], self.result["maxrss_kb"]))
+        """VmHWM: the peak of this process image only.
+
+        ``ru_maxrss`` is reported too but not used: Linux carries the peak of the image an
+        ``execve`` replaced into it, and the child starts as a (v)fork of this bench, which holds
+        tens of MB of queue listings; so for a small audit it shows the bench, not the audit.
+        """
+        return mb(self.result["vmhwm_kb"])
+
+    @property
+    def maxrss_mb(self) -> float:
+        return mb(self.result["maxrss_kb"])
 
     @property
     def baseline_mb(self) -> float:
         return mb(self.result["rss_before_kb"])
+
+    def phase_s(self, name: str) -> float:
+        """Seconds ``run()`` spent in one step: the management API, the registry, the reconcile."""
+        return sum(float(p["s"]) for p in self.result.get("phases", []) if p["phase"] == name)
 
     @property
     def time_ok(self) -> bool:
@@ -543,10 +588,14 @@ class AuditRun:
             "label": self.label,
             "wall_s": round(self.wall_s, 3),
             "peak_rss_mb": round(self.peak_mb, 1),
+            "ru_maxrss_mb": round(self.maxrss_mb, 1),
             "rss_before_mb": round(self.baseline_mb, 1),
             "rss_increase_mb": round(self.peak_mb - self.baseline_mb, 1),
             "time_pass": self.time_ok,
             "rss_pass": self.rss_ok,
+            "api_s": round(self.phase_s("job_queues"), 3),
+            "registry_s": round(self.phase_s("get_many"), 3),
+            "reconcile_s": round(self.phase_s("_reconcile"), 3),
             "orphan_found_lines": self.orphan_lines,
             "expected": self.expected,
             "mismatches": self.mismatches,
@@ -712,17 +761,22 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
             f"{api_t.body_mb:.1f} MB, {api_t.listed} queues; json.loads {api_t.parse_s:.2f} s",
             f"{'API: paginated walk':<34}{api_t.paginated_s:.2f} s ({api_t.pages} pages of {PAGE_SIZE}, "
             f"name=^jobs\\. regex, {api_t.paginated_listed} queues)",
+            f"{'API: no stats, queue totals':<34}{api_t.no_stats_s:.2f} s median (disable_stats=true&"
+            f"enable_queue_totals=true, {api_t.no_stats_listed} queues, fields "
+            f"{','.join(sorted(api_t.no_stats_sample))}); "
+            f"GET /api/consumers/<vhost> {api_t.consumers_s:.2f} s",
         ]
     lines += [
         "",
-        f"{'audit run':<13}{'run() s':>9}{'rss before':>12}{'peak rss':>10}{'increase':>10}"
-        f"{'< 4 s':>7}{'< 100 MB':>10}  counts",
+        f"{'audit run':<13}{'run() s':>8}{'api':>7}{'redis':>7}{'recon':>7}{'rss before':>12}{'peak rss':>10}"
+        f"{'increase':>10}{'< 4 s':>7}{'< 100 MB':>10}  counts",
     ]
     for run in runs:
         c = run.result["counts"]
         counts = ", ".join(f"{k}={v}" for k, v in c.items() if v) + f", orphan_found lines={run.orphan_lines}"
         lines.append(
-            f"{run.label:<13}{run.wall_s:>9.2f}{run.baseline_mb:>9.1f} MB{run.peak_mb:>7.1f} MB"
+            f"{run.label:<13}{run.wall_s:>8.2f}{run.phase_s('job_queues'):>7.2f}{run.phase_s('get_many'):>7.2f}"
+            f"{run.phase_s('_reconcile'):>7.2f}{run.baseline_mb:>9.1f} MB{run.peak_mb:>7.1f} MB"
             f"{run.peak_mb - run.baseline_mb:>7.1f} MB{'PASS' if run.time_ok else 'FAIL':>7}"
             f"{'PASS' if run.rss_ok else 'FAIL':>10}  {counts}"
         )
@@ -730,8 +784,14 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
             lines.append(f"{'':<13}not the intended scenario: {'; '.join(run.mismatches)}")
     if runs:
         lines.append(
-            f"(peak rss = VmHWM of the audit process; rss before = VmRSS just before run(), i.e. the "
-            f"imports; child import time {runs[0].result['import_s']:.2f} s)"
+            f"(api = BrokerAPI.job_queues (request + JSON), redis = Registry.get_many, recon = "
+            f"_reconcile (Redis memory, orphan log lines); peak rss = VmHWM of the audit process; rss "
+            f"before = VmRSS just before run(), i.e. the imports ({runs[0].result['import_s']:.2f} s))"
+        )
+        lines.append(
+            "(ru_maxrss, MB: "
+            + ", ".join(f"{run.label} {run.maxrss_mb:.1f}" for run in runs)
+            + "; it also holds the bench's own pre-exec peak, hence VmHWM above)"
         )
     if n != TARGET_QUEUES:
         lines.append(f"(targets are set for {TARGET_QUEUES} queues; this run had {n})")
@@ -932,7 +992,8 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted; cleaning up")
         return 130
     except Exception as exc:  # report what was measured before it; cleanup runs regardless
-        say(f"failed: {''.join(traceback.format_exception(exc))[-4000:]}")
+        traceback.print_exc()
+        say(f"failed: {exc!r}")
         checks["error"] = repr(exc)[:1000]
     finally:
         checks["cleanup"] = cleanup(api, client, vhost, job_ids)

@@ -45,7 +45,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.connection import Connection
 from kombu.messaging import Producer
 
-from sdk import Job, JobClient, Settings, contract
+from sdk import Job, JobClient, Settings, UnknownWorkflowError, contract
 from sdk.contract import QueueKind
 
 T = TypeVar("T")
@@ -321,17 +321,24 @@ def ebb(
 
 
 def ebb_ready(client: JobClient, track: Tracker) -> Callable[[float], bool]:
-    """The readiness check for the Ebb worker: one ``demo.echo`` job must come back."""
-    with INTERRUPTS:
-        job = client.submit_job("demo.echo", {}, auto_cleanup_after_ttl=BENCH_TTL)
-        track.opened(job.id)
+    """The readiness check for the Ebb worker: it advertises its workflows, then one job comes back."""
+    submitted: list[Job] = []
 
     def check(timeout: float) -> bool:
+        if not submitted:
+            try:
+                with INTERRUPTS:
+                    job = client.submit_job("demo.echo", {}, auto_cleanup_after_ttl=BENCH_TTL)
+                    track.opened(job.id)
+            except UnknownWorkflowError:  # not advertised yet: the worker is still starting
+                time.sleep(min(timeout, 0.2))
+                return False
+            submitted.append(job)
         try:
-            client.wait(job, timeout=timeout)
+            client.wait(submitted[0], timeout=timeout)
         except TimeoutError:
             return False
-        track.closed(job.id)
+        track.closed(submitted[0].id)
         return True
 
     return check

@@ -209,17 +209,28 @@ class Registry:
             return None
         return JobRecord.from_hash(job_id, {str(k): str(v) for k, v in data.items()})
 
-    def get_many(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, JobRecord]:
+    def get_many(
+        self, job_ids: list[uuid.UUID], *, fields: tuple[str, ...] | None = None, batch: int = 1000
+    ) -> dict[uuid.UUID, JobRecord]:
+        """Records of many jobs, in pipelined batches; only ``fields`` when given (the rest unset)."""
+        found: dict[uuid.UUID, JobRecord] = {}
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            for job_id in job_ids:
-                pipe.hgetall(job_key(job_id))
-            rows = pipe.execute()
+            for start in range(0, len(job_ids), batch):
+                chunk = job_ids[start : start + batch]
+                pipe = self._redis.pipeline(transaction=False)
+                for job_id in chunk:
+                    if fields:
+                        pipe.hmget(job_key(job_id), list(fields))
+                    else:
+                        pipe.hgetall(job_key(job_id))
+                for job_id, row in zip(chunk, pipe.execute(), strict=True):
+                    data = dict(zip(fields, row, strict=True)) if fields else row
+                    data = {k: v for k, v in data.items() if v is not None}
+                    if data:
+                        found[job_id] = JobRecord.from_hash(job_id, data)
         except redis.RedisError as exc:
             raise RegistryUnavailableError(f"the job registry (Redis) cannot be reached: {exc}") from exc
-        return {
-            job_id: JobRecord.from_hash(job_id, row) for job_id, row in zip(job_ids, rows, strict=True) if row
-        }
+        return found
 
 
 def _encode(value: Any) -> str | float | int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import redis
 
 from sdk.config import Settings
-from sdk.contract import parse_queue_name
+from sdk.contract import QueueKind, parse_queue_name
 from sdk.logfmt import log_event
 from sdk.registry import JobRecord, Registry, RegistryUnavailableError
 from tasks.broker_api import BrokerAPI
@@ -35,6 +34,11 @@ UNEXPIRING_KEY = "ebb:audit:{vhost}:unexpiring"
 #: before it is called an orphan, so a stale ``consumers: 0`` never accuses a connected caller.
 CONFIRM_AFTER = 12.0
 
+#: The registry fields the audit needs (a whole record per job would cost 3x the time and memory).
+AUDIT_FIELDS = ("status", "result_delivered", "ttl", "workflow")
+#: Redis commands per pipeline round trip: bounded, so 30,000 queues never build one huge reply.
+BATCH = 1000
+
 IN_USE = "in_use"
 ORPHANED = "orphaned"
 NO_EXPIRY = "no_expiry"
@@ -42,7 +46,7 @@ SUSPECT = "suspect"
 NEW = "new"
 
 
-@dataclass
+@dataclass(slots=True)
 class QueueFinding:
     """One job queue as this audit saw it."""
 
@@ -126,16 +130,16 @@ class Auditor:
         started = time.monotonic()
         now = time.time()
         report = AuditReport(started_at=now)
-        queues = self.api.job_queues()
-        job_ids = _job_ids(q["name"] for q in queues)
+        queues = [(raw, parse_queue_name(str(raw["name"]))) for raw in self.api.job_queues()]
+        job_ids = {parsed[0] for _, parsed in queues if parsed}
         try:
-            records = self.registry.get_many(sorted(job_ids, key=str))
+            records = self.registry.get_many(list(job_ids), fields=AUDIT_FIELDS)
         except RegistryUnavailableError as exc:
             report.registry_available = False
             records = {}
             log_event(logger, logging.WARNING, "audit_degraded", error=exc, detail="no registry, no dedup")
-        for raw in queues:
-            report.findings.append(self._classify(raw, records, now))
+        report.findings = [self._classify(raw, parsed, records, now) for raw, parsed in queues]
+        del queues  # the raw listing is the biggest thing in memory: gone before reconciling
         if report.registry_available:
             try:
                 self._reconcile(report, records, now, delete)
@@ -158,9 +162,14 @@ class Auditor:
         )
         return report
 
-    def _classify(self, raw: dict[str, Any], records: dict[uuid.UUID, JobRecord], now: float) -> QueueFinding:
+    def _classify(
+        self,
+        raw: dict[str, Any],
+        parsed: tuple[uuid.UUID, QueueKind] | None,
+        records: dict[uuid.UUID, JobRecord],
+        now: float,
+    ) -> QueueFinding:
         name = str(raw["name"])
-        parsed = parse_queue_name(name)
         job_id = parsed[0] if parsed else None
         record = records.get(job_id) if job_id else None
         arguments = raw.get("arguments") if isinstance(raw.get("arguments"), dict) else {}
@@ -205,6 +214,11 @@ class Auditor:
         for finding in report.findings:
             if finding.state == SUSPECT:
                 first_seen = suspects.get(finding.queue)
+                if first_seen is not None and finding.idle_s is None and finding.expires_s is not None:
+                    # Unused since at least the first audit that saw it so: RabbitMQ removes it
+                    # one TTL after it was last used, so no later than first_seen + TTL.
+                    finding.idle_s = round(now - float(first_seen), 1)
+                    finding.removal_estimate = float(first_seen) + finding.expires_s
                 if finding.queue in orphans:
                     finding.state = ORPHANED
                 elif first_seen is None:
@@ -214,8 +228,10 @@ class Auditor:
                     to_confirm.append(finding)
             elif finding.state == IN_USE and finding.registered and finding.job_id and finding.expires_s:
                 in_use_jobs[uuid.UUID(finding.job_id)] = finding.expires_s
-        for finding in newly_suspect:
+        for i, finding in enumerate(newly_suspect, start=1):
             pipe.hsetnx(self.suspects_key, finding.queue, now)
+            if i % BATCH == 0:
+                pipe.execute()
         in_use = set(_names(report, (IN_USE,)))
         gone_suspects = [q for q in suspects if q not in present or q in in_use]
         if gone_suspects:
@@ -223,11 +239,12 @@ class Auditor:
         pipe.execute()
 
         # Orphans confirmed this run: exactly one auditor wins HSETNX and logs it.
-        if to_confirm:
+        for start in range(0, len(to_confirm), BATCH):
+            batch = to_confirm[start : start + BATCH]
             pipe = self.redis.pipeline(transaction=False)
-            for finding in to_confirm:
+            for finding in batch:
                 pipe.hsetnx(self.orphans_key, finding.queue, _orphan_memo(finding, now))
-            for finding, won in zip(to_confirm, pipe.execute(), strict=True):
+            for finding, won in zip(batch, pipe.execute(), strict=True):
                 if won:
                     report.new_orphans += 1
                     self._log_orphan(finding)
@@ -330,15 +347,6 @@ class Auditor:
                     messages=finding.messages,
                     reason="no x-expires and no consumer",
                 )
-
-
-def _job_ids(names: Iterable[str]) -> set[uuid.UUID]:
-    ids = set()
-    for name in names:
-        parsed = parse_queue_name(name)
-        if parsed:
-            ids.add(parsed[0])
-    return ids
 
 
 def _names(report: AuditReport, states: tuple[str, ...]) -> list[str]:

@@ -13,7 +13,10 @@ import requests
 
 from sdk.config import Settings
 
-JOB_QUEUE_COLUMNS = ("name", "consumers", "messages", "arguments", "idle_since", "durable")
+#: What the audit reads of each queue. Per-queue statistics (``consumers``, ``idle_since``) make
+#: RabbitMQ's answer ~6x slower at 30,000 queues, so the listing skips them (``disable_stats``,
+#: with ``enable_queue_totals`` for message counts) and consumers come from ``/api/consumers``.
+JOB_QUEUE_COLUMNS = ("name", "messages", "arguments")
 
 
 class ManagementError(RuntimeError):
@@ -52,11 +55,29 @@ class BrokerAPI:
         return response.json()
 
     def job_queues(self, columns: tuple[str, ...] = JOB_QUEUE_COLUMNS) -> list[dict[str, Any]]:
-        """Every ``jobs.*`` queue of the vhost, in one unpaginated request with only ``columns``."""
-        data = self._get(f"queues/{self._vhost}", {"columns": ",".join(columns)})
+        """Every ``jobs.*`` queue of the vhost with ``columns`` and its ``consumers`` count.
+
+        Two unpaginated requests: the queue listing without per-queue statistics, and the
+        vhost's consumers (as many as there are connected callers' queues, not all queues).
+        """
+        data = self._get(
+            f"queues/{self._vhost}",
+            {"columns": ",".join(columns), "disable_stats": "true", "enable_queue_totals": "true"},
+        )
         if not isinstance(data, list):
             raise ManagementError(f"unexpected answer listing queues: {str(data)[:200]}")
-        return [q for q in data if isinstance(q, dict) and str(q.get("name", "")).startswith("jobs.")]
+        consumers = self._get(f"consumers/{self._vhost}", {"columns": "queue.name"})
+        if not isinstance(consumers, list):
+            raise ManagementError(f"unexpected answer listing consumers: {str(consumers)[:200]}")
+        counts: dict[str, int] = {}
+        for consumer in consumers:
+            name = str((consumer.get("queue") or {}).get("name", ""))
+            if name.startswith("jobs."):
+                counts[name] = counts.get(name, 0) + 1
+        jobs = [q for q in data if isinstance(q, dict) and str(q.get("name", "")).startswith("jobs.")]
+        for queue in jobs:
+            queue["consumers"] = counts.get(queue["name"], 0)
+        return jobs
 
     def queue(self, name: str) -> dict[str, Any] | None:
         data = self._get(f"queues/{self._vhost}/{quote(name, safe='')}")

@@ -408,7 +408,7 @@ class JobClient:
         """
         job_id = job.id if isinstance(job, Job) else contract.parse_job_id(job)
 
-        def disconnect() -> None:
+        def disconnect() -> timedelta:
             watch = self._watches.get(job_id)
             if watch is None:
                 raise ValueError(f"job {job_id} is not connected to this client")
@@ -418,10 +418,10 @@ class JobClient:
                 self._delete_queues(job_id, set(watch.job.queues))
             self._retire(watch)
             watch.done.set()
+            return watch.job.ttl
 
-        self._loop.call(disconnect)
+        ttl = self._loop.call(disconnect)  # the watched job knows its real TTL, even for a bare id
         log_event(logger, logging.INFO, "job_disconnected", job_id=job_id)
-        ttl = job.ttl if isinstance(job, Job) else self.settings.default_ttl
         self._registry.write(job_id, ttl, {"queues_last_in_use": time.time()})
 
     def wait(self, job: Job | uuid.UUID | str, timeout: float | None = None) -> JobResult:

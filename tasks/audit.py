@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import redis
@@ -94,22 +94,6 @@ class AuditReport:
         }
 
 
-def _idle_seconds(idle_since: object, now: float) -> float | None:
-    """Seconds since ``idle_since``, which RabbitMQ prints in UTC, with or without an offset."""
-    if not isinstance(idle_since, str) or not idle_since:
-        return None
-    try:
-        parsed = datetime.fromisoformat(idle_since)
-    except ValueError:
-        try:
-            parsed = datetime.strptime(idle_since, "%Y-%m-%d %H:%M:%S")
-        except ValueError:
-            return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return max(0.0, now - parsed.timestamp())
-
-
 def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -138,7 +122,7 @@ class Auditor:
             report.registry_available = False
             records = {}
             log_event(logger, logging.WARNING, "audit_degraded", error=exc, detail="no registry, no dedup")
-        report.findings = [self._classify(raw, parsed, records, now) for raw, parsed in queues]
+        report.findings = [self._classify(raw, parsed, records) for raw, parsed in queues]
         del queues  # the raw listing is the biggest thing in memory: gone before reconciling
         if report.registry_available:
             try:
@@ -167,7 +151,6 @@ class Auditor:
         raw: dict[str, Any],
         parsed: tuple[uuid.UUID, QueueKind] | None,
         records: dict[uuid.UUID, JobRecord],
-        now: float,
     ) -> QueueFinding:
         name = str(raw["name"])
         job_id = parsed[0] if parsed else None
@@ -176,18 +159,16 @@ class Auditor:
         expires = arguments.get("x-expires") if arguments else None
         expires_s = expires / 1000 if isinstance(expires, int | float) else None
         consumers = _int(raw.get("consumers"))
-        idle = _idle_seconds(raw.get("idle_since"), now)
         if expires_s is None:
             state = NO_EXPIRY
         elif consumers is None:
-            state = NEW  # stats not in yet (a few seconds after creation): judge next time
+            state = NEW  # the listing did not say: judge next time
         elif consumers > 0:
             state = IN_USE
         else:
             state = SUSPECT  # confirmed as ORPHANED in _reconcile once it stayed unused long enough
-        removal = None
-        if state in (SUSPECT, ORPHANED) and expires_s is not None and idle is not None:
-            removal = now - idle + expires_s
+        # Idle time and removal estimate are filled in by _reconcile, from when the audit first
+        # saw the queue unused (the stats-free listing has no idle_since).
         return QueueFinding(
             queue=name,
             job_id=str(job_id) if job_id else None,
@@ -195,8 +176,8 @@ class Auditor:
             consumers=consumers,
             messages=_int(raw.get("messages")),
             expires_s=expires_s,
-            idle_s=round(idle, 1) if idle is not None else None,
-            removal_estimate=removal,
+            idle_s=None,
+            removal_estimate=None,
             registry_status=record.status if record else None,
             registered=record is not None,
         )

@@ -161,7 +161,7 @@ def watch(obj, name):
 
 
 watch(auditor.api, "job_queues")
-watch(auditor.registry, "get_many")
+watch(auditor.registry, "read_fields")
 watch(auditor, "_reconcile")
 if mode == "tracemalloc":
     tracemalloc.start()
@@ -594,7 +594,7 @@ class AuditRun:
             "time_pass": self.time_ok,
             "rss_pass": self.rss_ok,
             "api_s": round(self.phase_s("job_queues"), 3),
-            "registry_s": round(self.phase_s("get_many"), 3),
+            "registry_s": round(self.phase_s("read_fields"), 3),
             "reconcile_s": round(self.phase_s("_reconcile"), 3),
             "orphan_found_lines": self.orphan_lines,
             "expected": self.expected,
@@ -775,7 +775,7 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
         c = run.result["counts"]
         counts = ", ".join(f"{k}={v}" for k, v in c.items() if v) + f", orphan_found lines={run.orphan_lines}"
         lines.append(
-            f"{run.label:<13}{run.wall_s:>8.2f}{run.phase_s('job_queues'):>7.2f}{run.phase_s('get_many'):>7.2f}"
+            f"{run.label:<13}{run.wall_s:>8.2f}{run.phase_s('job_queues'):>7.2f}{run.phase_s('read_fields'):>7.2f}"
             f"{run.phase_s('_reconcile'):>7.2f}{run.baseline_mb:>9.1f} MB{run.peak_mb:>7.1f} MB"
             f"{run.peak_mb - run.baseline_mb:>7.1f} MB{'PASS' if run.time_ok else 'FAIL':>7}"
             f"{'PASS' if run.rss_ok else 'FAIL':>10}  {counts}"
@@ -784,7 +784,7 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
             lines.append(f"{'':<13}not the intended scenario: {'; '.join(run.mismatches)}")
     if runs:
         lines.append(
-            f"(api = BrokerAPI.job_queues (request + JSON), redis = Registry.get_many, recon = "
+            f"(api = BrokerAPI.job_queues (request + JSON), redis = Registry.read_fields, recon = "
             f"_reconcile (Redis memory, orphan log lines); peak rss = VmHWM of the audit process; rss "
             f"before = VmRSS just before run(), i.e. the imports ({runs[0].result['import_s']:.2f} s))"
         )

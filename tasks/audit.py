@@ -11,19 +11,22 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
 from sdk.config import Settings
-from sdk.contract import QueueKind, parse_queue_name
-from sdk.logfmt import log_event
+from sdk.contract import QUEUE_NAME_PATTERN, QueueKind, parse_queue_name
+from sdk.logfmt import log_event, log_events
 from sdk.registry import JobRecord, Registry, RegistryUnavailableError
 from tasks.broker_api import BrokerAPI
 
 logger = logging.getLogger("ebb.audit")
+T = TypeVar("T")
 
 #: Audit memory in Redis, per RabbitMQ vhost (``{vhost}`` is filled in), so deployments sharing
 #: a Redis never mix their findings.
@@ -34,10 +37,23 @@ UNEXPIRING_KEY = "ebb:audit:{vhost}:unexpiring"
 #: before it is called an orphan, so a stale ``consumers: 0`` never accuses a connected caller.
 CONFIRM_AFTER = 12.0
 
-#: The registry fields the audit needs (a whole record per job would cost 3x the time and memory).
-AUDIT_FIELDS = ("status", "result_delivered", "ttl", "workflow")
+#: The registry fields the audit reads per job (a whole record would cost 3x the time and memory).
+AUDIT_FIELDS = ("status", "ttl")
 #: Redis commands per pipeline round trip: bounded, so 30,000 queues never build one huge reply.
 BATCH = 1000
+
+#: ``HSETNX`` of many field/value pairs (ARGV) into one hash (KEYS[1]); 1 where this call set it.
+HSETNX_MANY = """
+local won = {}
+for i = 1, #ARGV, 2 do won[#won + 1] = redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return won
+"""
+#: ``HDEL`` of each field (ARGV) from one hash (KEYS[1]); 1 where this call deleted it.
+HDEL_EACH = """
+local won = {}
+for i, field in ipairs(ARGV) do won[i] = redis.call('HDEL', KEYS[1], field) end
+return won
+"""
 
 IN_USE = "in_use"
 ORPHANED = "orphaned"
@@ -98,6 +114,15 @@ def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+@dataclass(slots=True)
+class _Memory:
+    """What earlier audits left in Redis: queue name -> first seen unused / orphan memo."""
+
+    suspects: dict[str, str]
+    orphans: dict[str, str]
+    unexpiring: set[str]
+
+
 class Auditor:
     def __init__(self, settings: Settings, api: BrokerAPI | None = None, registry: Registry | None = None):
         self.settings = settings
@@ -108,32 +133,24 @@ class Auditor:
         self.suspects_key = SUSPECTS_KEY.format(vhost=settings.vhost)
         self.orphans_key = ORPHANS_KEY.format(vhost=settings.vhost)
         self.unexpiring_key = UNEXPIRING_KEY.format(vhost=settings.vhost)
+        self._hsetnx_many = self.redis.register_script(HSETNX_MANY)
+        self._hdel_each = self.redis.register_script(HDEL_EACH)
 
     def run(self, *, delete_unexpiring: bool | None = None) -> AuditReport:
         delete = self.settings.audit_delete_unexpiring if delete_unexpiring is None else delete_unexpiring
         started = time.monotonic()
         now = time.time()
         report = AuditReport(started_at=now)
-        queues = [(raw, parse_queue_name(str(raw["name"]))) for raw in self.api.job_queues()]
-        job_ids = {parsed[0] for _, parsed in queues if parsed}
-        try:
-            records = self.registry.get_many(list(job_ids), fields=AUDIT_FIELDS)
-        except RegistryUnavailableError as exc:
-            report.registry_available = False
-            records = {}
-            log_event(logger, logging.WARNING, "audit_degraded", error=exc, detail="no registry, no dedup")
-        report.findings = [self._classify(raw, parsed, records) for raw, parsed in queues]
-        del queues  # the raw listing is the biggest thing in memory: gone before reconciling
-        if report.registry_available:
+        report.findings, memory = self._gather()
+        report.registry_available = memory is not None
+        if memory is not None:
             try:
-                self._reconcile(report, records, now, delete)
+                self._reconcile(report, memory, now, delete)
             except redis.RedisError as exc:
                 report.registry_available = False
                 log_event(logger, logging.WARNING, "audit_degraded", error=repr(exc))
         else:
-            for finding in report.findings:
-                if finding.state == ORPHANED:
-                    self._log_orphan(finding)
+            self._log_orphans([f for f in report.findings if f.state == SUSPECT])
         report.duration_s = time.monotonic() - started
         log_event(
             logger,
@@ -146,154 +163,164 @@ class Auditor:
         )
         return report
 
-    def _classify(
-        self,
-        raw: dict[str, Any],
-        parsed: tuple[uuid.UUID, QueueKind] | None,
-        records: dict[uuid.UUID, JobRecord],
-    ) -> QueueFinding:
-        name = str(raw["name"])
-        job_id = parsed[0] if parsed else None
-        record = records.get(job_id) if job_id else None
-        arguments = raw.get("arguments") if isinstance(raw.get("arguments"), dict) else {}
-        expires = arguments.get("x-expires") if arguments else None
-        expires_s = expires / 1000 if isinstance(expires, int | float) else None
-        consumers = _int(raw.get("consumers"))
-        if expires_s is None:
-            state = NO_EXPIRY
-        elif consumers is None:
-            state = NEW  # the listing did not say: judge next time
-        elif consumers > 0:
-            state = IN_USE
-        else:
-            state = SUSPECT  # confirmed as ORPHANED in _reconcile once it stayed unused long enough
-        # Idle time and removal estimate are filled in by _reconcile, from when the audit first
-        # saw the queue unused (the stats-free listing has no idle_since).
-        return QueueFinding(
-            queue=name,
-            job_id=str(job_id) if job_id else None,
-            state=state,
-            consumers=consumers,
-            messages=_int(raw.get("messages")),
-            expires_s=expires_s,
-            idle_s=None,
-            removal_estimate=None,
-            registry_status=record.status if record else None,
-            registered=record is not None,
-        )
+    def _gather(self) -> tuple[list[QueueFinding], _Memory | None]:
+        """Every job queue, classified and with its job's registry status; the audit's memory.
 
-    def _reconcile(
-        self, report: AuditReport, records: dict[uuid.UUID, JobRecord], now: float, delete: bool
-    ) -> None:
-        present = {f.queue for f in report.findings}
-        suspects: dict[str, str] = self.redis.hgetall(self.suspects_key)  # type: ignore[assignment]
-        orphans: dict[str, str] = self.redis.hgetall(self.orphans_key)  # type: ignore[assignment]
+        RabbitMQ takes seconds to list tens of thousands of queues: meanwhile this thread reads
+        the memory and the registry records of the jobs seen last time, and only the jobs new to
+        this run are looked up once the listing is in. ``None`` for memory when Redis is away.
+        """
+        memory: _Memory | None = None
+        facts: dict[str, list[str | None]] = {}
+        known: set[str] = set()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ebb-audit-listing") as pool:
+            listing = pool.submit(lambda: _classify_all(self.api.job_queues()))
+            try:
+                memory = self._recall()
+                known = {
+                    job for name in memory.suspects.keys() | memory.orphans.keys() if (job := _job_id(name))
+                }
+                facts = self.registry.read_fields(sorted(known), AUDIT_FIELDS)
+            except (redis.RedisError, RegistryUnavailableError) as exc:
+                memory = None
+                _log_degraded(exc)
+            findings = listing.result()
+        if memory is not None:
+            new = {f.job_id for f in findings if f.job_id and f.job_id not in known}
+            try:
+                facts.update(self.registry.read_fields(sorted(new), AUDIT_FIELDS))
+            except RegistryUnavailableError as exc:
+                memory = None
+                _log_degraded(exc)
+        for finding in findings:
+            fact = facts.get(finding.job_id) if finding.job_id else None
+            if fact is not None:
+                finding.registry_status = fact[0]
+                finding.registered = True
+        return findings, memory
+
+    def _recall(self) -> _Memory:
         pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.suspects_key)
+        pipe.hgetall(self.orphans_key)
+        pipe.hkeys(self.unexpiring_key)
+        suspects, orphans, unexpiring = pipe.execute()
+        return _Memory(suspects, orphans, set(unexpiring))
+
+    def _reconcile(self, report: AuditReport, memory: _Memory, now: float, delete: bool) -> None:
+        suspects, orphans = memory.suspects, memory.orphans
+        present: set[str] = set()
+        in_use: set[str] = set()
         in_use_jobs: dict[uuid.UUID, float] = {}
-        newly_suspect: list[QueueFinding] = []
+        newly_suspect: list[str] = []
         to_confirm: list[QueueFinding] = []
         for finding in report.findings:
+            present.add(finding.queue)
             if finding.state == SUSPECT:
                 first_seen = suspects.get(finding.queue)
-                if first_seen is not None and finding.idle_s is None and finding.expires_s is not None:
+                if first_seen is None:
+                    newly_suspect.append(finding.queue)
+                    continue
+                if finding.expires_s is not None:
                     # Unused since at least the first audit that saw it so: RabbitMQ removes it
                     # one TTL after it was last used, so no later than first_seen + TTL.
                     finding.idle_s = round(now - float(first_seen), 1)
                     finding.removal_estimate = float(first_seen) + finding.expires_s
                 if finding.queue in orphans:
                     finding.state = ORPHANED
-                elif first_seen is None:
-                    newly_suspect.append(finding)
                 elif now - float(first_seen) >= self.confirm_after:
                     finding.state = ORPHANED
                     to_confirm.append(finding)
-            elif finding.state == IN_USE and finding.registered and finding.job_id and finding.expires_s:
-                in_use_jobs[uuid.UUID(finding.job_id)] = finding.expires_s
-        for i, finding in enumerate(newly_suspect, start=1):
-            pipe.hsetnx(self.suspects_key, finding.queue, now)
-            if i % BATCH == 0:
-                pipe.execute()
-        in_use = set(_names(report, (IN_USE,)))
+            elif finding.state == IN_USE:
+                in_use.add(finding.queue)
+                if finding.registered and finding.job_id and finding.expires_s:
+                    in_use_jobs[uuid.UUID(finding.job_id)] = finding.expires_s
+
+        stamp = repr(now)
+        for names in _batches(newly_suspect):
+            self._hsetnx_many(keys=[self.suspects_key], args=[x for q in names for x in (q, stamp)])
         gone_suspects = [q for q in suspects if q not in present or q in in_use]
-        if gone_suspects:
-            pipe.hdel(self.suspects_key, *gone_suspects)
-        pipe.execute()
+        for names in _batches(gone_suspects):
+            self.redis.hdel(self.suspects_key, *names)
 
         # Orphans confirmed this run: exactly one auditor wins HSETNX and logs it.
-        for start in range(0, len(to_confirm), BATCH):
-            batch = to_confirm[start : start + BATCH]
-            pipe = self.redis.pipeline(transaction=False)
-            for finding in batch:
-                pipe.hsetnx(self.orphans_key, finding.queue, _orphan_memo(finding, now))
-            for finding, won in zip(batch, pipe.execute(), strict=True):
-                if won:
-                    report.new_orphans += 1
-                    self._log_orphan(finding)
+        confirmed: list[QueueFinding] = []
+        for group in _batches(to_confirm):
+            memos = [x for f in group for x in (f.queue, _orphan_memo(f, now))]
+            won = self._hsetnx_many(keys=[self.orphans_key], args=memos)
+            confirmed.extend(finding for finding, first in zip(group, won, strict=True) if first)
+        report.new_orphans += len(confirmed)
+        self._log_orphans(confirmed)
 
-        # Orphans seen before that are gone now (or have a consumer again).
+        # Orphans seen before that are gone now (or have a consumer again): whoever deletes the
+        # memo reports it.
         vanished = [q for q in orphans if q not in present or q in in_use]
-        if vanished:
-            pipe = self.redis.pipeline(transaction=False)
-            for queue in vanished:
-                pipe.hdel(self.orphans_key, queue)
-            for queue, won in zip(vanished, pipe.execute(), strict=True):
-                if won:
-                    self._report_vanished(report, queue, orphans[queue], queue in in_use, records, now)
+        removed: list[tuple[str, str]] = []
+        for batch in _batches(vanished):
+            for queue, won in zip(batch, self._hdel_each(keys=[self.orphans_key], args=batch), strict=True):
+                if not won:
+                    continue
+                if queue in in_use:
+                    log_event(logger, logging.INFO, "orphan_reclaimed", job_id=_job_id(queue), queue=queue)
+                else:
+                    removed.append((queue, orphans[queue]))
+        if removed:
+            self._report_removed(report, removed, now)
 
-        self._handle_unexpiring(report, delete)
+        self._handle_unexpiring(report, memory.unexpiring, delete)
         if in_use_jobs:
             self.registry.touch_in_use({job: timedelta(seconds=s) for job, s in in_use_jobs.items()}, now)
 
-    def _log_orphan(self, finding: QueueFinding) -> None:
-        log_event(
+    def _log_orphans(self, findings: list[QueueFinding]) -> None:
+        log_events(
             logger,
             logging.WARNING,
             "orphan_found",
-            job_id=finding.job_id,
-            queue=finding.queue,
-            messages=finding.messages,
-            idle_s=finding.idle_s,
-            ttl_s=finding.expires_s,
-            removal_estimate=_iso(finding.removal_estimate),
-            registry_status=finding.registry_status or "unknown",
+            (
+                {
+                    "job_id": f.job_id,
+                    "queue": f.queue,
+                    "messages": f.messages,
+                    "idle_s": f.idle_s,
+                    "ttl_s": f.expires_s,
+                    "removal_estimate": _iso(f.removal_estimate),
+                    "registry_status": f.registry_status or "unknown",
+                }
+                for f in findings
+            ),
         )
 
-    def _report_vanished(
-        self,
-        report: AuditReport,
-        queue: str,
-        memo: str,
-        reclaimed: bool,
-        records: dict[uuid.UUID, JobRecord],
-        now: float,
-    ) -> None:
-        parsed = parse_queue_name(queue)
-        job_id = parsed[0] if parsed else None
-        if reclaimed:
-            log_event(logger, logging.INFO, "orphan_reclaimed", job_id=job_id, queue=queue)
-            return
-        record = records.get(job_id) if job_id else None
-        if record is None and job_id is not None:
-            try:
-                record = self.registry.get(job_id)
-            except RegistryUnavailableError:
-                record = None
-        lost = _what_was_lost(queue, memo, record)
-        report.removed.append({"queue": queue, "job_id": str(job_id) if job_id else None, "lost": lost})
-        log_event(logger, logging.WARNING, "orphan_removed", job_id=job_id, queue=queue, lost=lost)
-        if job_id is not None and record is not None and record.ttl is not None:
-            fields: dict[str, Any] = {"queues_removed_at": now}
-            if not record.result_delivered and parsed and parsed[1].value == "result":
+    def _report_removed(self, report: AuditReport, removed: list[tuple[str, str]], now: float) -> None:
+        """Log each orphan the broker removed, with what was lost, and mark the jobs' records."""
+        job_ids = sorted({uuid.UUID(job) for queue, _ in removed if (job := _job_id(queue))}, key=str)
+        try:
+            records = self.registry.get_many(job_ids)
+        except RegistryUnavailableError:
+            records = {}
+        updates: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]] = {}
+        for queue, memo in removed:
+            parsed = parse_queue_name(queue)
+            job_id = parsed[0] if parsed else None
+            record = records.get(job_id) if job_id else None
+            lost = _what_was_lost(queue, memo, record)
+            report.removed.append({"queue": queue, "job_id": str(job_id) if job_id else None, "lost": lost})
+            log_event(logger, logging.WARNING, "orphan_removed", job_id=job_id, queue=queue, lost=lost)
+            if job_id is None or record is None or record.ttl is None:
+                continue
+            fields = updates.setdefault(job_id, (record.ttl, {"queues_removed_at": now}))[1]
+            if not record.result_delivered and parsed and parsed[1] is QueueKind.RESULT:
                 fields["lost"] = lost
-            self.registry.write(job_id, record.ttl, fields)
+        if updates:
+            self.registry.write_many(updates)
 
-    def _handle_unexpiring(self, report: AuditReport, delete: bool) -> None:
+    def _handle_unexpiring(self, report: AuditReport, known: set[str], delete: bool) -> None:
         unexpiring = [f for f in report.findings if f.state == NO_EXPIRY]
         if unexpiring:
-            pipe = self.redis.pipeline(transaction=False)
-            for finding in unexpiring:
-                pipe.hsetnx(self.unexpiring_key, finding.queue, time.time())
-            for finding, first in zip(unexpiring, pipe.execute(), strict=True):
+            stamp = repr(time.time())
+            won = self._hsetnx_many(
+                keys=[self.unexpiring_key], args=[x for f in unexpiring for x in (f.queue, stamp)]
+            )
+            for finding, first in zip(unexpiring, won, strict=True):
                 if first:
                     log_event(
                         logger,
@@ -307,8 +334,7 @@ class Auditor:
                         if delete
                         else "kept (EBB_AUDIT_DELETE_UNEXPIRING=false)",
                     )
-        present = {f.queue for f in unexpiring}
-        stale = [q for q in self.redis.hkeys(self.unexpiring_key) if q not in present]
+        stale = known - {f.queue for f in unexpiring}
         if stale:
             self.redis.hdel(self.unexpiring_key, *stale)
         if not delete:
@@ -330,8 +356,58 @@ class Auditor:
                 )
 
 
-def _names(report: AuditReport, states: tuple[str, ...]) -> list[str]:
-    return [f.queue for f in report.findings if f.state in states]
+def _log_degraded(exc: Exception) -> None:
+    log_event(logger, logging.WARNING, "audit_degraded", error=repr(exc), detail="no registry, no dedup")
+
+
+def _job_id(queue: str) -> str | None:
+    match = QUEUE_NAME_PATTERN.match(queue)
+    return match["job_id"] if match else None
+
+
+def _classify_all(listing: list[dict[str, Any]]) -> list[QueueFinding]:
+    """Findings in listing order, each raw entry freed as soon as it is classified."""
+    listing.reverse()
+    findings = []
+    while listing:
+        findings.append(_classify(listing.pop()))
+    return findings
+
+
+def _classify(raw: dict[str, Any]) -> QueueFinding:
+    name = str(raw["name"])
+    match = QUEUE_NAME_PATTERN.match(name)
+    arguments = raw.get("arguments")
+    expires = arguments.get("x-expires") if isinstance(arguments, dict) else None
+    expires_s = expires / 1000 if isinstance(expires, int | float) else None
+    consumers = _int(raw.get("consumers"))
+    if expires_s is None:
+        state = NO_EXPIRY
+    elif consumers is None:
+        state = NEW  # the listing did not say: judge next time
+    elif consumers > 0:
+        state = IN_USE
+    else:
+        state = SUSPECT  # confirmed as ORPHANED in _reconcile once it stayed unused long enough
+    # Idle time and removal estimate are filled in by _reconcile, from when the audit first saw
+    # the queue unused (the stats-free listing has no idle_since); registry facts by _gather.
+    return QueueFinding(
+        queue=name,
+        job_id=match["job_id"] if match else None,
+        state=state,
+        consumers=consumers,
+        messages=_int(raw.get("messages")),
+        expires_s=expires_s,
+        idle_s=None,
+        removal_estimate=None,
+        registry_status=None,
+        registered=False,
+    )
+
+
+def _batches(items: list[T]) -> Iterator[list[T]]:
+    for start in range(0, len(items), BATCH):
+        yield items[start : start + BATCH]
 
 
 def _orphan_memo(finding: QueueFinding, now: float) -> str:

@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from kombu.connection import Connection
 
 from sdk import Job, JobClient, JobQueuesExpiredError
 from sdk.config import Settings
-from sdk.contract import QueueKind, queue_name
+from sdk.contract import QueueKind, job_queue, queue_name
 from tasks.audit import Auditor
 from tests.support import ROOT, ClientProcess, Management, start_worker, stop_worker, wait_until
 
@@ -126,6 +127,34 @@ def test_queue_without_expiry_is_reported_once_and_deleted_only_when_enabled(
     assert report.deleted == [unexpiring_queue]
     assert management.queue(unexpiring_queue) is None
     assert len(audit_lines(caplog.text, "queue_deleted", job_id)) == 1
+
+
+@pytest.fixture
+def idle_job_queue(settings: Settings) -> Iterator[str]:
+    """A job queue as a vanished caller leaves it: declared like the SDK does, never consumed."""
+    name = queue_name(uuid.uuid4(), QueueKind.RESULT)
+    with Connection(settings.broker_url) as connection:
+        channel = connection.channel()
+        queue = job_queue(uuid.UUID(name.split(".")[1]), QueueKind.RESULT, timedelta(minutes=5))
+        queue.queue_declare(channel=channel)
+        yield name
+        channel.queue_delete(name)
+        channel.close()
+
+
+def test_audit_without_redis_still_reports_unused_queues_and_says_it_is_degraded(
+    settings: Settings, idle_job_queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    no_redis = Settings(**{**settings.__dict__, "redis_url": "redis://127.0.0.1:1/0"})
+    with caplog.at_level(logging.INFO, "ebb.audit"):
+        report = Auditor(no_redis).run()
+    assert not report.registry_available
+    mine = [f for f in report.findings if f.queue == idle_job_queue]
+    assert [(f.state, f.registered) for f in mine] == [("suspect", False)]
+    job_id = uuid.UUID(idle_job_queue.split(".")[1])
+    assert len(audit_lines(caplog.text, "orphan_found", job_id)) == 1
+    assert "event=audit_degraded" in caplog.text
+    assert "registry=unavailable" in caplog.text
 
 
 def test_beat_restart_reports_nothing_twice(

@@ -71,6 +71,7 @@ from sdk import contract
 from sdk.config import Settings
 from sdk.contract import QueueKind
 from sdk.registry import job_key
+from tasks.audit import ORPHANS_KEY, SUSPECTS_KEY, UNEXPIRING_KEY
 from tasks.broker_api import JOB_QUEUE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -656,8 +657,10 @@ def run_child(
 
 def audit_keys(settings: Settings) -> tuple[str, str, str]:
     """The audit's memory in Redis: suspects, orphans, queues without expiry."""
-    prefix = f"ebb:audit:{settings.vhost}"
-    return f"{prefix}:suspects", f"{prefix}:orphans", f"{prefix}:unexpiring"
+    suspects, orphans, unexpiring = (
+        key.format(vhost=settings.vhost) for key in (SUSPECTS_KEY, ORPHANS_KEY, UNEXPIRING_KEY)
+    )
+    return suspects, orphans, unexpiring
 
 
 def audit(

@@ -147,15 +147,9 @@ class Registry:
         """Set ``fields`` and renew the record's expiry; ``False`` (logged) when Redis is away."""
         if time.monotonic() < self._quiet_until:
             return False
-        key = job_key(job_id)
-        values: dict[Any, Any] = {  # redis-py's hset mapping type is invariant in its keys
-            k: _encode(v) for k, v in fields.items() if v is not None
-        }
-        values["ttl"] = ttl.total_seconds()
         try:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.hset(key, mapping=values)
-            pipe.expire(key, max(1, int((ttl + self._grace).total_seconds())))
+            self._stage_write(pipe, job_id, ttl, fields)
             pipe.execute()
         except redis.RedisError as exc:
             self._went_away(exc, job_id)
@@ -173,15 +167,21 @@ class Registry:
             for start in range(0, len(items), batch):
                 pipe = self._redis.pipeline(transaction=False)
                 for job_id, (ttl, fields) in items[start : start + batch]:
-                    values: dict[Any, Any] = {k: _encode(v) for k, v in fields.items() if v is not None}
-                    values["ttl"] = ttl.total_seconds()
-                    pipe.hset(job_key(job_id), mapping=values)
-                    pipe.expire(job_key(job_id), max(1, int((ttl + self._grace).total_seconds())))
+                    self._stage_write(pipe, job_id, ttl, fields)
                 pipe.execute()
         except redis.RedisError as exc:
             self._went_away(exc, None)
             return False
         return True
+
+    def _stage_write(self, pipe: Any, job_id: uuid.UUID, ttl: timedelta, fields: dict[str, Any]) -> None:
+        key = job_key(job_id)
+        values: dict[Any, Any] = {  # redis-py's hset mapping type is invariant in its keys
+            k: _encode(v) for k, v in fields.items() if v is not None
+        }
+        values["ttl"] = ttl.total_seconds()
+        pipe.hset(key, mapping=values)
+        pipe.expire(key, max(1, int((ttl + self._grace).total_seconds())))
 
     def begin_attempt(self, job_id: uuid.UUID, ttl: timedelta) -> tuple[int, JobRecord | None]:
         """Count one more run of the job and return (attempt number, record before this run).

@@ -292,14 +292,15 @@ class Auditor:
 
     def _report_removed(self, report: AuditReport, removed: list[tuple[str, str]], now: float) -> None:
         """Log each orphan the broker removed, with what was lost, and mark the jobs' records."""
-        job_ids = sorted({uuid.UUID(job) for queue, _ in removed if (job := _job_id(queue))}, key=str)
+        parsed_names = {queue: parse_queue_name(queue) for queue, _ in removed}
+        job_ids = sorted({parsed[0] for parsed in parsed_names.values() if parsed}, key=str)
         try:
             records = self.registry.get_many(job_ids)
         except RegistryUnavailableError:
             records = {}
         updates: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]] = {}
         for queue, memo in removed:
-            parsed = parse_queue_name(queue)
+            parsed = parsed_names[queue]
             job_id = parsed[0] if parsed else None
             record = records.get(job_id) if job_id else None
             lost = _what_was_lost(queue, memo, record)
@@ -376,7 +377,6 @@ def _classify_all(listing: list[dict[str, Any]]) -> list[QueueFinding]:
 
 def _classify(raw: dict[str, Any]) -> QueueFinding:
     name = str(raw["name"])
-    match = QUEUE_NAME_PATTERN.match(name)
     arguments = raw.get("arguments")
     expires = arguments.get("x-expires") if isinstance(arguments, dict) else None
     expires_s = expires / 1000 if isinstance(expires, int | float) else None
@@ -393,7 +393,7 @@ def _classify(raw: dict[str, Any]) -> QueueFinding:
     # the queue unused (the stats-free listing has no idle_since); registry facts by _gather.
     return QueueFinding(
         queue=name,
-        job_id=match["job_id"] if match else None,
+        job_id=_job_id(name),
         state=state,
         consumers=consumers,
         messages=_int(raw.get("messages")),

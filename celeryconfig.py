@@ -1,7 +1,7 @@
 """Celery settings for Ebb workers, beat and Flower, all derived from ``EBB_*`` variables."""
 
-from sdk.config import Settings
-from sdk.contract import task_queue
+from ebb.config import Settings
+from ebb.contract import task_queue
 
 _settings = Settings.from_env()
 

@@ -67,10 +67,10 @@ import redis
 import requests
 from kombu.connection import Connection
 
-from sdk import contract
-from sdk.config import Settings
-from sdk.contract import QueueKind
-from sdk.registry import job_key
+from ebb import contract
+from ebb.config import Settings
+from ebb.contract import QueueKind
+from ebb.records import job_key
 from tasks.audit import ORPHANS_KEY, SUSPECTS_KEY, UNEXPIRING_KEY
 from tasks.broker_api import JOB_QUEUE_COLUMNS
 
@@ -122,7 +122,7 @@ logging.basicConfig(
     filename=cfg["log"], level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
 )
 t0 = time.perf_counter()
-from sdk.config import Settings
+from ebb.config import Settings
 from tasks.audit import Auditor
 
 import_s = time.perf_counter() - t0
@@ -195,7 +195,7 @@ if mode == "cprofile":
 
     for key, sort, restrictions in (
         ("tottime", "tottime", (22,)),
-        ("project", "cumulative", (r"/(tasks|sdk)/", 25)),
+        ("project", "cumulative", (r"/(tasks|ebb)/", 25)),
     ):
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats(sort).print_stats(*restrictions)

@@ -45,8 +45,8 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.connection import Connection
 from kombu.messaging import Producer
 
-from sdk import Job, JobClient, Settings, UnknownWorkflowError, contract
-from sdk.contract import QueueKind
+from ebb import Job, JobClient, Settings, UnknownWorkflowError, contract
+from ebb.contract import QueueKind
 
 T = TypeVar("T")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from sdk.config import Settings
+from ebb.config import Settings
 
 RESULT_BACKEND = os.environ.get("BENCH_RESULT_BACKEND", "redis://127.0.0.1:6379/15")
 

@@ -5,7 +5,7 @@ python examples/cancel_job.py
 
 import time
 
-from sdk import JobClient, JobStatus
+from ebb import JobClient, JobStatus
 
 with JobClient() as client:
     statuses: list[JobStatus] = []

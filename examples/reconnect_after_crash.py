@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from sdk import Job, JobClient, JobQueuesExpiredError
+from ebb import Job, JobClient, JobQueuesExpiredError
 
 command, path = sys.argv[1], Path(sys.argv[2])
 

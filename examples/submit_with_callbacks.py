@@ -5,7 +5,7 @@ Run with a worker going (celery -A tasks worker):  python examples/submit_with_c
 
 from datetime import timedelta
 
-from sdk import JobClient
+from ebb import JobClient
 
 with JobClient() as client:
     job = client.submit_job(

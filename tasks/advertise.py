@@ -10,9 +10,10 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
-from sdk.config import Settings
-from sdk.logfmt import log_event
-from sdk.workers import ADVERTISE_EVERY, ADVERTISE_EXPIRY, WORKERS_KEY_PREFIX, advertisement
+from ebb.config import Settings
+from ebb.logfmt import log_event
+from ebb.records import WORKERS_KEY_PREFIX
+from ebb.workers import ADVERTISE_EVERY, ADVERTISE_EXPIRY, advertisement
 from tasks import workflows
 
 logger = logging.getLogger("ebb.worker")

@@ -1,9 +1,30 @@
-"""The Celery application every worker, beat and Flower process loads."""
+"""The Celery application every worker, beat and Flower process loads.
+
+Its settings come from the ``celeryconfig.py`` that sits next to this package, loaded by path:
+loading it by module name would pick up whatever ``celeryconfig`` comes first on ``sys.path``,
+such as a user's own from a Celery tutorial.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 from celery import Celery
 
+CONFIG_FILE = Path(__file__).resolve().parent.parent / "celeryconfig.py"
+
+
+def _load_config() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ebb_celeryconfig", CONFIG_FILE)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"Ebb's Celery settings {CONFIG_FILE} are missing; reinstall the service")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 app = Celery("ebb")
-app.config_from_object("celeryconfig")
+app.config_from_object(_load_config())
 app.conf.imports = ("tasks.job",)

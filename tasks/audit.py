@@ -19,10 +19,12 @@ from typing import Any, TypeVar
 
 import redis
 
-from sdk.config import Settings
-from sdk.contract import QUEUE_NAME_PATTERN, QueueKind, parse_queue_name
-from sdk.logfmt import log_event, log_events
-from sdk.registry import JobRecord, Registry, RegistryUnavailableError
+from ebb.config import Settings
+from ebb.contract import QUEUE_NAME_PATTERN, QueueKind, parse_queue_name
+from ebb.errors import RegistryUnavailableError
+from ebb.logfmt import log_event, log_events
+from ebb.records import JobRecord
+from ebb.registry import Registry
 from tasks.broker_api import BrokerAPI
 
 logger = logging.getLogger("ebb.audit")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdk.config import Settings
+from ebb.config import Settings
 from tasks.app import app
 from tasks.audit import Auditor
 

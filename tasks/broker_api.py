@@ -11,7 +11,8 @@ from urllib.parse import quote
 
 import requests
 
-from sdk.config import Settings
+from ebb.config import Settings
+from ebb.errors import UnavailableError
 
 #: What the audit reads of each queue. Per-queue statistics (``consumers``, ``idle_since``) make
 #: RabbitMQ's answer ~6x slower at 30,000 queues, so the listing skips them (``disable_stats``,
@@ -19,7 +20,7 @@ from sdk.config import Settings
 JOB_QUEUE_COLUMNS = ("name", "messages", "arguments")
 
 
-class ManagementError(RuntimeError):
+class ManagementError(UnavailableError):
     """The management API could not be reached or refused the request."""
 
 
@@ -87,5 +88,10 @@ class BrokerAPI:
         """Delete through the API; ``if-unused`` makes the broker refuse if a consumer appeared."""
         url = f"{self.settings.management_url}/api/queues/{self._vhost}/{quote(name, safe='')}"
         params = {"if-unused": "true"} if if_unused else None
-        response = self._session.delete(url, params=params, timeout=self._timeout)
+        try:
+            response = self._session.delete(url, params=params, timeout=self._timeout)
+        except requests.RequestException as exc:
+            raise ManagementError(
+                f"cannot reach the RabbitMQ management API to delete {name}: {exc}"
+            ) from exc
         return response.status_code in (200, 204)

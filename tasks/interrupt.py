@@ -22,9 +22,9 @@ from types import FrameType
 
 import redis
 
-from sdk.contract import JobStatus
-from sdk.logfmt import log_event
-from sdk.registry import Registry
+from ebb.contract import JobStatus
+from ebb.logfmt import log_event
+from ebb.registry import Registry
 
 logger = logging.getLogger("ebb.worker")
 POLL_INTERVAL = 0.5

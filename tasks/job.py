@@ -13,11 +13,13 @@ from typing import Any
 import redis
 from celery import Task
 
-from sdk import contract
-from sdk.config import Settings
-from sdk.contract import JobError, JobStatus, QueueKind, TaskRequest
-from sdk.logfmt import log_event
-from sdk.registry import JobRecord, Registry
+from ebb import contract
+from ebb.config import Settings
+from ebb.contract import JobError, JobStatus, QueueKind, TaskRequest
+from ebb.errors import MalformedMessageError
+from ebb.logfmt import log_event
+from ebb.records import JobRecord
+from ebb.registry import Registry
 from tasks import workflows
 from tasks.app import app
 from tasks.interrupt import Interrupter, JobInterrupted
@@ -185,7 +187,7 @@ def run_job(self: Task, request: dict[str, Any]) -> str:
     """Run the requested workflow; every outcome, failure included, goes to the result queue."""
     try:
         parsed = TaskRequest.from_dict(request)
-    except contract.MalformedMessageError as exc:
+    except MalformedMessageError as exc:
         log_event(logger, logging.ERROR, "task_malformed", task_id=self.request.id, error=exc)
         return "MALFORMED"
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))

@@ -15,9 +15,9 @@ from typing import Any
 from kombu.connection import Connection
 from kombu.messaging import Producer
 
-from sdk import contract
-from sdk.config import Settings
-from sdk.logfmt import log_event
+from ebb import contract
+from ebb.config import Settings
+from ebb.logfmt import log_event
 
 logger = logging.getLogger("ebb.worker")
 

@@ -6,6 +6,8 @@ import importlib
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from ebb.errors import UnknownWorkflowError
+
 
 class Progress(Protocol):
     def __call__(self, fraction: float, message: str = "") -> None: ...
@@ -15,10 +17,6 @@ Workflow = Callable[[dict[str, Any], Progress], Any]
 
 _registry: dict[str, Workflow] = {}
 _params: dict[str, tuple[str, ...]] = {}
-
-
-class UnknownWorkflowError(LookupError):
-    """No workflow of that name is registered on this worker."""
 
 
 def workflow(name: str, params: Iterable[str] = ()) -> Callable[[Workflow], Workflow]:
@@ -55,11 +53,7 @@ def get(name: str) -> Workflow:
     try:
         return _registry[name]
     except KeyError:
-        known = ", ".join(sorted(_registry)) or "none"
-        raise UnknownWorkflowError(
-            f"no workflow named {name!r} on this worker (known: {known}); add its module to "
-            "EBB_WORKFLOW_MODULES"
-        ) from None
+        raise UnknownWorkflowError(name, sorted(_registry)) from None
 
 
 def names() -> list[str]:

@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 
-from sdk import JobClient
+from ebb import JobClient
 
 _lock = threading.Lock()
 

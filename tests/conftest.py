@@ -17,8 +17,8 @@ import requests
 
 os.environ.setdefault("EBB_TASK_QUEUE", f"ebb.test.{os.getpid()}")
 
-from sdk import JobClient
-from sdk.config import Settings
+from ebb import JobClient
+from ebb.config import Settings
 from tests.support import ClientProcess, Management, start_worker, stop_worker
 
 

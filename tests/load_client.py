@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from sdk import Job, JobClient, JobQueuesExpiredError, JobResult
+from ebb import Job, JobClient, JobQueuesExpiredError, JobResult
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ from urllib.parse import quote
 
 import requests
 
-from sdk.config import Settings
-from sdk.contract import QueueKind, queue_name
+from ebb.config import Settings
+from ebb.contract import QueueKind, queue_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from kombu.connection import Connection
 
-from sdk import Job, JobClient, JobQueuesExpiredError
-from sdk.config import Settings
-from sdk.contract import QueueKind, job_queue, queue_name
+from ebb import Job, JobClient, JobQueuesExpiredError
+from ebb.config import Settings
+from ebb.contract import QueueKind, job_queue, queue_name
 from tasks.audit import Auditor
 from tests.support import ROOT, ClientProcess, Management, start_worker, stop_worker, wait_until
 

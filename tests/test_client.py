@@ -15,7 +15,7 @@ import pytest
 from amqp import Message
 from kombu.connection import Connection
 
-from sdk import (
+from ebb import (
     CallbackError,
     Job,
     JobClient,
@@ -26,8 +26,8 @@ from sdk import (
     ProgressUpdate,
     UnknownWorkflowError,
 )
-from sdk.config import Settings
-from sdk.contract import QueueKind, encode
+from ebb.config import Settings
+from ebb.contract import QueueKind, encode
 from tests.support import ClientProcess, Management, wait_until
 
 
@@ -37,7 +37,7 @@ def test_reconnect_with_other_ttl_keeps_original_and_never_fails(
     caller = ClientProcess("demo.sleep", {"seconds": 0.3, "steps": 1}, ttl=30)
     job = Job.from_json(caller.job_json)
     caller.kill()
-    with JobClient(settings=settings) as client, caplog.at_level(logging.WARNING, "ebb.sdk"):
+    with JobClient(settings=settings) as client, caplog.at_level(logging.WARNING, "ebb.client"):
         client.connect_to_submitted_job(
             job,
             on_finished=lambda j, r: None,
@@ -318,7 +318,7 @@ def test_malformed_messages_are_logged_and_skipped(
         on_progress=lambda j, p: events.append(f"progress {p.seq}"),
         on_finished=lambda j, r: events.append("finished"),
     )
-    with caplog.at_level(logging.ERROR, "ebb.sdk"):
+    with caplog.at_level(logging.ERROR, "ebb.client"):
         _play_worker(
             settings,
             job,
@@ -342,7 +342,7 @@ def test_lost_straggler_does_not_hold_the_result_forever(
 ) -> None:
     job = silent_client.submit_job("demo.echo", {}, on_progress=lambda j, p: None)
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, "ebb.sdk"):
+    with caplog.at_level(logging.WARNING, "ebb.client"):
         _play_worker(settings, job, [(QueueKind.RESULT, _result_body(job, 3))])
         assert silent_client.wait(job, timeout=10).succeeded
     assert time.monotonic() - started < 5

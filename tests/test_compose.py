@@ -39,7 +39,7 @@ def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def variables_the_code_reads() -> set[str]:
-    source = Path(ROOT, "sdk", "config.py").read_text()
+    source = Path(ROOT, "sdk", "ebb", "config.py").read_text()
     return set(re.findall(r'"(EBB_[A-Z_]+)"', source))
 
 

@@ -8,11 +8,10 @@ from datetime import timedelta
 
 import pytest
 
-from sdk.config import Settings
-from sdk.contract import (
+from ebb.config import Settings
+from ebb.contract import (
     JobResult,
     JobStatus,
-    MalformedMessageError,
     QueueKind,
     TaskRequest,
     decode,
@@ -21,6 +20,7 @@ from sdk.contract import (
     parse_queue_name,
     queue_name,
 )
+from ebb.errors import MalformedMessageError
 
 
 def test_queue_names_round_trip_and_reject_strangers() -> None:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from sdk import JobClient, JobStatus, UnknownJobError
+from ebb import JobClient, JobStatus, UnknownJobError
 from tests.support import Management, wait_until
 
 

@@ -8,8 +8,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from sdk import JobClient, JobStatus
-from sdk.config import Settings
+from ebb import JobClient, JobStatus
+from ebb.config import Settings
 from tests.support import ROOT, start_worker, stop_worker
 
 

@@ -11,14 +11,15 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from sdk import Job, JobClient, JobResult, JobStatus
-from sdk.config import Settings
+from ebb import Job, JobClient, JobResult, JobStatus
+from ebb.config import Settings
 from tests.support import Management, kill_worker, start_worker, stop_worker, wait_until
 
 
 def close_connection_of(client: JobClient, settings: Settings) -> None:
     """Have the broker close this client's connection, as an operator (or a failover) would."""
-    port = client._loop_connection().connection.sock.getsockname()[1]
+    assert client._loop.connection is not None
+    port = client._loop.connection.connection.sock.getsockname()[1]
     auth = (settings.management_user, settings.management_password)
     url = f"{settings.management_url}/api/connections"
     assert wait_until(

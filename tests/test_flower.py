@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import requests
 
-from sdk import JobClient, JobStatus
-from sdk.config import Settings
+from ebb import JobClient, JobStatus
+from ebb.config import Settings
 from tests.support import ROOT, wait_until
 
 ARTIFACTS = Path(os.environ.get("EBB_TEST_ARTIFACTS", os.path.join(ROOT, "artifacts")))

@@ -11,8 +11,8 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from sdk import JobClient
-from sdk.config import Settings
+from ebb import JobClient
+from ebb.config import Settings
 from tests.support import ROOT, Management, wait_until
 
 CALLERS = 4

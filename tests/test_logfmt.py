@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from sdk.logfmt import format_event, log_events
+from ebb.logfmt import format_event, log_events
 
 
 def fields_of(line: str) -> dict[str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sdk import (
+from ebb import (
     Job,
     JobClient,
     JobQueuesExpiredError,
@@ -18,7 +18,7 @@ from sdk import (
     RegistryUnavailableError,
     UnknownJobError,
 )
-from sdk.config import Settings
+from ebb.config import Settings
 from tests.support import ClientProcess, Management, start_worker, stop_worker, wait_until
 
 DEAD_REDIS = "redis://127.0.0.1:6399/0"  # nothing listens there: Redis is "down" for these processes

@@ -13,9 +13,9 @@ import pytest
 import redis
 import requests
 
-from sdk import Job, JobClient, JobResult, JobStatus, RegistryUnavailableError
-from sdk.config import Settings
-from sdk.contract import QueueKind
+from ebb import Job, JobClient, JobResult, JobStatus, RegistryUnavailableError
+from ebb.config import Settings
+from ebb.contract import QueueKind
 from tests.support import ClientProcess, Management, start_worker, stop_worker, wait_until
 
 

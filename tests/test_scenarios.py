@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from sdk import Job, JobClient, JobQueuesExpiredError, JobStatus
-from sdk.config import Settings
-from sdk.contract import QueueKind
+from ebb import Job, JobClient, JobQueuesExpiredError, JobStatus
+from ebb.config import Settings
+from ebb.contract import QueueKind
 from tests.support import ClientProcess, Management, wait_until
 
 Events = list[tuple[str, object]]

@@ -18,9 +18,9 @@ import requests
 from amqp import Message
 from kombu.connection import Connection
 
-from sdk import JobClient, JobStatus
-from sdk.config import Settings
-from sdk.contract import QueueKind, TaskRequest, job_queue, queue_name
+from ebb import JobClient, JobStatus
+from ebb.config import Settings
+from ebb.contract import QueueKind, TaskRequest, job_queue, queue_name
 from tests.support import Management, start_worker, stop_worker, wait_until
 
 #: The permissions the README and docker-compose.yml give each role (configure, write, read).

@@ -1,6 +1,7 @@
 """The wire contract between callers and workers: queue names and arguments, message schema, statuses.
 
-Both ``sdk`` and ``tasks`` import this module and nothing else defines what crosses the broker.
+Both ``ebb`` (the caller library) and ``tasks`` import this module; nothing else defines what
+crosses the broker.
 Everything on the wire is JSON; a message that does not match this schema raises
 :class:`MalformedMessageError` rather than being guessed at.
 """
@@ -17,6 +18,8 @@ from enum import StrEnum
 from typing import Any, Final
 
 from kombu.entity import Queue
+
+from ebb.errors import JobFailedError, MalformedMessageError
 
 SCHEMA_VERSION: Final = 1
 TASK_NAME: Final = "ebb.run_job"
@@ -55,10 +58,6 @@ class JobStatus(StrEnum):
 TERMINAL_STATUSES: Final = frozenset(
     {JobStatus.SUCCEEDED, JobStatus.ERROR, JobStatus.CANCELLED, JobStatus.TIMEOUT}
 )
-
-
-class MalformedMessageError(ValueError):
-    """A message on a job queue or a task request that does not follow this contract."""
 
 
 def parse_job_id(value: object) -> uuid.UUID:
@@ -247,10 +246,8 @@ class JobResult:
         return self.status is JobStatus.SUCCEEDED
 
     def raise_for_status(self) -> JobResult:
-        """Raise :class:`sdk.JobFailedError` for an ERROR result; return ``self`` otherwise."""
+        """Raise :class:`ebb.JobFailedError` unless the job SUCCEEDED (ERROR, CANCELLED, TIMEOUT)."""
         if self.status is not JobStatus.SUCCEEDED:
-            from sdk.errors import JobFailedError
-
             raise JobFailedError(self)
         return self
 

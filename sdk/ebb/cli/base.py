@@ -1,4 +1,10 @@
-"""The command group, exit codes, and turning errors into one clear line each."""
+"""The command group, exit codes, and turning errors into one clear line each.
+
+The group holds the caller commands of this package and, imported only when one of them runs,
+operator commands that other installed distributions add through the ``ebb.commands`` entry
+point group (Ebb's service adds ``audit`` and ``demo``). So ``ebb submit`` never imports the
+worker side, and a caller without it has a working ``ebb``.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,20 @@ import re
 import sys
 from collections.abc import Callable
 from datetime import timedelta
+from importlib.metadata import Distribution, EntryPoint, entry_points
+from pathlib import Path
 from typing import Any, NoReturn, ParamSpec, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import click
 
-from sdk.errors import (
-    BrokerUnavailableError,
+from ebb.errors import (
+    EbbError,
     JobQueuesExpiredError,
+    UnavailableError,
     UnknownJobError,
     UnknownWorkflowError,
 )
-from sdk.registry import RegistryUnavailableError
-from tasks.broker_api import ManagementError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -38,7 +46,71 @@ EXIT_CODES_HELP = (
 )
 
 
-@click.group(epilog=EXIT_CODES_HELP)
+PLUGIN_GROUP = "ebb.commands"
+
+
+def _plugins() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP)}
+
+
+def _distribution_root(dist: Distribution | None) -> Path | None:
+    """Where a distribution's modules live: its source tree when installed editable (``pip -e``)."""
+    if dist is None:
+        return None
+    try:
+        info = json.loads(dist.read_text("direct_url.json") or "null")
+    except ValueError:
+        info = None
+    if isinstance(info, dict) and (info.get("dir_info") or {}).get("editable"):
+        url = urlsplit(str(info.get("url", "")))
+        if url.scheme == "file":
+            return Path(unquote(url.path))
+    return Path(str(dist.locate_file("")))
+
+
+def load_plugin(ep: EntryPoint) -> click.Command:
+    """Import an operator command from its own distribution, never from a same-named module of yours.
+
+    A caller's project often has a ``tasks.py`` of its own on ``PYTHONPATH``; the distribution's
+    root is put first on the path, and the module that gets imported is checked to come from it.
+    """
+    root = _distribution_root(ep.dist)
+    if root is not None and (not sys.path or sys.path[0] != str(root)):
+        sys.path.insert(0, str(root))
+    top = ep.module.split(".")[0]
+    try:
+        command = ep.load()
+    except Exception as exc:
+        raise click.ClickException(
+            f"'ebb {ep.name}' comes from {ep.dist.name if ep.dist else ep.module} and could not be "
+            f"loaded ({exc!r}); reinstall it: pip install -e . from Ebb's repository"
+        ) from exc
+    origin = getattr(sys.modules.get(top), "__file__", None) or ""
+    if root is not None and not Path(origin).resolve().is_relative_to(root.resolve()):
+        raise click.ClickException(
+            f"'ebb {ep.name}' needs Ebb's {top!r} package from {root}, but {top!r} is {origin}: "
+            "run it without your own module of that name on PYTHONPATH"
+        )
+    if not isinstance(command, click.Command):
+        raise click.ClickException(f"entry point {ep.value} is not a click command")
+    return command
+
+
+class EbbGroup(click.Group):
+    """Caller commands, plus operator commands from ``ebb.commands`` entry points, loaded on use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_plugins()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        ep = _plugins().get(cmd_name)
+        return load_plugin(ep) if ep is not None else None
+
+
+@click.group(cls=EbbGroup, epilog=EXIT_CODES_HELP)
 def main() -> None:
     """Ebb: Celery jobs whose per-job RabbitMQ queues clean themselves up."""
 
@@ -60,10 +132,12 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except (JobQueuesExpiredError, UnknownJobError) as exc:
             fail(EXIT_EXPIRED, str(exc), as_json=as_json)
-        except (BrokerUnavailableError, RegistryUnavailableError, ManagementError, ConnectionError) as exc:
+        except (UnavailableError, ConnectionError) as exc:
             fail(EXIT_UNREACHABLE, str(exc), as_json=as_json)
         except (UnknownWorkflowError, ValueError, TypeError) as exc:
             fail(EXIT_BAD_INPUT, str(exc), as_json=as_json)
+        except EbbError as exc:
+            fail(EXIT_JOB_FAILED, str(exc), as_json=as_json)
 
     return wrapper
 

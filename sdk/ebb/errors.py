@@ -1,4 +1,8 @@
-"""Exceptions a caller can catch, each saying what went wrong and what to do about it."""
+"""Every error Ebb raises on purpose: one root, ``EbbError``, each saying what went wrong and what to do.
+
+No kombu, amqp, socket or redis exception reaches a caller; the transports translate them into
+these, keeping the original as ``__cause__``.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,23 @@ import uuid
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sdk.contract import JobResult
+    from ebb.contract import JobResult
 
 
 class EbbError(Exception):
-    """Base class of every error the SDK raises on purpose."""
+    """Base class of every error Ebb raises on purpose."""
+
+
+class UnavailableError(EbbError, ConnectionError):
+    """A server Ebb needs (RabbitMQ, its management API, Redis) cannot be reached or did not answer."""
+
+
+class MalformedMessageError(EbbError, ValueError):
+    """A message on a job queue or a task request that does not follow the wire contract."""
+
+
+class RegistryUnavailableError(UnavailableError):
+    """The job registry (Redis) could not be reached for a lookup or a write that must happen."""
 
 
 class JobQueuesExpiredError(EbbError):
@@ -73,19 +89,28 @@ class UnknownJobError(EbbError, LookupError):
         )
 
 
-class BrokerUnavailableError(EbbError, ConnectionError):
-    """RabbitMQ cannot be reached right now; nothing was submitted or changed by this call."""
+class BrokerUnavailableError(UnavailableError):
+    """RabbitMQ cannot be reached, or did not answer within its bound; the client reconnects by itself.
+
+    ``job_id`` is set when a job's task may already have reached the broker (the connection
+    failed while waiting for its confirm): the job may still run, so look before submitting again.
+    """
+
+    def __init__(self, message: str, *, job_id: uuid.UUID | None = None) -> None:
+        self.job_id = job_id
+        super().__init__(message)
 
 
 class UnknownWorkflowError(EbbError, ValueError):
-    """No live worker advertises this workflow; nothing was declared or published."""
+    """No live worker (or, with ``queue=None``, not this worker) runs this workflow; nothing was sent."""
 
-    def __init__(self, workflow: str, known: list[str], queue: str) -> None:
+    def __init__(self, workflow: str, known: list[str], queue: str | None = None) -> None:
         self.workflow = workflow
         self.known = known
         listed = ", ".join(known) if known else "none (is a worker running? celery -A tasks worker)"
+        where = f"no worker on task queue {queue!r} runs" if queue else "this worker has no"
         super().__init__(
-            f"no worker on task queue {queue!r} runs workflow {workflow!r}; known workflows: {listed}. "
+            f"{where} workflow {workflow!r}; known workflows: {listed}. "
             "Register it with @workflow and list its module in EBB_WORKFLOW_MODULES."
         )
 

@@ -10,12 +10,8 @@ from datetime import timedelta
 import click
 import redis
 
-from sdk import Job, JobClient, JobResult, Settings
-from sdk.contract import parse_job_id
-from sdk.errors import UnknownJobError
-from sdk.registry import Registry
-from sdk.workers import list_workflows
-from tasks.cli.base import (
+from ebb import Job, JobClient, JobResult, Settings
+from ebb.cli.base import (
     EXIT_DETACHED,
     EXIT_JOB_FAILED,
     EXIT_OK,
@@ -26,7 +22,11 @@ from tasks.cli.base import (
     main,
     parse_params,
 )
-from tasks.cli.view import JobView
+from ebb.cli.view import JobView
+from ebb.contract import parse_job_id
+from ebb.errors import UnknownJobError
+from ebb.registry import Registry
+from ebb.workers import list_workflows
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 

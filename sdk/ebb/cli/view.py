@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from sdk import Job, JobResult, ProgressUpdate, StatusUpdate
+from ebb import Job, JobResult, ProgressUpdate, StatusUpdate
 
 
 class JobView:

@@ -3,40 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sdk.contract import QueueKind, parse_job_id, queue_name
-
-
-def validate_ttl(ttl: timedelta | float | None, *, default: timedelta, maximum: timedelta) -> timedelta:
-    """Turn ``auto_cleanup_after_ttl`` into a timedelta, refusing what RabbitMQ could not honour."""
-    if ttl is None:
-        return default
-    if isinstance(ttl, bool) or not isinstance(ttl, timedelta | int | float):
-        raise TypeError(
-            f"auto_cleanup_after_ttl must be a timedelta or a number of seconds, not {type(ttl).__name__}"
-        )
-    if isinstance(ttl, float) and not math.isfinite(ttl):
-        raise ValueError(f"auto_cleanup_after_ttl={ttl!r} is not a finite number of seconds")
-    try:
-        value = ttl if isinstance(ttl, timedelta) else timedelta(seconds=ttl)
-    except OverflowError:
-        raise ValueError(f"auto_cleanup_after_ttl={ttl!r} is far above EBB_MAX_TTL") from None
-    if value < timedelta(milliseconds=1):
-        raise ValueError(
-            f"auto_cleanup_after_ttl={ttl!r} must be at least 1 ms; every job queue expires, "
-            "there is no 'never'"
-        )
-    if value > maximum:
-        raise ValueError(
-            f"auto_cleanup_after_ttl={value} exceeds the maximum of {maximum}; "
-            "use a shorter TTL or raise EBB_MAX_TTL"
-        )
-    return value
+from ebb.contract import QueueKind, parse_job_id, queue_name
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Operator commands: the one-command demo and the orphaned-queue audit."""
+"""Operator commands, ``ebb demo`` and ``ebb audit``: they need the worker side, so they live here.
+
+The service's distribution adds them to the caller library's ``ebb`` command through the
+``ebb.commands`` entry point group (see ``pyproject.toml``).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,23 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
 import redis
 
-from sdk import Job, JobClient, JobResult, ProgressUpdate, Settings, StatusUpdate
-from sdk.workers import list_workflows
+from ebb import Job, JobClient, JobResult, ProgressUpdate, Settings, StatusUpdate
+from ebb.cli.base import handles_errors
+from ebb.workers import list_workflows
 from tasks.audit import Auditor, AuditReport
 from tasks.broker_api import BrokerAPI
-from tasks.cli.base import handles_errors, main
+
+SERVICE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def _worker_running(settings: Settings) -> bool:
-    """A live worker on our task queue advertises demo.sleep in Redis (see sdk.workers)."""
+    """A live worker on our task queue advertises demo.sleep in Redis (see ebb.workers)."""
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
         return any(w.name == "demo.sleep" for w in list_workflows(client, settings.task_queue))
@@ -47,10 +54,11 @@ def _start_worker() -> subprocess.Popen[bytes]:
             f"ebb-demo-{os.getpid()}@%h",
         ],
         stdout=subprocess.DEVNULL,
+        cwd=SERVICE_ROOT,  # Celery imports -A tasks from here, never a user's tasks.py on the path
     )
 
 
-@main.command()
+@click.command()
 @handles_errors
 @click.option("--seconds", default=2.0, show_default=True, help="How long the demo job sleeps.")
 @click.option("--steps", default=4, show_default=True, help="How many progress reports it sends.")
@@ -102,7 +110,7 @@ def demo(seconds: float, steps: int) -> None:
             worker.wait(30)
 
 
-@main.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--delete-unexpiring",

@@ -65,7 +65,10 @@ class Settings:
     task_queue: str = "ebb.jobs"
     workflow_modules: tuple[str, ...] = field(default_factory=tuple)
     heartbeat: float = 60.0
+    broker_timeout: float = 30.0
     reconnect_timeout: float = 120.0
+    keep_results: int = 1000
+    keep_results_bytes: int = 16 * 1024 * 1024
     max_attempts: int = 3
     check_workflows: bool = True
     max_params_bytes: int = 1_048_576
@@ -99,7 +102,10 @@ class Settings:
             task_queue=env.get("EBB_TASK_QUEUE") or default.task_queue,
             workflow_modules=modules,
             heartbeat=_seconds(env, "EBB_HEARTBEAT", default.heartbeat),
+            broker_timeout=_seconds(env, "EBB_BROKER_TIMEOUT", default.broker_timeout),
             reconnect_timeout=_seconds(env, "EBB_RECONNECT_TIMEOUT", default.reconnect_timeout),
+            keep_results=_count(env, "EBB_KEEP_RESULTS", default.keep_results),
+            keep_results_bytes=_count(env, "EBB_KEEP_RESULTS_BYTES", default.keep_results_bytes),
             max_attempts=_count(env, "EBB_MAX_ATTEMPTS", default.max_attempts),
             check_workflows=_flag(env, "EBB_CHECK_WORKFLOWS", default.check_workflows),
             max_params_bytes=_count(env, "EBB_MAX_PARAMS_BYTES", default.max_params_bytes),

@@ -1,0 +1,46 @@
+"""Ebb's caller library: submit Celery jobs whose RabbitMQ reply queues clean themselves up."""
+
+from ebb.client import JobClient
+from ebb.config import Settings
+from ebb.contract import JobError, JobResult, JobStatus, ProgressUpdate, QueueKind, StatusUpdate
+from ebb.errors import (
+    BrokerUnavailableError,
+    CallbackError,
+    ClientClosedError,
+    EbbError,
+    JobFailedError,
+    JobQueuesExpiredError,
+    MalformedMessageError,
+    RegistryUnavailableError,
+    UnavailableError,
+    UnknownJobError,
+    UnknownWorkflowError,
+)
+from ebb.job import Job
+from ebb.records import JobRecord
+from ebb.workers import WorkflowInfo
+
+__all__ = [
+    "BrokerUnavailableError",
+    "CallbackError",
+    "ClientClosedError",
+    "EbbError",
+    "Job",
+    "JobClient",
+    "JobError",
+    "JobFailedError",
+    "JobQueuesExpiredError",
+    "JobRecord",
+    "JobResult",
+    "JobStatus",
+    "MalformedMessageError",
+    "ProgressUpdate",
+    "QueueKind",
+    "RegistryUnavailableError",
+    "Settings",
+    "StatusUpdate",
+    "UnavailableError",
+    "UnknownJobError",
+    "UnknownWorkflowError",
+    "WorkflowInfo",
+]

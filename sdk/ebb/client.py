@@ -1,0 +1,716 @@
+"""``JobClient``: argument checks, then the job core (``ebb.core``) on the one-thread transport.
+
+The client keeps one :class:`~ebb.core.JobTracker` per connected job and carries out what it
+decides on the AMQP connection that :class:`~ebb.sync.BrokerLoop` owns. Policy (dedupe, the
+straggler grace, what a raising callback means, when queues go) lives in the tracker; this
+module holds only I/O: declares, publishes and their confirms, consumers, probes, deletes,
+registry writes and the user's callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import amqp
+from amqp import spec
+from amqp.exceptions import NotFound
+from kombu.connection import Connection
+
+from ebb import checks, contract, core
+from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
+from ebb.config import Settings
+from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
+from ebb.errors import (
+    BrokerUnavailableError,
+    ClientClosedError,
+    EbbError,
+    JobQueuesExpiredError,
+    RegistryUnavailableError,
+    UnknownJobError,
+)
+from ebb.job import Job
+from ebb.logfmt import log_event
+from ebb.records import NOT_SUBMITTED, SUBMITTED, JobRecord
+from ebb.registry import Registry
+from ebb.sync import BrokerLoop, Confirms
+from ebb.workers import WorkflowCatalog, WorkflowInfo
+
+logger = logging.getLogger("ebb.client")
+
+OnFinished = Callable[[Job, JobResult], Any]
+OnProgress = Callable[[Job, ProgressUpdate], Any]
+OnStatus = Callable[[Job, StatusUpdate], Any]
+
+
+@dataclass(eq=False)
+class _Watch:
+    """One job this client is connected to: its tracker, callbacks and consumers, and its outcome."""
+
+    job: Job
+    tracker: core.JobTracker[amqp.Message]
+    callbacks: dict[core.Callback, Callable[[Job, Any], Any]]
+    #: The TTL the registry record has; ``None`` when unknown (a bare id with no record).
+    record_ttl: timedelta | None
+    consumers: dict[QueueKind, str] = field(default_factory=dict)
+    result: JobResult | None = None
+    error: EbbError | None = None
+    abandoned: bool = False  # the submitting caller gave up waiting for the task's confirm
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class JobClient:
+    """A caller's connection to Ebb: one AMQP connection and one consumer thread for all its jobs.
+
+    Callbacks (``on_finished``, ``on_progress``, ``on_status``) run on the client's consumer
+    thread, one at a time, in arrival order per queue. Keep them short; they may call
+    ``submit_job``/``connect_to_submitted_job`` but not ``wait`` or ``close``.
+    """
+
+    def __init__(self, broker_url: str | None = None, *, settings: Settings | None = None) -> None:
+        base = settings or Settings.from_env()
+        if broker_url is not None:
+            base = dataclasses.replace(base, broker_url=broker_url)
+        self.settings = base
+        self._registry = Registry(base.redis_url, base.registry_grace)
+        self._catalog = WorkflowCatalog(self._registry.client, base.task_queue, enabled=base.check_workflows)
+        self._messages = TaskMessages()
+        self._watches: dict[uuid.UUID, _Watch] = {}
+        self._finished = core.FinishedJobs(base.keep_results, base.keep_results_bytes)
+        self._inbox: deque[tuple[_Watch, QueueKind, amqp.Message]] = deque()
+        self._settled: deque[Callable[[], None]] = deque()
+        self._timers: list[tuple[float, int, uuid.UUID]] = []
+        self._timer_seq = itertools.count()
+        self._tags = itertools.count(1)
+        self._lock = threading.Lock()
+        self._cleanup_pending: dict[uuid.UUID, frozenset[QueueKind]] = {}
+        self._consume_channel: amqp.Channel
+        self._publish_channel: amqp.Channel
+        self._confirms: Confirms
+        self._probe_channel: amqp.Channel | None = None
+        self._loop = BrokerLoop(
+            self._open_connection,
+            on_connected=self._on_connected,
+            after_io=self._after_io,
+            on_tick=self._on_tick,
+            on_lost=self._on_lost,
+            on_failure=self._on_failure,
+            broker_timeout=base.broker_timeout,
+            reconnect_timeout=base.reconnect_timeout,
+        )
+        try:
+            self._loop.start()
+        except Exception as exc:
+            raise BrokerUnavailableError(
+                f"cannot reach RabbitMQ at {_safe_url(base.broker_url)}: {exc}. Start the broker or "
+                "set EBB_BROKER_URL."
+            ) from exc
+
+    # --- connection ----------------------------------------------------------------------
+
+    def _open_connection(self) -> Connection:
+        bound = self.settings.broker_timeout
+        connection = Connection(
+            self.settings.broker_url,
+            heartbeat=self.settings.heartbeat,
+            connect_timeout=min(10.0, bound),
+            transport_options={"write_timeout": bound},
+        )
+        connection.ensure_connection(max_retries=1)
+        return connection
+
+    def _on_connected(self, connection: Connection, reconnected: bool) -> None:
+        """Open the channels; after a reconnect, resume every job this client was watching."""
+        with self._loop.bounded():
+            self._consume_channel = connection.channel()
+            self._consume_channel.basic_qos(0, 0, False)
+            self._open_publish_channel(connection)
+        self._probe_channel = None
+        if not reconnected:
+            return
+        self._inbox.clear()  # unacked deliveries of the old channel come again
+        for job_id, kinds in list(self._cleanup_pending.items()):
+            self._delete_queues(job_id, kinds)
+        for watch in list(self._watches.values()):
+            watch.consumers.clear()
+            if watch.tracker.finished and watch.tracker.auto_disconnect:
+                continue
+            present = self._probe_queues(watch.job.id, set(watch.job.queues))
+            self._carry_out(watch, watch.tracker.consume(frozenset(present)))
+        log_event(logger, logging.INFO, "jobs_resumed", jobs=len(self._watches))
+
+    def _open_publish_channel(self, connection: Connection) -> None:
+        channel = connection.channel()
+        channel.confirm_select()
+        # Celery's event exchange, declared as Celery declares it, for the task-sent events.
+        channel.exchange_declare(EVENT_EXCHANGE, "topic", durable=True, auto_delete=False, nowait=True)
+        self._publish_channel = channel
+        self._confirms = Confirms(channel)
+
+    def _on_lost(self, cause: BaseException) -> None:
+        self._confirms.fail_all()
+        self._run_settled()
+        for watch in list(self._watches.values()):
+            watch.tracker.connection_lost()
+
+    def _on_failure(self, exc: BaseException) -> None:
+        error = ClientClosedError(
+            f"the client lost its broker connection ({exc!r}); the job's queues keep what arrives "
+            "until their TTL runs out: reconnect with a new JobClient and connect_to_submitted_job"
+        )
+        for watch in list(self._watches.values()):
+            self._carry_out(watch, watch.tracker.abandon(error))
+
+    # --- public API ----------------------------------------------------------------------
+
+    def submit_job(
+        self,
+        workflow: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        on_finished: OnFinished | None = None,
+        on_progress: OnProgress | None = None,
+        on_status: OnStatus | None = None,
+        auto_disconnect_on_result: bool = True,
+        auto_cleanup_after_ttl: timedelta | float | None = None,
+        reference: str | None = None,
+        job_timeout: timedelta | float | None = None,
+    ) -> Job:
+        """Declare the job's queues, then publish it; return once the broker has confirmed both.
+
+        Only the queues you asked callbacks for are created (the result queue always is).
+        ``job_timeout`` limits the job's running time (time spent queued does not count); a job
+        that runs longer is stopped and ends with status TIMEOUT. Waits at most
+        ``EBB_BROKER_TIMEOUT`` for the broker; a dead connection is noticed within two
+        heartbeat intervals (``EBB_HEARTBEAT``).
+        """
+        params_dict = checks.job_params(workflow, params, self.settings.max_params_bytes)
+        ttl = checks.validate_ttl(
+            auto_cleanup_after_ttl, default=self.settings.default_ttl, maximum=self.settings.max_ttl
+        )
+        timeout = checks.job_timeout_seconds(job_timeout)
+        self._catalog.check(workflow, self._task_queue_consumers)
+        kinds = checks.wanted_queues(on_progress, on_status)
+        job = Job(id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=kinds, reference=reference)
+        watch = self._watch(job, ttl, auto_disconnect_on_result, on_finished, on_progress, on_status)
+        request = contract.TaskRequest(job.id, workflow, params_dict, job.queues, ttl, timeout)
+        now = time.time()
+        # Written before the task exists, so the worker's RUNNING can never be overwritten.
+        self._registry.write(
+            job.id,
+            ttl,
+            {
+                "workflow": workflow,
+                "reference": reference,
+                "status": SUBMITTED,
+                "submitted_at": now,
+                "result_delivered": False,
+                "queues_last_in_use": now,
+            },
+        )
+        try:
+            future: Future[Job] = self._loop.submit(lambda f: self._submit_on_loop(watch, request, f))
+            self._loop.result(future, f"submitting job {job.id}")
+        except BrokerUnavailableError as exc:
+            watch.abandoned = True
+            if exc.job_id is None:  # certainly not published
+                self._registry.write(job.id, ttl, {"status": NOT_SUBMITTED})
+            raise
+        except EbbError:
+            self._registry.write(job.id, ttl, {"status": NOT_SUBMITTED})
+            raise
+        log_event(logger, logging.INFO, "job_submitted", job_id=job.id, workflow=workflow, ttl=ttl)
+        return job
+
+    def connect_to_submitted_job(
+        self,
+        job: Job | uuid.UUID | str,
+        *,
+        on_finished: OnFinished | None = None,
+        on_progress: OnProgress | None = None,
+        on_status: OnStatus | None = None,
+        auto_disconnect_on_result: bool = True,
+        auto_cleanup_after_ttl: timedelta | float | None = None,
+    ) -> Job:
+        """Reattach to a job submitted earlier, here or by another process, and receive what waited.
+
+        Queues are only probed (passive declare), never re-declared: their ``x-expires`` stays
+        what it was at submission, because RabbitMQ cannot change it on an existing queue. A
+        different ``auto_cleanup_after_ttl`` is validated, logged as ignored, and not applied.
+        Given a bare id, the job's workflow and TTL come from the registry.
+        Raises :class:`JobQueuesExpiredError` when the result queue no longer exists.
+        """
+        known = job if isinstance(job, Job) else None
+        job_id = known.id if known else contract.parse_job_id(job)
+        if auto_cleanup_after_ttl is not None:
+            requested = checks.validate_ttl(
+                auto_cleanup_after_ttl, default=self.settings.default_ttl, maximum=self.settings.max_ttl
+            )
+            if known is None or requested != known.ttl:
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "ttl_not_changed",
+                    job_id=job_id,
+                    requested_ttl=requested,
+                    kept_ttl=known.ttl if known else "as submitted",
+                    reason="x-expires is fixed when a queue is declared",
+                )
+        wanted = checks.wanted_queues(on_progress, on_status)
+        if known is not None and not wanted <= known.queues:
+            missing = ", ".join(sorted(k.value for k in wanted - known.queues))
+            raise ValueError(
+                f"job {job_id} was submitted without a {missing} queue, so there is nothing to "
+                f"deliver to that callback; drop it or submit with it next time"
+            )
+        handle, record_ttl = (known, known.ttl) if known else self._describe_from_registry(job_id)
+
+        def connect() -> bool:
+            if job_id in self._watches:
+                raise ValueError(f"job {job_id} is already connected to this client")
+            present = self._probe_queues(job_id, set(wanted))
+            if QueueKind.RESULT not in present:
+                return False
+            for kind in wanted - present:
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "queue_missing",
+                    job_id=job_id,
+                    queue=contract.queue_name(job_id, kind),
+                    detail="job was submitted without it; its callback will not be called",
+                )
+            watch = self._watch(
+                handle, record_ttl, auto_disconnect_on_result, on_finished, on_progress, on_status
+            )
+            self._carry_out(watch, watch.tracker.consume(frozenset(present)))
+            return True
+
+        if not self._loop.call(connect, f"connecting to job {job_id}"):
+            raise JobQueuesExpiredError(job_id, self._registry_story(job_id))
+        if record_ttl is not None:
+            self._registry.write(job_id, record_ttl, {"queues_last_in_use": time.time()})
+        log_event(logger, logging.INFO, "job_connected", job_id=job_id)
+        return handle
+
+    def disconnect_from_submitted_job(
+        self, job: Job | uuid.UUID | str, *, delete_queues: bool | None = None
+    ) -> None:
+        """Stop listening to a job.
+
+        By default its remaining queues are deleted if its result was already received, and
+        kept otherwise (their TTL starts, so you can reconnect until it runs out). Pass
+        ``delete_queues=True`` to abandon an unfinished job's queues, ``False`` to keep them.
+        """
+        job_id = _job_id(job)
+
+        def disconnect() -> None:
+            watch = self._watches.get(job_id)
+            if watch is None:
+                raise ValueError(f"job {job_id} is not connected to this client")
+            self._carry_out(watch, watch.tracker.disconnect(delete_queues, time.time()))
+
+        self._loop.call(disconnect, f"disconnecting from job {job_id}")
+        log_event(logger, logging.INFO, "job_disconnected", job_id=job_id)
+
+    def wait(self, job: Job | uuid.UUID | str, timeout: float | None = None) -> JobResult:
+        """Block until the job's result has been delivered (and its queues cleaned up).
+
+        Returns ERROR, CANCELLED and TIMEOUT results too: ``result.raise_for_status()`` turns them
+        into :class:`JobFailedError`. Raises :class:`CallbackError` if one of your callbacks
+        raised, ``TimeoutError`` after ``timeout`` seconds (the job goes on running).
+        """
+        if self._loop.on_loop_thread:
+            raise RuntimeError("wait() cannot be called from a callback: it would block the client")
+        job_id = _job_id(job)
+        with self._lock:
+            watch = self._watches.get(job_id) or self._finished.get(job_id)
+        if watch is None:
+            raise ValueError(
+                f"job {job_id} is not known to this client; submit it or connect_to_submitted_job "
+                "first (outcomes of finished jobs are kept for the last EBB_KEEP_RESULTS jobs, "
+                "at most EBB_KEEP_RESULTS_BYTES)"
+            )
+        if not watch.done.wait(timeout):
+            raise TimeoutError(
+                f"job {job_id} has no result after {timeout} s; it is still running, call wait() again"
+            )
+        if watch.error is not None:
+            raise watch.error
+        if watch.result is None:
+            raise ClientClosedError(f"job {job_id} ended without a result")
+        return watch.result
+
+    def cancel_job(self, job: Job | uuid.UUID | str) -> None:
+        """Ask for the job to stop: a queued job never starts, a running one is interrupted.
+
+        Returns at once; the caller then receives status CANCELLED and a CANCELLED result on the
+        job's queues, which are cleaned up as for any result. A job that already finished keeps
+        its result. Needs the registry (Redis): raises ``RegistryUnavailableError`` without it.
+        """
+        job_id = _job_id(job)
+        record = self._registry.get(job_id)
+        if record is None:
+            raise UnknownJobError(job_id)
+        if record.ttl is None or not self._registry.write(
+            job_id, record.ttl, {"cancel_requested_at": time.time()}
+        ):
+            raise RegistryUnavailableError(f"could not record the cancellation of job {job_id} in Redis")
+        log_event(logger, logging.INFO, "job_cancel_requested", job_id=job_id, status=record.status)
+
+    def job_status(self, job: Job | uuid.UUID | str) -> JobRecord:
+        """What the registry knows of a job, read from Redis without touching its queues.
+
+        Never renews the queues' TTL. Raises :class:`UnknownJobError` for a job the registry
+        has no record of, ``RegistryUnavailableError`` when Redis cannot be reached.
+        """
+        job_id = _job_id(job)
+        record = self._registry.get(job_id)
+        if record is None:
+            raise UnknownJobError(job_id)
+        return record
+
+    def list_workflows(self) -> list[WorkflowInfo]:
+        """Workflows the live workers on this client's task queue advertise (read from Redis)."""
+        return self._catalog.list()
+
+    def close(self) -> None:
+        """Close the connection. Jobs still running keep their queues until their TTL runs out."""
+        self._loop.stop()
+        with self._lock:
+            open_watches = list(self._watches.values())
+        now = time.time()
+        for watch in open_watches:  # their TTL clock starts now
+            if watch.record_ttl is not None:
+                self._registry.write(watch.job.id, watch.record_ttl, {"queues_last_in_use": now})
+            self._carry_out(
+                watch,
+                watch.tracker.abandon(
+                    ClientClosedError(
+                        f"job {watch.job.id}: the client was closed before the result arrived; the "
+                        "queues keep what arrives until their TTL runs out: connect_to_submitted_job"
+                    )
+                ),
+            )
+        connection = self._loop.connection
+        if connection is not None:
+            with contextlib.suppress(Exception):  # already broken: nothing left to release
+                connection.release()
+
+    def __enter__(self) -> JobClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- helpers on the caller's thread --------------------------------------------------
+
+    def _watch(
+        self,
+        job: Job,
+        record_ttl: timedelta | None,
+        auto_disconnect: bool,
+        on_finished: OnFinished | None,
+        on_progress: OnProgress | None,
+        on_status: OnStatus | None,
+    ) -> _Watch:
+        callbacks: dict[core.Callback, Callable[[Job, Any], Any]] = {}
+        for name, callback in (
+            (core.Callback.ON_FINISHED, on_finished),
+            (core.Callback.ON_PROGRESS, on_progress),
+            (core.Callback.ON_STATUS, on_status),
+        ):
+            if callback is not None:
+                callbacks[name] = callback
+        return _Watch(job, core.JobTracker(job, auto_disconnect=auto_disconnect), callbacks, record_ttl)
+
+    def _describe_from_registry(self, job_id: uuid.UUID) -> tuple[Job, timedelta | None]:
+        """A handle for a bare id: workflow and TTL from the registry, or placeholders if it has none."""
+        try:
+            record = self._registry.get(job_id)
+        except RegistryUnavailableError:
+            record = None
+        queues = frozenset(QueueKind)  # unknown: cleanup covers all three names
+        if record is None:
+            return Job(job_id, "?", self.settings.default_ttl, queues), None
+        ttl = record.ttl or self.settings.default_ttl
+        return Job(job_id, record.workflow or "?", ttl, queues, record.reference), record.ttl
+
+    def _registry_story(self, job_id: uuid.UUID) -> str:
+        try:
+            record = self._registry.get(job_id)
+        except RegistryUnavailableError as exc:  # the error is about the queues; this only adds colour
+            return f"(The job registry could not be asked: {exc}.)"
+        if record is None:
+            return "The job registry has no record of it either: never submitted, or long forgotten."
+        return f"Registry: {record.story()}."
+
+    def _task_queue_consumers(self) -> int:
+        """Workers reading the task queue, asked with a passive declare (the workers' queue, no TTL)."""
+
+        def probe() -> int:
+            ok = self._passive_declare(self.settings.task_queue)
+            return 0 if ok is None else int(ok[2])
+
+        return self._loop.call(probe, "asking for the task queue's consumers")
+
+    # --- on the loop thread --------------------------------------------------------------
+
+    def _submit_on_loop(self, watch: _Watch, request: contract.TaskRequest, future: Future[Job]) -> None:
+        job = watch.job
+        channel = self._publish_channel
+        for kind in sorted(job.queues):
+            contract.job_queue(job.id, kind, job.ttl).queue_declare(nowait=True, channel=channel)
+        # The task queue belongs to the workers: callers never declare it (and need no permission
+        # to), and a task with no queue to go to comes back (mandatory) instead of vanishing.
+        message, sent_event = self._messages.task(request)
+        task_queue = self.settings.task_queue
+        self._confirms.publish(
+            message,
+            exchange="",
+            routing_key=task_queue,
+            mandatory=True,
+            # Runs while frames are read: the work waits for the loop, never recurses into py-amqp.
+            on_settled=lambda outcome: self._settled.append(
+                lambda: self._task_settled(watch, future, outcome)
+            ),
+            deadline=time.monotonic() + self.settings.broker_timeout,
+        )
+        self._confirms.publish(
+            self._messages.sent_event(sent_event, task_queue),
+            exchange=EVENT_EXCHANGE,
+            routing_key=EVENT_ROUTING_KEY,
+        )
+
+    def _task_settled(self, watch: _Watch, future: Future[Job], outcome: str | None) -> None:
+        """The broker's answer to a job's task publish (the declares before it are done then)."""
+        job = watch.job
+        if outcome is None:
+            if watch.abandoned:  # the caller stopped waiting: its queues wait (TTL) for a reconnect
+                return
+            with self._lock:
+                self._watches[job.id] = watch
+            self._carry_out(watch, watch.tracker.consume(job.queues))
+            future.set_result(job)
+            return
+        if outcome in ("returned", "nacked"):
+            self._delete_queues(job.id, job.queues)
+            why = (
+                f"task queue {self.settings.task_queue!r} does not exist, so job {job.id} was not "
+                "submitted: start a worker (celery -A tasks worker) or check EBB_TASK_QUEUE"
+                if outcome == "returned"
+                else f"RabbitMQ refused (nacked) the task of job {job.id}; it was not submitted"
+            )
+            future.set_exception(BrokerUnavailableError(why))
+            return
+        future.set_exception(
+            BrokerUnavailableError(
+                f"RabbitMQ did not confirm the task of job {job.id} ({outcome}, bound "
+                f"{self.settings.broker_timeout:g} s); it may still run: look with ebb status {job.id} "
+                "or connect_to_submitted_job before submitting again",
+                job_id=job.id,
+            )
+        )
+
+    def _passive_declare(self, name: str) -> tuple[str, int, int] | None:
+        """``(name, messages, consumers)``, or ``None`` when the queue does not exist.
+
+        Asked on a channel of its own, since the 404 closes it (and would silently drop the
+        consumers of a shared one).
+        """
+        connection = self._loop.connection
+        assert connection is not None
+        if self._probe_channel is None or not self._probe_channel.is_open:
+            with self._loop.bounded():
+                self._probe_channel = connection.channel()
+        channel = self._probe_channel
+        try:
+            reply = self._loop.rpc(
+                lambda: channel.send_method(
+                    spec.Queue.Declare, "BsbbbbbF", (0, name, True, False, False, False, False, {})
+                ),
+                channel,
+                spec.Queue.DeclareOk,
+                f"a passive declare of {name}",
+            )
+        except NotFound:
+            self._probe_channel = None
+            return None
+        return str(reply[0]), int(reply[1]), int(reply[2])
+
+    def _probe_queues(self, job_id: uuid.UUID, kinds: set[QueueKind]) -> set[QueueKind]:
+        """Which of the job's queues exist (result first: without it the rest does not matter)."""
+        present: set[QueueKind] = set()
+        for kind in sorted(kinds):
+            if self._passive_declare(contract.queue_name(job_id, kind)) is not None:
+                present.add(kind)
+            elif kind is QueueKind.RESULT:
+                return present
+        return present
+
+    def _delete_queues(self, job_id: uuid.UUID, kinds: frozenset[QueueKind]) -> None:
+        self._cleanup_pending[job_id] = kinds  # done again after a reconnect if cut off here
+        channel = self._publish_channel
+        names = [contract.queue_name(job_id, k) for k in sorted(kinds)]
+        for name in names[:-1]:
+            channel.queue_delete(name, nowait=True)
+        if names:
+            # The last delete waits for its reply, so all of them are done when this returns.
+            last = names[-1]
+            self._loop.rpc(
+                lambda: channel.send_method(spec.Queue.Delete, "Bsbbb", (0, last, False, False, False)),
+                channel,
+                spec.Queue.DeleteOk,
+                f"deleting {last}",
+            )
+        for name in names:
+            log_event(logger, logging.DEBUG, "queue_deleted", job_id=job_id, queue=name)
+        self._cleanup_pending.pop(job_id, None)
+
+    def _after_io(self) -> None:
+        while self._inbox:
+            watch, kind, message = self._inbox.popleft()
+            if self._watches.get(watch.job.id) is not watch:  # it left: keep the message queued
+                self._settle(message, requeue=True)
+                continue
+            self._carry_out(
+                watch,
+                watch.tracker.received(kind, message.body, message.content_type, message, time.time()),
+            )
+
+    def _on_tick(self) -> None:
+        self._run_settled()
+        self._confirms.expire(time.monotonic())
+        self._run_settled()
+        now = time.time()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, job_id = heapq.heappop(self._timers)
+            watch = self._watches.get(job_id)
+            if watch is not None:
+                self._carry_out(watch, watch.tracker.tick(now))
+
+    def _run_settled(self) -> None:
+        while self._settled:
+            self._settled.popleft()()
+
+    def _carry_out(self, watch: _Watch, actions: list[core.Action]) -> None:
+        """Do what the tracker decided, in order; a callback's outcome goes back to the tracker."""
+        todo = deque(actions)
+        while todo:
+            action = todo.popleft()
+            if isinstance(action, core.Deliver):
+                error = self._run_callback(watch, action)
+                todo.extendleft(reversed(watch.tracker.delivered(error, time.time())))
+            elif isinstance(action, core.Ack):
+                self._settle(action.token, requeue=False)
+            elif isinstance(action, core.Requeue):
+                self._settle(action.token, requeue=True)
+            elif isinstance(action, core.Consume):
+                self._consume(watch, action.kinds)
+            elif isinstance(action, core.StopConsuming):
+                self._stop_consuming(watch, action.kinds)
+            elif isinstance(action, core.DeleteQueues):
+                for kind in action.kinds:  # RabbitMQ cancels their consumers with the queue
+                    watch.consumers.pop(kind, None)
+                self._delete_queues(watch.job.id, action.kinds)
+            elif isinstance(action, core.Record):
+                if watch.record_ttl is not None:
+                    self._registry.write(watch.job.id, watch.record_ttl, action.fields)
+            elif isinstance(action, core.WakeAt):
+                heapq.heappush(self._timers, (action.at, next(self._timer_seq), watch.job.id))
+            elif isinstance(action, core.Finish):
+                self._finish(watch, action)
+
+    def _run_callback(self, watch: _Watch, action: core.Deliver) -> Exception | None:
+        callback = watch.callbacks.get(action.callback)
+        if callback is None:
+            return None
+        try:
+            callback(watch.job, action.payload)
+        except Exception as exc:
+            return exc
+        return None
+
+    def _finish(self, watch: _Watch, action: core.Finish) -> None:
+        watch.result, watch.error = action.result, action.error
+        if action.retire:
+            with self._lock:
+                if self._watches.get(watch.job.id) is watch:
+                    del self._watches[watch.job.id]
+                self._finished.add(watch.job.id, watch, action.size)
+            watch.callbacks = {}  # a finished job keeps no reference to the caller's objects
+        watch.done.set()
+
+    def _consume(self, watch: _Watch, kinds: frozenset[QueueKind]) -> None:
+        for kind in sorted(kinds):
+            tag = f"ebb.{next(self._tags)}"
+
+            def on_message(message: amqp.Message, _watch: _Watch = watch, _kind: QueueKind = kind) -> None:
+                self._inbox.append((_watch, _kind, message))
+
+            self._consume_channel.basic_consume(
+                queue=contract.queue_name(watch.job.id, kind),
+                consumer_tag=tag,
+                callback=on_message,
+                on_cancel=_cancelled_by_broker,
+                nowait=True,
+            )
+            watch.consumers[kind] = tag
+
+    def _stop_consuming(self, watch: _Watch, kinds: frozenset[QueueKind]) -> None:
+        channel = self._consume_channel
+        for kind in kinds:
+            tag = watch.consumers.pop(kind, None)
+            if tag is not None:
+                channel.basic_cancel(tag, nowait=True)
+                # py-amqp forgets a consumer only when CancelOk arrives, which nowait never
+                # asks for: forget it here, or every job would leave its callbacks behind.
+                channel.callbacks.pop(tag, None)
+                channel.cancel_callbacks.pop(tag, None)
+
+    def _settle(self, message: amqp.Message, *, requeue: bool) -> None:
+        """Ack or requeue on the channel the delivery came on; after a reconnect it comes again."""
+        channel = message.channel
+        if channel is not self._consume_channel or not channel.is_open:
+            return
+        tag = message.delivery_info["delivery_tag"]
+        if requeue:
+            channel.basic_reject(tag, requeue=True)
+        else:
+            channel.basic_ack(tag)
+
+
+def _cancelled_by_broker(consumer_tag: str) -> None:
+    """RabbitMQ cancels the consumers of a queue that is deleted; nothing more to do."""
+
+
+def _job_id(job: Job | uuid.UUID | str) -> uuid.UUID:
+    return job.id if isinstance(job, Job) else contract.parse_job_id(job)
+
+
+def _safe_url(url: str) -> str:
+    """The broker URL without its password, for error messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url

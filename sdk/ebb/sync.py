@@ -1,0 +1,435 @@
+"""The synchronous transport's engine: one thread owns the client's one AMQP connection.
+
+py-amqp connections are not thread-safe, and publishing from inside a delivery callback
+recurses through py-amqp's frame reader. So deliveries only land in an inbox while frames are
+read, and all publishing, acking and user callbacks happen between reads, on this thread.
+
+Every wait is bounded. The loop never blocks on a confirm: publishes are settled as the
+broker's acks arrive (:class:`Confirms`). The few waits that remain (a passive declare, a
+delete, opening channels) are :meth:`BrokerLoop.rpc` calls that keep reading frames and checking
+heartbeats while they wait. A connection from which no frame (not even a heartbeat) arrived for
+two heartbeat intervals is declared dead, half-open or not, and replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from queue import Empty, SimpleQueue
+from typing import Any, TypeVar
+
+import amqp
+import amqp.exceptions
+import kombu.exceptions
+from kombu.connection import Connection
+
+from ebb.errors import BrokerUnavailableError, ClientClosedError, EbbError
+from ebb.logfmt import log_event
+
+T = TypeVar("T")
+logger = logging.getLogger("ebb.client")
+
+
+class ConnectionDead(ConnectionError):
+    """No frame from the broker for two heartbeat intervals: the connection is gone, FIN or not."""
+
+
+class BrokerTimeout(TimeoutError):
+    """The broker did not answer within its bound; the connection is treated as broken."""
+
+
+#: What means "this connection (or a channel we rely on) is broken": reconnect and resume.
+AMQP_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    amqp.exceptions.AMQPError,
+    kombu.exceptions.OperationalError,
+)
+
+
+def unavailable(exc: BaseException, what: str, job_id: Any = None) -> BrokerUnavailableError:
+    """Translate a transport error into the one a caller sees (the original stays as the cause)."""
+    if isinstance(exc, BrokerUnavailableError):
+        return exc
+    error = BrokerUnavailableError(f"{what}: {exc!r}; the client reconnects by itself", job_id=job_id)
+    error.__cause__ = exc
+    return error
+
+
+class Confirms:
+    """Publisher confirms of one channel, settled as the broker's acks arrive; nobody blocks on one.
+
+    ``on_settled`` of a publish receives ``None`` when the broker took the message, or a reason:
+    ``"returned"`` (mandatory and unroutable: RabbitMQ sends the return before the ack),
+    ``"nacked"``, ``"timeout"`` or ``"connection lost"``.
+    """
+
+    def __init__(self, channel: amqp.Channel) -> None:
+        self._channel = channel
+        self._tags = itertools.count(1)
+        self._waiting: dict[int, tuple[Callable[[str | None], None], float, str | None]] = {}
+        self._returned: set[str] = set()
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+        channel.events["basic_return"].add(self._on_return)
+
+    def publish(
+        self,
+        message: amqp.Message,
+        *,
+        exchange: str,
+        routing_key: str,
+        mandatory: bool = False,
+        on_settled: Callable[[str | None], None] | None = None,
+        deadline: float = 0.0,
+    ) -> None:
+        tag = next(self._tags)
+        self._channel.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+        if on_settled is not None:
+            self._waiting[tag] = (on_settled, deadline, message.properties.get("correlation_id"))
+
+    def _settle(self, delivery_tag: int, multiple: bool, outcome: str | None) -> None:
+        tags = (
+            [t for t in itertools.takewhile(lambda t: t <= delivery_tag, self._waiting)] if multiple else []
+        )
+        if not multiple and delivery_tag in self._waiting:
+            tags = [delivery_tag]
+        for tag in tags:
+            on_settled, _, correlation_id = self._waiting.pop(tag)
+            returned = correlation_id is not None and correlation_id in self._returned
+            if returned:
+                self._returned.discard(str(correlation_id))
+            on_settled("returned" if returned and outcome is None else outcome)
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, None)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, "nacked")
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
+        correlation_id = message.properties.get("correlation_id")
+        if correlation_id is not None:
+            self._returned.add(str(correlation_id))
+
+    def expire(self, now: float) -> None:
+        for tag, (on_settled, deadline, _) in list(self._waiting.items()):
+            if deadline and now > deadline:
+                del self._waiting[tag]
+                on_settled("timeout")
+
+    def fail_all(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for on_settled, _, _ in waiting.values():
+            on_settled("connection lost")
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._waiting)
+
+
+class BrokerLoop:
+    """Runs commands and reads frames on a single thread until closed; reconnects when cut off.
+
+    ``on_connected`` runs on a fresh connection (first in ``start()``, then on the loop thread
+    after every reconnect) to open channels and resume consuming; ``after_io`` after every
+    read; ``on_tick`` at least every ``tick`` seconds (deadlines); ``on_lost`` when a
+    connection broke (before reconnecting); ``on_failure`` once, when the loop gives up.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Connection],
+        *,
+        on_connected: Callable[[Connection, bool], None],
+        after_io: Callable[[], None],
+        on_lost: Callable[[BaseException], None],
+        on_failure: Callable[[BaseException], None],
+        on_tick: Callable[[], None],
+        broker_timeout: float = 30.0,
+        reconnect_timeout: float = 120.0,
+        tick: float = 0.25,
+        name: str = "ebb-client",
+    ) -> None:
+        self._connect = connect
+        self._on_connected = on_connected
+        self._after_io = after_io
+        self._on_lost = on_lost
+        self._on_failure = on_failure
+        self._on_tick = on_tick
+        self.broker_timeout = broker_timeout
+        self._reconnect_timeout = reconnect_timeout
+        self._tick = tick
+        self._commands: SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = SimpleQueue()
+        self._wake_r = self._wake_w = -1
+        self._stopping = False
+        self._reconnecting = False
+        self._last_recv = -1
+        self._last_recv_at = 0.0
+        self.failure: BaseException | None = None
+        self.connection: Connection | None = None
+        self.reconnects = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Connect (on the caller's thread, so a failure is the caller's error) and start the loop."""
+        self._wake_r, self._wake_w = os.pipe()
+        try:
+            os.set_blocking(self._wake_r, False)
+            self.connection = self._connect()
+            self._mark_alive()
+            self._on_connected(self.connection, False)
+        except BaseException:
+            self._close_pipe()
+            if self.connection is not None:
+                with contextlib.suppress(Exception):
+                    self.connection.collect()
+            raise
+        self._thread.start()
+
+    @property
+    def on_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def submit(self, fn: Callable[[Future[T]], None]) -> Future[T]:
+        """Run ``fn(future)`` on the loop thread; ``fn`` (or a later event) resolves the future."""
+        future: Future[T] = Future()
+        if self.on_loop_thread:  # from a callback: run now; a broken connection shows at the next read
+            self._run_one(lambda: fn(future), future)
+            return future
+        if self.failure is not None or self._stopping:
+            raise ClientClosedError(self._closed_reason())
+        if self._reconnecting:
+            raise BrokerUnavailableError("the broker connection is down; the client is reconnecting")
+        self._commands.put((lambda: fn(future), future))
+        self._wake()
+        if not self._thread.is_alive():  # the loop ended between the check and the put
+            self._fail_pending_commands()
+        return future
+
+    def call(self, fn: Callable[[], T], what: str = "a broker request", timeout: float | None = None) -> T:
+        """Run ``fn`` on the loop thread and return its result, within ``timeout`` (broker_timeout)."""
+        if self.on_loop_thread:
+            return fn()
+
+        def run(future: Future[T]) -> None:
+            future.set_result(fn())
+
+        future = self.submit(run)
+        return self.result(future, what, timeout)
+
+    def result(self, future: Future[T], what: str, timeout: float | None = None) -> T:
+        """Wait for ``future`` at most ``timeout`` (default: broker_timeout plus a margin)."""
+        bound = (self.broker_timeout + 1.0) if timeout is None else timeout
+        if self.on_loop_thread:
+            self._pump(future, bound)
+        try:
+            return future.result(0 if self.on_loop_thread else bound)
+        except FutureTimeout:
+            raise BrokerUnavailableError(f"{what}: no answer from RabbitMQ within {bound:g} s") from None
+
+    def _pump(self, future: Future[Any], bound: float) -> None:
+        """Read frames on the loop thread itself (called from a callback) until ``future`` is done."""
+        assert self.connection is not None
+        deadline = time.monotonic() + bound
+        while not future.done() and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                self.connection.drain_events(timeout=self._tick)
+            self._check_alive()
+            self._on_tick()
+
+    def rpc(self, send: Callable[[], None], channel: amqp.Channel, replies: Any, what: str) -> Any:
+        """On the loop thread: ``send()`` a method, then wait for one of ``replies`` on ``channel``.
+
+        Frames keep being read (deliveries land in the inbox) and heartbeats checked while it
+        waits; past ``broker_timeout`` it raises :class:`BrokerTimeout`, and the connection is
+        replaced, since a late answer would confuse the next waiter.
+        """
+        assert self.connection is not None
+        send()
+        deadline = time.monotonic() + self.broker_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerTimeout(f"RabbitMQ did not answer {what} within {self.broker_timeout:g} s")
+            try:
+                return channel.wait(replies, timeout=min(self._tick, remaining), returns_tuple=True)
+            except TimeoutError:
+                self._check_alive()
+
+    @contextlib.contextmanager
+    def bounded(self) -> Any:
+        """Socket reads inside this block time out after ``broker_timeout`` (py-amqp's own waits)."""
+        assert self.connection is not None
+        with self.connection.connection.transport.having_timeout(self.broker_timeout):
+            yield
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.on_loop_thread:
+            raise RuntimeError("close() cannot be called from a callback; call it from your own thread")
+        self._stopping = True
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # closed, or full while the loop is awake anyway
+            os.write(self._wake_w, b"x")
+
+    def _closed_reason(self) -> str:
+        if self.failure is not None:
+            return f"the client lost its broker connection for good: {self.failure!r}"
+        return "the client is closed"
+
+    def _mark_alive(self) -> None:
+        assert self.connection is not None
+        self._last_recv = self.connection.connection.bytes_recv
+        self._last_recv_at = time.monotonic()
+
+    def _check_alive(self) -> None:
+        """Send our heartbeats; declare the connection dead after two silent heartbeat intervals."""
+        assert self.connection is not None
+        conn = self.connection.connection
+        received = conn.bytes_recv
+        now = time.monotonic()
+        if received != self._last_recv:
+            self._last_recv, self._last_recv_at = received, now
+        elif conn.heartbeat and now - self._last_recv_at > 2 * conn.heartbeat:
+            raise ConnectionDead(
+                f"no frame from RabbitMQ for {now - self._last_recv_at:.1f} s "
+                f"(heartbeat {conn.heartbeat} s): the connection is dead or half-open"
+            )
+        self.connection.heartbeat_check()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                try:
+                    self._serve()
+                except AMQP_ERRORS as exc:
+                    if self._stopping:
+                        break
+                    self._reconnect(exc)
+            self._run_commands()  # let work queued before close() finish
+            self._after_io()
+        except BaseException as exc:  # fail loudly, never leave callers hanging
+            self.failure = exc
+            log_event(logger, logging.ERROR, "connection_failed", error=repr(exc))
+            self._on_failure(exc)
+        finally:
+            self._fail_pending_commands()
+
+    def _serve(self) -> None:
+        assert self.connection is not None
+        sock = self.connection.connection.sock
+        while not self._stopping:
+            readable, _, _ = select.select([sock, self._wake_r], [], [], self._tick)
+            if self._wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            self._drain()
+            self._run_commands()
+            self._after_io()
+            self._on_tick()
+            self._check_alive()
+
+    def _reconnect(self, cause: BaseException) -> None:
+        """Reconnect with backoff until ``reconnect_timeout``; then give up for good."""
+        self._reconnecting = True
+        log_event(logger, logging.WARNING, "connection_lost", error=repr(cause), action="reconnecting")
+        self._fail_pending_commands(unavailable(cause, "the broker connection was lost"))
+        self._on_lost(cause)
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                self.connection.collect()
+        deadline = time.monotonic() + self._reconnect_timeout
+        delay = 0.25
+        while not self._stopping:
+            try:
+                connection = self._connect()
+                self.connection = connection
+                self._mark_alive()
+                self._on_connected(connection, True)
+            except AMQP_ERRORS as exc:
+                if self.connection is not None:
+                    with contextlib.suppress(Exception):
+                        self.connection.collect()
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailableError(
+                        f"could not reconnect to the broker within {self._reconnect_timeout:.0f} s: {exc!r}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 3.0)
+                continue
+            self.reconnects += 1
+            self._reconnecting = False
+            log_event(logger, logging.WARNING, "connection_restored", reconnects=self.reconnects)
+            return
+
+    def _drain(self) -> None:
+        assert self.connection is not None
+        # py-amqp may hold whole frames in its buffer that select() cannot see: read until empty.
+        while True:
+            try:
+                self.connection.drain_events(timeout=0)
+            except TimeoutError:  # nothing more to read
+                return
+
+    def _run_one(self, fn: Callable[[], Any], future: Future[Any]) -> BaseException | None:
+        """Run one command; the exception that broke the connection, if one did."""
+        if not future.set_running_or_notify_cancel():
+            return None
+        try:
+            fn()
+        except BaseException as exc:
+            if not future.done():
+                broker = isinstance(exc, AMQP_ERRORS) and not isinstance(exc, EbbError)
+                future.set_exception(unavailable(exc, "RabbitMQ failed the request") if broker else exc)
+            if _connection_broken(exc):
+                return exc
+            if not isinstance(exc, Exception):
+                raise
+        return None
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except Empty:
+                return
+            broken = self._run_one(fn, future)
+            if broken is not None:
+                raise broken
+
+    def _fail_pending_commands(self, error: BaseException | None = None) -> None:
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error or ClientClosedError(self._closed_reason()))
+
+
+def _connection_broken(exc: BaseException) -> bool:
+    """After a failed command: is the connection gone (reconnect), or only that call's channel?"""
+    if isinstance(exc, EbbError):
+        return False
+    if isinstance(exc, amqp.exceptions.ChannelError):
+        return False  # the caller gets the error; its channel is reopened on demand
+    return isinstance(exc, AMQP_ERRORS)

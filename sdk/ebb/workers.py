@@ -1,0 +1,105 @@
+"""Which workflows the running workers can run, as they advertise it in Redis.
+
+Each worker keeps ``ebb:workers:<hostname>`` alive (30 s expiry, refreshed every 10 s) with the
+task queue it reads and its workflows, so a caller can list them and refuse at once a workflow
+nobody runs, before any queue is declared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from ebb.errors import RegistryUnavailableError, UnknownWorkflowError
+from ebb.logfmt import log_event
+from ebb.records import WORKERS_KEY_PREFIX
+
+logger = logging.getLogger("ebb.client")
+ADVERTISE_EVERY = 10.0
+ADVERTISE_EXPIRY = 30
+
+
+@dataclass(frozen=True)
+class WorkflowInfo:
+    name: str
+    description: str
+    params: tuple[str, ...]
+    workers: int
+
+
+def advertisement(hostname: str, queue: str, workflows: list[dict[str, Any]]) -> str:
+    return json.dumps({"hostname": hostname, "queue": queue, "workflows": workflows, "at": time.time()})
+
+
+def list_workflows(client: redis.Redis, queue: str) -> list[WorkflowInfo]:
+    """Workflows advertised by live workers reading ``queue``; raises ``redis.RedisError``."""
+    keys = list(client.scan_iter(match=f"{WORKERS_KEY_PREFIX}*", count=500))
+    if not keys:
+        return []
+    found: dict[str, WorkflowInfo] = {}
+    for raw in client.mget(keys):
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            continue
+        if not isinstance(data, dict) or data.get("queue") != queue:
+            continue
+        for item in data.get("workflows", []):
+            name = str(item.get("name", ""))
+            if not name:
+                continue
+            seen = found.get(name)
+            found[name] = WorkflowInfo(
+                name=name,
+                description=str(item.get("description", "")),
+                params=tuple(str(p) for p in item.get("params", [])),
+                workers=(seen.workers if seen else 0) + 1,
+            )
+    return sorted(found.values(), key=lambda w: w.name)
+
+
+class WorkflowCatalog:
+    """What a client may submit, from the workers' adverts: unknown workflows are refused up front.
+
+    When Redis is down, or no worker has advertised yet (Redis restarted and lost the keys; they
+    re-advertise within ``ADVERTISE_EVERY``) while workers do read the task queue, the check is
+    skipped with a warning and the worker judges the workflow.
+    """
+
+    def __init__(self, client: redis.Redis, queue: str, *, enabled: bool = True) -> None:
+        self._client = client
+        self._queue = queue
+        self._enabled = enabled
+        self._known: set[str] = set()
+
+    def list(self) -> list[WorkflowInfo]:
+        try:
+            found = list_workflows(self._client, self._queue)
+        except redis.RedisError as exc:
+            raise RegistryUnavailableError(f"cannot list workflows: Redis unreachable ({exc})") from exc
+        self._known = {w.name for w in found}
+        return found
+
+    def check(self, workflow: str, task_queue_consumers: Callable[[], int]) -> None:
+        if not self._enabled or workflow in self._known:
+            return
+        try:
+            found = self.list()
+        except RegistryUnavailableError as exc:
+            log_event(logger, logging.WARNING, "workflow_check_skipped", workflow=workflow, error=exc)
+            return
+        known = [w.name for w in found]
+        if workflow in known:
+            return
+        if not found and task_queue_consumers() > 0:
+            log_event(
+                logger, logging.WARNING, "workflow_check_skipped", workflow=workflow, reason="no adverts"
+            )
+            return
+        raise UnknownWorkflowError(workflow, known, self._queue)

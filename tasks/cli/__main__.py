@@ -1,3 +1,0 @@
-from tasks.cli import main
-
-main()

@@ -191,7 +191,7 @@ def test_beat_restart_reports_nothing_twice(
 
 def test_ebb_audit_command_prints_json(settings: Settings, worker: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "audit", "--json"],
+        [sys.executable, "-m", "ebb.cli", "audit", "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,

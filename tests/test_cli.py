@@ -14,7 +14,7 @@ from typing import Any
 
 from tests.support import ROOT, Management, wait_until
 
-EBB = [sys.executable, "-m", "tasks.cli"]
+EBB = [sys.executable, "-m", "ebb.cli"]
 
 
 def ebb(

@@ -7,7 +7,11 @@ from ebb.errors import (
     BrokerUnavailableError,
     CallbackError,
     ClientClosedError,
+    ClientUsageError,
+    ConfigurationError,
     EbbError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
     JobFailedError,
     JobQueuesExpiredError,
     MalformedMessageError,
@@ -15,6 +19,7 @@ from ebb.errors import (
     UnavailableError,
     UnknownJobError,
     UnknownWorkflowError,
+    WaitTimeoutError,
 )
 from ebb.job import Job
 from ebb.records import JobRecord
@@ -24,7 +29,11 @@ __all__ = [
     "BrokerUnavailableError",
     "CallbackError",
     "ClientClosedError",
+    "ClientUsageError",
+    "ConfigurationError",
     "EbbError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
     "Job",
     "JobClient",
     "JobError",
@@ -42,5 +51,6 @@ __all__ = [
     "UnavailableError",
     "UnknownJobError",
     "UnknownWorkflowError",
+    "WaitTimeoutError",
     "WorkflowInfo",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 
 from ebb import contract
 from ebb.contract import QueueKind
+from ebb.errors import InvalidArgumentError, InvalidArgumentTypeError
 
 
 def validate_ttl(ttl: timedelta | float | None, *, default: timedelta, maximum: timedelta) -> timedelta:
@@ -16,22 +17,22 @@ def validate_ttl(ttl: timedelta | float | None, *, default: timedelta, maximum: 
     if ttl is None:
         return default
     if isinstance(ttl, bool) or not isinstance(ttl, timedelta | int | float):
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             f"auto_cleanup_after_ttl must be a timedelta or a number of seconds, not {type(ttl).__name__}"
         )
     if isinstance(ttl, float) and not math.isfinite(ttl):
-        raise ValueError(f"auto_cleanup_after_ttl={ttl!r} is not a finite number of seconds")
+        raise InvalidArgumentError(f"auto_cleanup_after_ttl={ttl!r} is not a finite number of seconds")
     try:
         value = ttl if isinstance(ttl, timedelta) else timedelta(seconds=ttl)
     except OverflowError:
-        raise ValueError(f"auto_cleanup_after_ttl={ttl!r} is far above EBB_MAX_TTL") from None
+        raise InvalidArgumentError(f"auto_cleanup_after_ttl={ttl!r} is far above EBB_MAX_TTL") from None
     if value < timedelta(milliseconds=1):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"auto_cleanup_after_ttl={ttl!r} must be at least 1 ms; every job queue expires, "
             "there is no 'never'"
         )
     if value > maximum:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"auto_cleanup_after_ttl={value} exceeds the maximum of {maximum}; "
             "use a shorter TTL or raise EBB_MAX_TTL"
         )
@@ -43,24 +44,26 @@ def job_timeout_seconds(value: timedelta | float | None) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, timedelta | int | float):
-        raise TypeError(f"job_timeout must be a timedelta or a number of seconds, not {type(value).__name__}")
+        raise InvalidArgumentTypeError(
+            f"job_timeout must be a timedelta or a number of seconds, not {type(value).__name__}"
+        )
     seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"job_timeout={value!r} must be a positive, finite duration")
+        raise InvalidArgumentError(f"job_timeout={value!r} must be a positive, finite duration")
     return seconds
 
 
 def job_params(workflow: object, params: Mapping[str, Any] | None, max_bytes: int) -> dict[str, Any]:
     """The job's input as a dict that travels as JSON within ``EBB_MAX_PARAMS_BYTES``."""
     if not isinstance(workflow, str) or not workflow:
-        raise ValueError(f"workflow must be a non-empty string, not {workflow!r}")
+        raise InvalidArgumentError(f"workflow must be a non-empty string, not {workflow!r}")
     params_dict = dict(params or {})
     try:
         size = len(contract.encode(params_dict))
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"params for {workflow!r} must be JSON-serialisable: {exc}") from None
+        raise InvalidArgumentTypeError(f"params for {workflow!r} must be JSON-serialisable: {exc}") from None
     if size > max_bytes:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"params for {workflow!r} are {size} bytes as JSON, over the limit of "
             f"{max_bytes} (EBB_MAX_PARAMS_BYTES); pass a reference "
             "(a path, a URL, a key) instead of the data itself"

@@ -38,10 +38,13 @@ from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
 from ebb.errors import (
     BrokerUnavailableError,
     ClientClosedError,
+    ClientUsageError,
     EbbError,
+    InvalidArgumentError,
     JobQueuesExpiredError,
     RegistryUnavailableError,
     UnknownJobError,
+    WaitTimeoutError,
 )
 from ebb.job import Job
 from ebb.logfmt import log_event
@@ -273,7 +276,7 @@ class JobClient:
         wanted = checks.wanted_queues(on_progress, on_status)
         if known is not None and not wanted <= known.queues:
             missing = ", ".join(sorted(k.value for k in wanted - known.queues))
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"job {job_id} was submitted without a {missing} queue, so there is nothing to "
                 f"deliver to that callback; drop it or submit with it next time"
             )
@@ -281,7 +284,7 @@ class JobClient:
 
         def connect() -> bool:
             if job_id in self._watches:
-                raise ValueError(f"job {job_id} is already connected to this client")
+                raise InvalidArgumentError(f"job {job_id} is already connected to this client")
             present = self._probe_queues(job_id, set(wanted))
             if QueueKind.RESULT not in present:
                 return False
@@ -297,6 +300,9 @@ class JobClient:
             watch = self._watch(
                 handle, record_ttl, auto_disconnect_on_result, on_finished, on_progress, on_status
             )
+            with self._lock:
+                self._watches[job_id] = watch
+                self._finished.pop(job_id)
             self._carry_out(watch, watch.tracker.consume(frozenset(present)))
             return True
 
@@ -321,7 +327,7 @@ class JobClient:
         def disconnect() -> None:
             watch = self._watches.get(job_id)
             if watch is None:
-                raise ValueError(f"job {job_id} is not connected to this client")
+                raise InvalidArgumentError(f"job {job_id} is not connected to this client")
             self._carry_out(watch, watch.tracker.disconnect(delete_queues, time.time()))
 
         self._loop.call(disconnect, f"disconnecting from job {job_id}")
@@ -335,18 +341,18 @@ class JobClient:
         raised, ``TimeoutError`` after ``timeout`` seconds (the job goes on running).
         """
         if self._loop.on_loop_thread:
-            raise RuntimeError("wait() cannot be called from a callback: it would block the client")
+            raise ClientUsageError("wait() cannot be called from a callback: it would block the client")
         job_id = _job_id(job)
         with self._lock:
             watch = self._watches.get(job_id) or self._finished.get(job_id)
         if watch is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"job {job_id} is not known to this client; submit it or connect_to_submitted_job "
                 "first (outcomes of finished jobs are kept for the last EBB_KEEP_RESULTS jobs, "
                 "at most EBB_KEEP_RESULTS_BYTES)"
             )
         if not watch.done.wait(timeout):
-            raise TimeoutError(
+            raise WaitTimeoutError(
                 f"job {job_id} has no result after {timeout} s; it is still running, call wait() again"
             )
         if watch.error is not None:
@@ -509,6 +515,7 @@ class JobClient:
                 return
             with self._lock:
                 self._watches[job.id] = watch
+                self._finished.pop(job.id)
             self._carry_out(watch, watch.tracker.consume(job.queues))
             future.set_result(job)
             return

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from urllib.parse import unquote, urlsplit
 
+from ebb.errors import ConfigurationError
+
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:15672"
@@ -20,9 +22,9 @@ def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of seconds; set it to e.g. 3600") from None
+        raise ConfigurationError(f"{name}={raw!r} is not a number of seconds; set it to e.g. 3600") from None
     if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be greater than 0 seconds")
+        raise ConfigurationError(f"{name}={raw!r} must be greater than 0 seconds")
     return value
 
 
@@ -33,9 +35,9 @@ def _count(environ: Mapping[str, str], name: str, default: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a whole number; set it to e.g. {default}") from None
+        raise ConfigurationError(f"{name}={raw!r} is not a whole number; set it to e.g. {default}") from None
     if value < 1:
-        raise ValueError(f"{name}={raw!r} must be at least 1")
+        raise ConfigurationError(f"{name}={raw!r} must be at least 1")
     return value
 
 
@@ -48,7 +50,7 @@ def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
-    raise ValueError(f"{name}={raw!r} is not a boolean; use true or false")
+    raise ConfigurationError(f"{name}={raw!r} is not a boolean; use true or false")
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class Settings:
             ),
         )
         if settings.default_ttl > settings.max_ttl:
-            raise ValueError(
+            raise ConfigurationError(
                 f"EBB_DEFAULT_TTL ({settings.default_ttl}) exceeds EBB_MAX_TTL ({settings.max_ttl}); "
                 "lower the default or raise the maximum"
             )

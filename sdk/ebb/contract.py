@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from kombu.entity import Queue
 
-from ebb.errors import JobFailedError, MalformedMessageError
+from ebb.errors import InvalidArgumentError, JobFailedError, MalformedMessageError
 
 SCHEMA_VERSION: Final = 1
 TASK_NAME: Final = "ebb.run_job"
@@ -69,7 +69,9 @@ def parse_job_id(value: object) -> uuid.UUID:
             return uuid.UUID(value)
         except ValueError:
             pass
-    raise ValueError(f"job id {value!r} is not a UUID; pass the Job object or str(job.id) from submit_job")
+    raise InvalidArgumentError(
+        f"job id {value!r} is not a UUID; pass the Job object or str(job.id) from submit_job"
+    )
 
 
 def queue_name(job_id: uuid.UUID, kind: QueueKind) -> str:

@@ -21,6 +21,26 @@ class UnavailableError(EbbError, ConnectionError):
     """A server Ebb needs (RabbitMQ, its management API, Redis) cannot be reached or did not answer."""
 
 
+class InvalidArgumentError(EbbError, ValueError):
+    """A call's argument cannot be used; nothing was sent. The message names it and the fix."""
+
+
+class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
+    """A call's argument has a type Ebb cannot use (also a ``TypeError``); nothing was sent."""
+
+
+class ConfigurationError(EbbError, ValueError):
+    """An ``EBB_*`` environment variable holds a value Ebb cannot use; the message says which."""
+
+
+class ClientUsageError(EbbError, RuntimeError):
+    """The client was used where it cannot work, such as ``wait()`` from inside a callback."""
+
+
+class WaitTimeoutError(EbbError, TimeoutError):
+    """``wait()`` ran out of time; the job goes on, and its queues keep what arrives."""
+
+
 class MalformedMessageError(EbbError, ValueError):
     """A message on a job queue or a task request that does not follow the wire contract."""
 

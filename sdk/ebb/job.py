@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from ebb.contract import QueueKind, parse_job_id, queue_name
+from ebb.errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -40,17 +41,17 @@ class Job:
         try:
             data: Any = json.loads(text)
         except ValueError as exc:
-            raise ValueError(f"not a Job JSON document (from Job.to_json()): {exc}") from None
+            raise InvalidArgumentError(f"not a Job JSON document (from Job.to_json()): {exc}") from None
         if not isinstance(data, dict):
-            raise ValueError("not a Job JSON document (from Job.to_json()): expected an object")
+            raise InvalidArgumentError("not a Job JSON document (from Job.to_json()): expected an object")
         try:
             queues = frozenset(QueueKind(k) for k in data["queues"])
             ttl = float(data["ttl"])
             workflow = data["workflow"]
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a Job JSON document (from Job.to_json()): {exc!r}") from None
+            raise InvalidArgumentError(f"not a Job JSON document (from Job.to_json()): {exc!r}") from None
         if not isinstance(workflow, str) or ttl <= 0:
-            raise ValueError("not a Job JSON document (from Job.to_json()): bad workflow or ttl")
+            raise InvalidArgumentError("not a Job JSON document (from Job.to_json()): bad workflow or ttl")
         reference = data.get("reference")
         return cls(
             id=parse_job_id(data.get("id")),

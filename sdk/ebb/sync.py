@@ -31,7 +31,7 @@ import amqp.exceptions
 import kombu.exceptions
 from kombu.connection import Connection
 
-from ebb.errors import BrokerUnavailableError, ClientClosedError, EbbError
+from ebb.errors import BrokerUnavailableError, ClientClosedError, ClientUsageError, EbbError
 from ebb.logfmt import log_event
 
 T = TypeVar("T")
@@ -273,7 +273,7 @@ class BrokerLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.on_loop_thread:
-            raise RuntimeError("close() cannot be called from a callback; call it from your own thread")
+            raise ClientUsageError("close() cannot be called from a callback; call it from your own thread")
         self._stopping = True
         self._wake()
         if self._thread.is_alive():

@@ -161,6 +161,7 @@ class JobTracker(Generic[Token]):
     _pending: _Arrival[Token] | None = None
     _pending_since: float = 0.0
     _busy: _Arrival[Token] | None = None
+    _detached: bool = False
     _backlog: deque[_Arrival[Token]] = field(default_factory=deque)
 
     # --- inputs ----------------------------------------------------------------------------
@@ -208,6 +209,8 @@ class JobTracker(Generic[Token]):
         if arrival is None:
             raise RuntimeError("delivered() without an outstanding Deliver")
         self._busy = None
+        if self._detached:  # disconnected from inside this callback: the message was handled
+            return [Ack(arrival.token)]
         if error is not None:
             log_event(
                 logger,
@@ -247,17 +250,20 @@ class JobTracker(Generic[Token]):
         """Stop listening; delete the queues if asked, or by default once the result was handled."""
         delete_queues = self.result is not None if delete is None else delete
         actions: list[Action] = [StopConsuming(self.consuming)] if self.consuming else []
-        for arrival in self._unsettled():
-            actions.append(Requeue(arrival.token))
+        # A callback still running (disconnect called from inside it) settles its own message.
+        actions += [Requeue(arrival.token) for arrival in (self._pending, *self._backlog) if arrival]
+        self._detached = self._busy is not None
         self.consuming = frozenset()
         if delete_queues:
             actions.append(DeleteQueues(frozenset(self.job.queues)))
         actions.append(Record({"queues_last_in_use": now}))
+        where = (
+            "its queues were deleted (delete_queues=True)"
+            if delete_queues
+            else "its queues wait for connect_to_submitted_job until their TTL runs out"
+        )
         actions += self.abandon(
-            ClientClosedError(
-                f"job {self.job.id} was disconnected before its result arrived; its queues wait for "
-                "connect_to_submitted_job until their TTL runs out"
-            )
+            ClientClosedError(f"job {self.job.id} was disconnected before its result arrived; {where}")
         )
         return actions
 
@@ -273,9 +279,6 @@ class JobTracker(Generic[Token]):
         return [Finish(None, error, True)]
 
     # --- decisions -------------------------------------------------------------------------
-
-    def _unsettled(self) -> list[_Arrival[Token]]:
-        return [a for a in (self._busy, self._pending, *self._backlog) if a is not None]
 
     def _process(self, arrival: _Arrival[Token], now: float) -> list[Action]:
         payload = arrival.payload
@@ -296,11 +299,14 @@ class JobTracker(Generic[Token]):
         return [Deliver(CALLBACK_FOR[kind], payload)]
 
     def _behind(self, result: JobResult) -> list[QueueKind]:
-        """Queues whose messages sent before the result have not all arrived yet."""
+        """Queues whose messages sent before the result (by the result's attempt) have not all arrived."""
+        if result.attempt < self.attempt:
+            return []
+        seen = self.last_seq if result.attempt == self.attempt else {}  # a re-run: none of its own yet
         return [
             kind
             for kind in sorted(self.consuming - {QueueKind.RESULT})
-            if result.attempt == self.attempt and self.last_seq.get(kind, 0) < result.last_seq.get(kind, 0)
+            if seen.get(kind, 0) < result.last_seq.get(kind, 0)
         ]
 
     def _try_finish(self, now: float, *, force: bool) -> list[Action]:

@@ -50,6 +50,21 @@ from ebb.contract import QueueKind
 
 T = TypeVar("T")
 
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as ``python bench/bench_jobs.py``
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.cpu import CpuMeter, by_command, by_session  # noqa: E402
+
+#: The worker of the measurement under way (its session: it and its pool), for the CPU meter.
+CURRENT_WORKER: list[int | None] = [None]
+METER = CpuMeter(
+    {
+        "rabbitmq": by_command("beam.smp"),
+        "worker": by_session(lambda: CURRENT_WORKER[0]),
+        "client": lambda: [os.getpid()],
+        "redis": by_command("redis-server"),
+    }
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 #: ``x-expires`` of every job queue the bench declares: what a Ctrl-C strands goes away soon.
 BENCH_TTL = timedelta(minutes=10)
@@ -72,6 +87,8 @@ class Stats:
     seconds: float
     median_ms: float | None = None
     p99_ms: float | None = None
+    #: CPU milliseconds per job by process group (rabbitmq, worker, client, redis), from /proc.
+    cpu_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def jobs_per_s(self) -> float:
@@ -91,25 +108,29 @@ def sequential(run_one: Callable[[], None], n: int, warmup: int) -> Stats:
     for _ in range(warmup):
         run_one()
     samples: list[float] = []
+    METER.start()
     start = time.perf_counter()
     for _ in range(n):
         t0 = time.perf_counter()
         run_one()
         samples.append(time.perf_counter() - t0)
     total = time.perf_counter() - start
+    cpu = METER.per_job(n)
     samples.sort()
-    return Stats(n, total, statistics.median(samples) * 1e3, percentile(samples, 0.99) * 1e3)
+    return Stats(n, total, statistics.median(samples) * 1e3, percentile(samples, 0.99) * 1e3, cpu)
 
 
 def in_flight(send: Callable[[], T], collect: Callable[[T], None], n: int, warmup: int) -> Stats:
     """Send n jobs, then collect them all: timed from the first send to the last collect."""
     for handle in [send() for _ in range(warmup)]:
         collect(handle)
+    METER.start()
     start = time.perf_counter()
     handles = [send() for _ in range(n)]
     for handle in handles:
         collect(handle)
-    return Stats(n, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return Stats(n, seconds, cpu_ms=METER.per_job(n))
 
 
 class Interrupts:
@@ -215,9 +236,11 @@ def worker(
             command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     say(f"started worker pid {proc.pid}: {' '.join(command[1:])} (log {log})")
+    CURRENT_WORKER[0] = proc.pid
     try:
         yield proc
     finally:
+        CURRENT_WORKER[0] = None
         stop_worker(proc)
 
 
@@ -434,6 +457,15 @@ def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], 
         s = stats[key]
         lines.append(f"{label:<48}{ms(s.median_ms):>10}{ms(s.p99_ms):>10}{s.jobs_per_s:>10.1f}")
     lines += ["", "(jobs/s of a sequential row = samples / total time, i.e. one job at a time)", ""]
+    groups = list(METER.groups)
+    lines.append(
+        f"{'CPU ms per job (from /proc)':<48}" + "".join(f"{g:>10}" for g in groups) + f"{'total':>10}"
+    )
+    for key, label in rows:
+        cpu = stats[key].cpu_ms
+        row = "".join(f"{cpu.get(g, 0.0):>10.2f}" for g in groups)
+        lines.append(f"{label:<48}{row}{sum(cpu.values()):>10.2f}")
+    lines.append("")
     lines.append(f"{'target':<48}{'result queue only':>20}{'all three queues':>20}")
     for name, label in (
         ("throughput", f"(a) Ebb in flight / raw churn, jobs/s >= {TARGET_THROUGHPUT}"),

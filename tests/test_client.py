@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -16,6 +18,7 @@ from amqp import Message
 from kombu.connection import Connection
 
 from ebb import (
+    BrokerUnavailableError,
     CallbackError,
     Job,
     JobClient,
@@ -377,3 +380,31 @@ def test_missing_task_queue_is_an_error_not_a_silent_loss(settings: Settings, ma
     with JobClient(settings=nowhere) as client, pytest.raises(ConnectionError, match="does not exist"):
         client.submit_job("demo.echo", {}, on_progress=lambda j, p: None)
     assert wait_until(lambda: set(management.all_job_queue_names()) <= before, 10)
+
+
+def test_reconnect_by_bare_id_learns_ttl_and_workflow_and_keeps_the_record(
+    settings: Settings, worker: Path
+) -> None:
+    with JobClient(settings=settings) as first:
+        job = first.submit_job("demo.sleep", {"seconds": 0.5, "steps": 1}, auto_cleanup_after_ttl=45)
+        first.disconnect_from_submitted_job(job, delete_queues=False)
+    with JobClient(settings=settings) as second:
+        handle = second.connect_to_submitted_job(str(job.id), on_finished=lambda j, r: None)
+        assert handle.ttl == timedelta(seconds=45)
+        assert handle.workflow == "demo.sleep"
+        assert second.wait(handle, timeout=30).succeeded
+        record = second.job_status(job.id)
+    assert record.ttl == timedelta(seconds=45), "the reconnect overwrote the job's TTL in the registry"
+    assert record.result_delivered
+
+
+def test_a_client_that_cannot_connect_leaks_no_file_descriptors() -> None:
+    unreachable = Settings(broker_url="amqp://guest:guest@127.0.0.1:1//", broker_timeout=2)
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(BrokerUnavailableError):
+            JobClient(settings=unreachable)
+    gc.collect()
+    # Other tests' sockets may close meanwhile; a leak would be two pipe ends per attempt.
+    assert len(os.listdir("/proc/self/fd")) - before < 5

@@ -133,7 +133,7 @@ class JobClient:
             connect_timeout=min(10.0, bound),
             transport_options={"write_timeout": bound},
         )
-        connection.ensure_connection(max_retries=1)
+        connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
         return connection
 
     def _on_connected(self, connection: Connection, reconnected: bool) -> None:

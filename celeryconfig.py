@@ -21,8 +21,10 @@ task_queues = (task_queue(_settings.task_queue),)
 task_default_queue = _settings.task_queue
 task_create_missing_queues = False
 
-# Flower sees jobs only if workers send events and callers announce what they sent.
-worker_send_task_events = True
+# Celery events cost RabbitMQ about a fifth of a job: workers send them only while someone
+# watches. Flower turns them on by remote control (enable_events, every 5 s); set
+# EBB_TASK_EVENTS=true to have them on from the start. Callers announce what they sent.
+worker_send_task_events = _settings.task_events
 task_send_sent_event = True
 task_track_started = True
 

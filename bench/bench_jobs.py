@@ -1,11 +1,15 @@
 """What do Ebb's per-job reply queues cost? Ebb end to end against its two ingredients, in one run.
 
 Ebb is Celery plus self-cleaning reply queues, so this measures, against the local broker:
-raw three-queue churn (declare, publish, get, ack, delete on one kombu connection), bare Celery
-(Redis results) and Ebb itself (result queue only, and all three queues), and checks two targets:
+raw three-queue churn (declare, publish, get, ack, delete on one kombu connection, persistent
+messages), the lean churn (declare x3, publish x3 transient, basic.consume, ack, cancel,
+delete x3, on one py-amqp connection), bare Celery (Redis results) and Ebb itself (result queue
+only, and all three queues), with the CPU each process spent per job (from /proc), and checks
+three targets against the lean churn:
 
-  (a) Ebb throughput, N jobs in flight / raw churn throughput                  >= 0.8
-  (b) Ebb sequential median latency / (bare Celery median + raw churn median)  <= 1.3
+  (a) Ebb throughput, N jobs in flight / lean churn throughput                 >= 0.8
+  (b) Ebb sequential median latency / (bare Celery median + lean churn median) <= 1.3
+  (c) RabbitMQ CPU per Ebb job (in flight) / RabbitMQ CPU per lean churn job   <= 1.3
 
 Run from anywhere (workers start in the repository root, where ``tasks`` and ``bench`` live)::
 
@@ -40,6 +44,7 @@ from types import FrameType
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import amqp
 import requests
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.connection import Connection
@@ -71,6 +76,7 @@ BENCH_TTL = timedelta(minutes=10)
 WORKER_FLAGS = ("-c", "2", "-P", "prefork", "--without-gossip", "--without-mingle", "--without-heartbeat")
 TARGET_THROUGHPUT = 0.8
 TARGET_LATENCY = 1.3
+TARGET_BROKER_CPU = 1.3
 PARAMS: dict[str, Any] = {"x": 1}
 
 
@@ -217,6 +223,42 @@ def raw_churn(settings: Settings, track: Tracker, n: int, warmup: int) -> Stats:
                 message.ack()
             for queue in queues:
                 queue.delete()
+            track.closed(job_id)
+
+        return sequential(one_job, n, warmup)
+
+
+def lean_churn(settings: Settings, track: Tracker, n: int, warmup: int) -> Stats:
+    """The lean floor: what three queues cost RabbitMQ at least (transient, pushed, not polled)."""
+    with Connection(settings.broker_url, connect_timeout=10) as connection:
+        channel = connection.channel()
+        received: list[Any] = []
+
+        def one_job() -> None:
+            job_id = uuid.uuid4()
+            track.opened(job_id)
+            names = [contract.queue_name(job_id, kind) for kind in sorted(QueueKind)]
+            for kind in sorted(QueueKind):
+                contract.job_queue(job_id, kind, BENCH_TTL).queue_declare(channel=channel)
+            for name in names:
+                channel.basic_publish(
+                    amqp.Message(contract.encode({"queue": name}), content_type=contract.CONTENT_TYPE),
+                    exchange="",
+                    routing_key=name,
+                )
+            tags = [channel.basic_consume(name, callback=received.append) for name in names]
+            deadline = time.monotonic() + 10
+            while len(received) < len(names):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("a lean-churn message never arrived")
+                connection.drain_events(timeout=10)
+            for message in received:
+                channel.basic_ack(message.delivery_info["delivery_tag"])
+            received.clear()
+            for tag in tags:
+                channel.basic_cancel(tag)
+            for name in names:
+                channel.queue_delete(name)
             track.closed(job_id)
 
         return sequential(one_job, n, warmup)
@@ -405,20 +447,24 @@ def leftover_queues(settings: Settings, track: Tracker) -> tuple[int, int]:
 
 
 def ratios(stats: dict[str, Stats]) -> dict[str, dict[str, float | bool]]:
-    """The two targets, for result-only and for three-queue jobs."""
-    raw, celery = stats["raw_churn"], stats["celery_seq"]
-    assert raw.median_ms is not None and celery.median_ms is not None
+    """The three targets, for result-only and for three-queue jobs, against the lean churn."""
+    lean, celery = stats["lean_churn"], stats["celery_seq"]
+    assert lean.median_ms is not None and celery.median_ms is not None
     out: dict[str, dict[str, float | bool]] = {}
     for variant in ("result", "three"):
         seq_median = stats[f"ebb_{variant}_seq"].median_ms
         assert seq_median is not None
-        throughput = stats[f"ebb_{variant}_flight"].jobs_per_s / raw.jobs_per_s
-        latency = seq_median / (celery.median_ms + raw.median_ms)
+        flight = stats[f"ebb_{variant}_flight"]
+        throughput = flight.jobs_per_s / lean.jobs_per_s
+        latency = seq_median / (celery.median_ms + lean.median_ms)
+        broker = flight.cpu_ms.get("rabbitmq", 0.0) / max(lean.cpu_ms.get("rabbitmq", 0.0), 1e-9)
         out[variant] = {
             "throughput_ratio": throughput,
             "throughput_pass": throughput >= TARGET_THROUGHPUT,
             "latency_ratio": latency,
             "latency_pass": latency <= TARGET_LATENCY,
+            "broker_cpu_ratio": broker,
+            "broker_cpu_pass": broker <= TARGET_BROKER_CPU,
         }
     return out
 
@@ -428,6 +474,7 @@ def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], 
     flight, load = meta["jobs_in_flight"], meta["load_avg_1min"]
     rows = [
         ("raw_churn", "raw three-queue churn, sequential"),
+        ("lean_churn", "lean three-queue churn, sequential"),
         ("celery_seq", "bare Celery, sequential apply_async().get()"),
         ("celery_flight", f"bare Celery, {flight} in flight"),
         ("ebb_result_seq", "Ebb, result queue only, sequential"),
@@ -468,8 +515,9 @@ def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], 
     lines.append("")
     lines.append(f"{'target':<48}{'result queue only':>20}{'all three queues':>20}")
     for name, label in (
-        ("throughput", f"(a) Ebb in flight / raw churn, jobs/s >= {TARGET_THROUGHPUT}"),
-        ("latency", f"(b) Ebb median / (Celery + churn) <= {TARGET_LATENCY}"),
+        ("throughput", f"(a) Ebb in flight / lean churn, jobs/s >= {TARGET_THROUGHPUT}"),
+        ("latency", f"(b) Ebb median / (Celery + lean churn) <= {TARGET_LATENCY}"),
+        ("broker_cpu", f"(c) RabbitMQ CPU, Ebb / lean churn <= {TARGET_BROKER_CPU}"),
     ):
         cells = [
             f"{targets[v][name + '_ratio']:.2f} {'PASS' if targets[v][name + '_pass'] else 'FAIL'}"
@@ -524,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         say(f"raw three-queue churn: {n_seq} jobs")
         stats["raw_churn"] = raw_churn(base, track, n_seq, warmup)
+        say(f"lean three-queue churn: {n_seq} jobs")
+        stats["lean_churn"] = lean_churn(base, track, n_seq, warmup)
 
         celery_queue = f"bench.celery.{run}"
         track.task_queues.append(celery_queue)

@@ -20,7 +20,7 @@ from ebb.errors import MalformedMessageError
 from ebb.logfmt import log_event
 from ebb.records import JobRecord
 from ebb.registry import Registry
-from tasks import workflows
+from tasks import watching, workflows
 from tasks.app import app
 from tasks.interrupt import Interrupter, JobInterrupted
 from tasks.publisher import ReplyPublisher
@@ -53,7 +53,11 @@ class JobReporter:
         seq = self.last_seq.get(kind.value, 0) + 1
         self.last_seq[kind.value] = seq
         message = build(seq)
-        self.publisher.publish(contract.queue_name(self.request.job_id, kind), message.to_dict())
+        self.publisher.publish(
+            contract.queue_name(self.request.job_id, kind),
+            message.to_dict(),
+            persistent=contract.is_persistent(message),
+        )
 
     def status(self, status: JobStatus) -> None:
         self._send(
@@ -77,7 +81,9 @@ class JobReporter:
     def _tell_flower(self, fraction: float, message: str) -> None:
         """A ``task-progress`` event: Flower shows the task in state PROGRESS with these fields."""
         now = time.monotonic()
-        if self.task is None or (now - self._flower_sent_at < self.FLOWER_PROGRESS_EVERY and fraction < 1.0):
+        if self.task is None or not watching.watched():
+            return
+        if now - self._flower_sent_at < self.FLOWER_PROGRESS_EVERY and fraction < 1.0:
             return
         self._flower_sent_at = now
         try:

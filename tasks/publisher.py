@@ -56,8 +56,8 @@ class ReplyPublisher:
     def _on_return(self, exception: Exception, exchange: str, routing_key: str, message: Any) -> None:
         self._returned.add(routing_key)
 
-    def publish(self, queue: str, payload: dict[str, Any]) -> bool:
-        """Publish persistently to ``queue``; ``False`` (and a warning) if the queue is gone."""
+    def publish(self, queue: str, payload: dict[str, Any], *, persistent: bool = True) -> bool:
+        """Publish to ``queue`` and wait for the confirm; ``False`` (and a warning) if it is gone."""
         with self._lock:
             self._returned.discard(queue)
             self._producer.publish(
@@ -65,7 +65,7 @@ class ReplyPublisher:
                 exchange="",
                 routing_key=queue,
                 mandatory=True,
-                delivery_mode=2,
+                delivery_mode=2 if persistent else 1,
                 content_type=contract.CONTENT_TYPE,
                 content_encoding="utf-8",
                 retry=True,

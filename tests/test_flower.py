@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +19,11 @@ from typing import Any
 
 import pytest
 import requests
+from kombu.connection import Connection
 
 from ebb import JobClient, JobStatus
 from ebb.config import Settings
-from tests.support import ROOT, wait_until
+from tests.support import ROOT, start_worker, stop_worker, wait_until
 
 ARTIFACTS = Path(os.environ.get("EBB_TEST_ARTIFACTS", os.path.join(ROOT, "artifacts")))
 
@@ -71,6 +75,14 @@ def test_flower_shows_jobs_with_their_states(
     url, auth = flower
     assert requests.get(f"{url}/api/tasks", timeout=10).status_code == 401, "Flower must require auth"
     assert requests.get(f"{url}/api/workers", auth=auth, timeout=10).ok
+
+    # Workers send events only while someone watches: Flower turns them on by remote control.
+    def watched() -> bool:
+        probe = client.submit_job("demo.echo", {"probe": True})
+        client.wait(probe, timeout=30)
+        return wait_until(lambda: _tasks(url, auth).get(str(probe.id), {}).get("state") == "SUCCESS", 2)
+
+    assert wait_until(watched, 40), "Flower never turned the workers' events on"
 
     ok = client.submit_job("demo.echo", {"blob": "x" * 100_000})  # large input: never in Flower
     failed = client.submit_job("demo.fail", {"message": "shown in Flower"})
@@ -150,3 +162,33 @@ def _check_tasks_page_in_chromium(url: str, auth: tuple[str, str], job_ids: list
     missing = [job_id for job_id in job_ids if job_id not in dom]
     assert not missing, f"job ids not on Flower's tasks page: {missing}"
     assert (ARTIFACTS / "flower-tasks.png").stat().st_size > 10_000
+
+
+def test_workers_send_no_task_events_while_nobody_watches(settings: Settings, tmp_path: Path) -> None:
+    """Celery events cost the broker per job: without Flower (or EBB_TASK_EVENTS) workers send none."""
+    queue = f"{settings.task_queue}.quiet.{uuid.uuid4().hex[:6]}"
+    proc = start_worker(tmp_path / "worker.log", "-c", "1", env={"EBB_TASK_QUEUE": queue})
+    quiet = dataclasses.replace(settings, task_queue=queue)
+    try:
+        with Connection(settings.broker_url) as conn:
+            channel = conn.channel()
+            listen = channel.queue_declare(exclusive=True, auto_delete=True).queue
+            channel.exchange_declare("celeryev", "topic", durable=True, auto_delete=False)
+            channel.queue_bind(listen, "celeryev", "task.#")
+            seen: list[str] = []
+            channel.basic_consume(
+                listen, no_ack=True, callback=lambda m: seen.append(m.delivery_info["routing_key"])
+            )
+            with JobClient(settings=quiet) as client:
+                job = client.submit_job("demo.echo", {"n": 1}, on_progress=lambda j, p: None)
+                assert client.wait(job, timeout=30).succeeded
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.2)
+        assert "task.sent" in seen, seen  # the caller still announces what it sent
+        assert not [key for key in seen if key != "task.sent"], seen
+    finally:
+        stop_worker(proc)
+        with JobClient(settings=settings) as cleanup:
+            cleanup._loop.call(lambda: cleanup._publish_channel.queue_delete(queue))

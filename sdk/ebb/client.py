@@ -50,7 +50,7 @@ from ebb.job import Job
 from ebb.logfmt import log_event
 from ebb.records import NOT_SUBMITTED, SUBMITTED, JobRecord
 from ebb.registry import Registry
-from ebb.sync import BrokerLoop, Confirms
+from ebb.sync import Acks, BrokerLoop, Confirms
 from ebb.workers import WorkflowCatalog, WorkflowInfo
 
 logger = logging.getLogger("ebb.client")
@@ -104,6 +104,7 @@ class JobClient:
         self._consume_channel: amqp.Channel
         self._publish_channel: amqp.Channel
         self._confirms: Confirms
+        self._acks: Acks
         self._probe_channel: amqp.Channel | None = None
         self._loop = BrokerLoop(
             self._open_connection,
@@ -141,6 +142,7 @@ class JobClient:
         with self._loop.bounded():
             self._consume_channel = connection.channel()
             self._consume_channel.basic_qos(0, 0, False)
+            self._acks = Acks(self._consume_channel)
             self._open_publish_channel(connection)
         self._probe_channel = None
         if not reconnected:
@@ -603,6 +605,7 @@ class JobClient:
                 watch,
                 watch.tracker.received(kind, message.body, message.content_type, message, time.time()),
             )
+        self._acks.flush()
 
     def _on_tick(self) -> None:
         self._run_settled()
@@ -614,6 +617,7 @@ class JobClient:
             watch = self._watches.get(job_id)
             if watch is not None:
                 self._carry_out(watch, watch.tracker.tick(now))
+        self._acks.flush()
 
     def _run_settled(self) -> None:
         while self._settled:
@@ -672,6 +676,8 @@ class JobClient:
             tag = f"ebb.{next(self._tags)}"
 
             def on_message(message: amqp.Message, _watch: _Watch = watch, _kind: QueueKind = kind) -> None:
+                if message.channel is self._consume_channel:
+                    self._acks.delivered(message.delivery_info["delivery_tag"])
                 self._inbox.append((_watch, _kind, message))
 
             self._consume_channel.basic_consume(
@@ -695,15 +701,15 @@ class JobClient:
                 channel.cancel_callbacks.pop(tag, None)
 
     def _settle(self, message: amqp.Message, *, requeue: bool) -> None:
-        """Ack or requeue on the channel the delivery came on; after a reconnect it comes again."""
+        """Ack (batched) or requeue on the channel the delivery came on; after a reconnect it comes again."""
         channel = message.channel
         if channel is not self._consume_channel or not channel.is_open:
             return
         tag = message.delivery_info["delivery_tag"]
         if requeue:
-            channel.basic_reject(tag, requeue=True)
+            self._acks.requeue(tag)
         else:
-            channel.basic_ack(tag)
+            self._acks.ack(tag)
 
 
 def _cancelled_by_broker(consumer_tag: str) -> None:

@@ -77,6 +77,7 @@ class Settings:
     registry_grace: timedelta = timedelta(days=7)
     audit_interval: float = 300.0
     audit_delete_unexpiring: bool = False
+    task_events: bool = False
 
     @property
     def vhost(self) -> str:
@@ -118,6 +119,7 @@ class Settings:
             audit_delete_unexpiring=_flag(
                 env, "EBB_AUDIT_DELETE_UNEXPIRING", default.audit_delete_unexpiring
             ),
+            task_events=_flag(env, "EBB_TASK_EVENTS", default.task_events),
         )
         if settings.default_ttl > settings.max_ttl:
             raise ConfigurationError(

@@ -387,6 +387,18 @@ MESSAGE_TYPES: Final[dict[QueueKind, type[StatusUpdate] | type[ProgressUpdate] |
 }
 
 
+def is_persistent(message: Message) -> bool:
+    """Whether a reply must survive a broker restart (delivery mode 2).
+
+    The result and the final status are persistent; RUNNING and progress are transient, which
+    spares RabbitMQ a disk write each: a broker restart may drop those that waited in a queue,
+    never the job's outcome (the client then logs ``messages_missing`` and delivers the result).
+    """
+    if isinstance(message, JobResult):
+        return True
+    return isinstance(message, StatusUpdate) and message.status in TERMINAL_STATUSES
+
+
 def encode(payload: dict[str, Any]) -> bytes:
     """JSON only, no NaN: what cannot be encoded is a ``TypeError``/``ValueError`` here, not later."""
     return json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()

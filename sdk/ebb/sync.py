@@ -135,6 +135,44 @@ class Confirms:
         return len(self._waiting)
 
 
+class Acks:
+    """Acks of one consuming channel, sent once per batch of work as a single multiple-ack.
+
+    ``multiple`` settles every delivery up to a tag, so it covers only tags below the oldest
+    delivery still unsettled (a result waiting for its stragglers, say); the rest go one by one.
+    Requeues are sent at once.
+    """
+
+    def __init__(self, channel: amqp.Channel) -> None:
+        self.channel = channel
+        self._open: set[int] = set()
+        self._done: list[int] = []
+
+    def delivered(self, tag: int) -> None:
+        self._open.add(tag)
+
+    def ack(self, tag: int) -> None:
+        self._open.discard(tag)
+        self._done.append(tag)
+
+    def requeue(self, tag: int) -> None:
+        self._open.discard(tag)
+        self.channel.basic_reject(tag, requeue=True)
+
+    def flush(self) -> None:
+        if not self._done or not self.channel.is_open:
+            self._done.clear()
+            return
+        oldest_open = min(self._open, default=None)
+        below = [t for t in self._done if oldest_open is None or t < oldest_open]
+        if below:
+            self.channel.basic_ack(max(below), multiple=True)
+        for tag in self._done:
+            if oldest_open is not None and tag > oldest_open:
+                self.channel.basic_ack(tag)
+        self._done.clear()
+
+
 class BrokerLoop:
     """Runs commands and reads frames on a single thread until closed; reconnects when cut off.
 

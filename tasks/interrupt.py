@@ -59,7 +59,6 @@ class Interrupter:
         self._registry = registry
         self._running: _Running | None = None
         self._lock = threading.Lock()
-        self._wakeup = threading.Event()
         signal.signal(SIGNAL, self._on_signal)
         threading.Thread(target=self._watch, name="ebb-interrupter", daemon=True).start()
 
@@ -77,7 +76,9 @@ class Interrupter:
         state = _Running(job_id, deadline, timeout, armed=True)
         with self._lock:
             self._running = state
-        self._wakeup.set()
+        # No wake-up here: the job's start already read its cancellation flag (registry), so
+        # the watcher's next poll (within POLL_INTERVAL) is soon enough, and a short job costs
+        # Redis nothing more.
         try:
             yield
             if state.reason is not None:  # decided just as the workflow returned: honour it
@@ -95,8 +96,7 @@ class Interrupter:
 
     def _watch(self) -> None:
         while True:
-            self._wakeup.wait(POLL_INTERVAL)
-            self._wakeup.clear()
+            time.sleep(POLL_INTERVAL)
             state = self._running
             if state is None or state.reason is not None:
                 continue

@@ -388,15 +388,14 @@ MESSAGE_TYPES: Final[dict[QueueKind, type[StatusUpdate] | type[ProgressUpdate] |
 
 
 def is_persistent(message: Message) -> bool:
-    """Whether a reply must survive a broker restart (delivery mode 2).
+    """Whether a reply must survive a broker restart (delivery mode 2): the result only.
 
-    The result and the final status are persistent; RUNNING and progress are transient, which
-    spares RabbitMQ a disk write each: a broker restart may drop those that waited in a queue,
-    never the job's outcome (the client then logs ``messages_missing`` and delivers the result).
+    Status and progress messages are transient, which spares RabbitMQ a disk write each. A
+    broker restart may drop those that waited in a queue, never the job's outcome: the result
+    carries the final status, and the client delivers it after its straggler grace, logging
+    ``messages_missing``.
     """
-    if isinstance(message, JobResult):
-        return True
-    return isinstance(message, StatusUpdate) and message.status in TERMINAL_STATUSES
+    return isinstance(message, JobResult)
 
 
 def encode(payload: dict[str, Any]) -> bytes:

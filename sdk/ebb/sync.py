@@ -159,6 +159,10 @@ class Acks:
         self._open.discard(tag)
         self.channel.basic_reject(tag, requeue=True)
 
+    def discard(self) -> None:
+        """The channel is gone or going: its deliveries come again anyway."""
+        self._done.clear()
+
     def flush(self) -> None:
         if not self._done or not self.channel.is_open:
             self._done.clear()

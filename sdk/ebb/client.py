@@ -197,10 +197,12 @@ class JobClient:
         auto_cleanup_after_ttl: timedelta | float | None = None,
         reference: str | None = None,
         job_timeout: timedelta | float | None = None,
+        updates: bool = False,
     ) -> Job:
         """Declare the job's queues, then publish it; return once the broker has confirmed both.
 
-        Only the queues you asked callbacks for are created (the result queue always is).
+        Only the queues you asked callbacks for are created (the result queue always is), or
+        all three with ``updates=True``, so that a later reconnect can read status and progress.
         ``job_timeout`` limits the job's running time (time spent queued does not count); a job
         that runs longer is stopped and ends with status TIMEOUT. Waits at most
         ``EBB_BROKER_TIMEOUT`` for the broker; a dead connection is noticed within two
@@ -212,7 +214,7 @@ class JobClient:
         )
         timeout = checks.job_timeout_seconds(job_timeout)
         self._catalog.check(workflow, self._task_queue_consumers)
-        kinds = checks.wanted_queues(on_progress, on_status)
+        kinds = checks.wanted_queues(on_progress, on_status, updates=updates)
         job = Job(id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=kinds, reference=reference)
         watch = self._watch(job, ttl, auto_disconnect_on_result, on_finished, on_progress, on_status)
         request = contract.TaskRequest(job.id, workflow, params_dict, job.queues, ttl, timeout)

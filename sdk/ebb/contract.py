@@ -101,8 +101,13 @@ def job_queue(job_id: uuid.UUID, kind: QueueKind, ttl: timedelta) -> Queue:
         durable=True,
         exclusive=False,
         auto_delete=False,
-        queue_arguments={"x-expires": ttl_to_ms(ttl), "x-queue-type": "classic"},
+        queue_arguments=job_queue_arguments(ttl),
     )
+
+
+def job_queue_arguments(ttl: timedelta) -> dict[str, Any]:
+    """The arguments every job queue is declared with (by its submitting client only)."""
+    return {"x-expires": ttl_to_ms(ttl), "x-queue-type": "classic"}
 
 
 def task_queue(name: str) -> Queue:

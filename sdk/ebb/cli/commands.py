@@ -98,6 +98,7 @@ def submit(
             params,
             auto_cleanup_after_ttl=ttl,
             job_timeout=job_timeout,
+            updates=detach,  # a later ebb watch then shows status and progress too
             **callbacks,  # type: ignore[arg-type]
         )
         if as_json:

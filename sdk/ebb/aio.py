@@ -1,0 +1,709 @@
+"""``AsyncJobClient``: the same jobs from asyncio, on the same job core as ``JobClient``.
+
+The policy (dedupe, stragglers, raising callbacks, when queues go) is ``ebb.core``'s, exactly as
+in the sync client; this module is only the asyncio transport, over aiormq (the AMQP client
+aio-pika is built on): one connection per client, no thread and no task per job. A delivery
+only feeds the job's tracker; a callback runs in a short task of its own (plain functions in
+asyncio's default executor), so a slow or raising callback never holds up other jobs'
+deliveries or the heartbeat. Every wait on the broker is bounded by ``EBB_BROKER_TIMEOUT``, and
+a connection silent for two heartbeat intervals is closed and replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import aiormq
+import aiormq.exceptions
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+
+from ebb import checks, contract, core
+from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
+from ebb.config import Settings
+from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
+from ebb.errors import (
+    BrokerUnavailableError,
+    ClientClosedError,
+    EbbError,
+    InvalidArgumentError,
+    JobQueuesExpiredError,
+    RegistryUnavailableError,
+    UnknownJobError,
+    WaitTimeoutError,
+)
+from ebb.job import Job
+from ebb.logfmt import log_event
+from ebb.records import NOT_SUBMITTED, SUBMITTED, JobRecord
+from ebb.registry import Registry
+from ebb.workers import WorkflowCatalog, WorkflowInfo
+
+logger = logging.getLogger("ebb.client")
+
+Callback = Callable[[Job, Any], Any]
+Event = StatusUpdate | ProgressUpdate | JobResult
+#: What the broker library raises when a connection or channel fails.
+AMQP_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+@dataclass(eq=False)
+class _Watch:
+    job: Job
+    tracker: core.JobTracker[DeliveredMessage]
+    callbacks: dict[core.Callback, Callback]
+    record_ttl: timedelta | None
+    consumers: dict[QueueKind, str] = field(default_factory=dict)
+    result: JobResult | None = None
+    error: EbbError | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: What arrived for ``events()``: kept only for a job without callbacks.
+    events: deque[Event] | None = None
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class AsyncJobClient:
+    """A caller's connection to Ebb from asyncio: same settings, errors and behaviour as JobClient."""
+
+    def __init__(self, broker_url: str | None = None, *, settings: Settings | None = None) -> None:
+        base = settings or Settings.from_env()
+        if broker_url is not None:
+            base = dataclasses.replace(base, broker_url=broker_url)
+        self.settings = base
+        self._registry = Registry(base.redis_url, base.registry_grace)
+        self._catalog = WorkflowCatalog(self._registry.client, base.task_queue, enabled=base.check_workflows)
+        self._messages = TaskMessages()
+        self._watches: dict[uuid.UUID, _Watch] = {}
+        self._finished = core.FinishedJobs(base.keep_results, base.keep_results_bytes)
+        self._tags = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._connection: aiormq.abc.AbstractConnection | None = None
+        self._consume: aiormq.abc.AbstractChannel
+        self._publish: aiormq.abc.AbstractChannel
+        self._probe: aiormq.abc.AbstractChannel | None = None
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._failure: BaseException | None = None
+        self.reconnects = 0
+
+    # --- connection ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncJobClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect; ``BrokerUnavailableError`` if RabbitMQ cannot be reached."""
+        try:
+            await self._connect()
+        except AMQP_ERRORS as exc:
+            raise BrokerUnavailableError(
+                f"cannot reach RabbitMQ at {_safe_url(self.settings.broker_url)}: {exc!r}. Start the "
+                "broker or set EBB_BROKER_URL."
+            ) from exc
+        self._spawn(self._supervise())
+
+    def _url(self) -> str:
+        parts = urlsplit(self.settings.broker_url.split(";")[0])
+        query = urlencode({"heartbeat": max(1, round(self.settings.heartbeat))})
+        return urlunsplit(parts._replace(scheme="amqp", query=query))
+
+    async def _connect(self) -> None:
+        async with asyncio.timeout(self.settings.broker_timeout):
+            connection = await aiormq.connect(self._url())
+            self._consume = await connection.channel(publisher_confirms=False)
+            await self._consume.basic_qos(prefetch_count=0)
+            self._publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            await self._publish.exchange_declare(EVENT_EXCHANGE, exchange_type="topic", durable=True)
+        self._connection = connection
+        self._probe = None
+        self._ready.set()
+
+    async def _supervise(self) -> None:
+        """Watch the connection; when it dies (or goes silent), reconnect and resume every job."""
+        while not self._closing:
+            assert self._connection is not None
+            await self._until_lost(self._connection)
+            if self._closing:
+                return
+            self._ready.clear()
+            log_event(logger, logging.WARNING, "connection_lost", action="reconnecting")
+            for watch in list(self._watches.values()):
+                watch.tracker.connection_lost()
+                watch.consumers.clear()
+            deadline = time.monotonic() + self.settings.reconnect_timeout
+            delay = 0.25
+            while not self._closing:
+                try:
+                    await self._connect()
+                    await self._resume()
+                    break
+                except AMQP_ERRORS as exc:
+                    if time.monotonic() > deadline:
+                        self._failure = exc
+                        await self._fail_all(
+                            ClientClosedError(f"the client lost its broker connection for good: {exc!r}")
+                        )
+                        return
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 3.0)
+            self.reconnects += 1
+            log_event(logger, logging.WARNING, "connection_restored", reconnects=self.reconnects)
+
+    async def _until_lost(self, connection: aiormq.abc.AbstractConnection) -> None:
+        """Return once the connection closed, or no frame arrived for two heartbeat intervals."""
+        limit = 2 * self.settings.heartbeat
+        closing = connection.closing
+        while not connection.is_closed and not self._closing and not closing.done():
+            last = getattr(connection, "_Connection__last_frame_time", None)
+            if isinstance(last, float) and asyncio.get_running_loop().time() - last > limit:
+                log_event(logger, logging.WARNING, "connection_dead", detail=f"no frame for {limit:g} s")
+                with contextlib.suppress(BaseException):
+                    async with asyncio.timeout(1):
+                        await connection.close(ConnectionError("no frame for two heartbeat intervals"))
+                return
+            await asyncio.wait({closing}, timeout=0.25)
+
+    async def _resume(self) -> None:
+        for watch in list(self._watches.values()):
+            if watch.tracker.finished and watch.tracker.auto_disconnect:
+                continue
+            present = await self._probe_queues(watch.job.id, set(watch.job.queues))
+            async with watch.lock:
+                await self._carry_out(watch, watch.tracker.consume(frozenset(present)))
+
+    async def _fail_all(self, error: EbbError) -> None:
+        for watch in list(self._watches.values()):
+            await self._carry_out(watch, watch.tracker.abandon(error))
+
+    async def _channel_ready(self) -> None:
+        if self._failure is not None or self._closing:
+            raise ClientClosedError("the client is closed")
+        if not self._ready.is_set():
+            raise BrokerUnavailableError("the broker connection is down; the client is reconnecting")
+
+    # --- public API ----------------------------------------------------------------------
+
+    async def submit_job(
+        self,
+        workflow: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        on_finished: Callback | None = None,
+        on_progress: Callback | None = None,
+        on_status: Callback | None = None,
+        auto_disconnect_on_result: bool = True,
+        auto_cleanup_after_ttl: timedelta | float | None = None,
+        reference: str | None = None,
+        job_timeout: timedelta | float | None = None,
+        updates: bool = False,
+    ) -> Job:
+        """As ``JobClient.submit_job``; callbacks may be plain or coroutine functions."""
+        params_dict = checks.job_params(workflow, params, self.settings.max_params_bytes)
+        ttl = checks.validate_ttl(
+            auto_cleanup_after_ttl, default=self.settings.default_ttl, maximum=self.settings.max_ttl
+        )
+        timeout = checks.job_timeout_seconds(job_timeout)
+        await self._channel_ready()
+        await asyncio.to_thread(self._catalog.check, workflow, self._consumers_from_thread)
+        kinds = checks.wanted_queues(on_progress, on_status, updates=updates)
+        job = Job(id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=kinds, reference=reference)
+        watch = self._watch(job, ttl, auto_disconnect_on_result, on_finished, on_progress, on_status)
+        request = contract.TaskRequest(job.id, workflow, params_dict, job.queues, ttl, timeout)
+        now = time.time()
+        await asyncio.to_thread(
+            self._registry.write,
+            job.id,
+            ttl,
+            {
+                "workflow": workflow,
+                "reference": reference,
+                "status": SUBMITTED,
+                "submitted_at": now,
+                "result_delivered": False,
+                "queues_last_in_use": now,
+            },
+        )
+        try:
+            await self._send(watch, request)
+        except BrokerUnavailableError as exc:
+            if exc.job_id is None:
+                await asyncio.to_thread(self._registry.write, job.id, ttl, {"status": NOT_SUBMITTED})
+            raise
+        log_event(logger, logging.INFO, "job_submitted", job_id=job.id, workflow=workflow, ttl=ttl)
+        return job
+
+    async def _send(self, watch: _Watch, request: contract.TaskRequest) -> None:
+        job = watch.job
+        channel = self._publish
+        bound = self.settings.broker_timeout
+        task_queue = self.settings.task_queue
+        try:
+            async with asyncio.timeout(bound):
+                for kind in sorted(job.queues):
+                    await channel.queue_declare(
+                        contract.queue_name(job.id, kind),
+                        durable=True,
+                        arguments=contract.job_queue_arguments(job.ttl),
+                    )
+        except AMQP_ERRORS as exc:
+            raise _unavailable(exc, f"declaring the queues of job {job.id}") from exc
+        message, sent_event = self._messages.task(request)
+        try:
+            async with asyncio.timeout(bound):
+                await channel.basic_publish(
+                    message.body.encode() if isinstance(message.body, str) else message.body,
+                    routing_key=task_queue,
+                    properties=_properties(message),
+                    mandatory=True,
+                )
+        except aiormq.exceptions.DeliveryError:
+            await self._delete_queues(job.id, job.queues)
+            raise BrokerUnavailableError(
+                f"task queue {task_queue!r} does not exist, so job {job.id} was not "
+                "submitted: start a worker (celery -A tasks worker) or check EBB_TASK_QUEUE"
+            ) from None
+        except AMQP_ERRORS as exc:
+            raise BrokerUnavailableError(
+                f"RabbitMQ did not confirm the task of job {job.id} ({exc!r}, bound {bound:g} s); it may "
+                f"still run: look with ebb status {job.id} or connect_to_submitted_job before "
+                "submitting again",
+                job_id=job.id,
+            ) from exc
+        event = self._messages.sent_event(sent_event, task_queue)
+        with contextlib.suppress(*AMQP_ERRORS):  # monitoring only: never fails a submit
+            async with asyncio.timeout(bound):
+                await channel.basic_publish(
+                    event.body.encode() if isinstance(event.body, str) else event.body,
+                    exchange=EVENT_EXCHANGE,
+                    routing_key=EVENT_ROUTING_KEY,
+                    properties=_properties(event),
+                )
+        self._watches[job.id] = watch
+        self._finished.pop(job.id)
+        async with watch.lock:
+            await self._carry_out(watch, watch.tracker.consume(job.queues))
+
+    async def connect_to_submitted_job(
+        self,
+        job: Job | uuid.UUID | str,
+        *,
+        on_finished: Callback | None = None,
+        on_progress: Callback | None = None,
+        on_status: Callback | None = None,
+        auto_disconnect_on_result: bool = True,
+        auto_cleanup_after_ttl: timedelta | float | None = None,
+    ) -> Job:
+        """As ``JobClient.connect_to_submitted_job``: passive probes only, then what waited."""
+        known = job if isinstance(job, Job) else None
+        job_id = known.id if known else contract.parse_job_id(job)
+        if auto_cleanup_after_ttl is not None:
+            requested = checks.validate_ttl(
+                auto_cleanup_after_ttl, default=self.settings.default_ttl, maximum=self.settings.max_ttl
+            )
+            if known is None or requested != known.ttl:
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "ttl_not_changed",
+                    job_id=job_id,
+                    requested_ttl=requested,
+                    kept_ttl=known.ttl if known else "as submitted",
+                    reason="x-expires is fixed when a queue is declared",
+                )
+        wanted = checks.wanted_queues(on_progress, on_status)
+        if known is not None and not wanted <= known.queues:
+            missing = ", ".join(sorted(k.value for k in wanted - known.queues))
+            raise InvalidArgumentError(
+                f"job {job_id} was submitted without a {missing} queue, so there is nothing to "
+                f"deliver to that callback; drop it or submit with it next time"
+            )
+        if job_id in self._watches:
+            raise InvalidArgumentError(f"job {job_id} is already connected to this client")
+        await self._channel_ready()
+        record_ttl: timedelta | None
+        if known is not None:
+            handle, record_ttl = known, known.ttl
+        else:
+            handle, record_ttl = await asyncio.to_thread(self._describe_from_registry, job_id)
+        probe = wanted if known is not None else frozenset(QueueKind)
+        present = await self._probe_queues(job_id, set(probe))
+        if QueueKind.RESULT not in present:
+            raise JobQueuesExpiredError(job_id, await asyncio.to_thread(self._registry_story, job_id))
+        watch = self._watch(
+            handle, record_ttl, auto_disconnect_on_result, on_finished, on_progress, on_status
+        )
+        self._watches[job_id] = watch
+        self._finished.pop(job_id)
+        async with watch.lock:
+            await self._carry_out(watch, watch.tracker.consume(frozenset(present)))
+        if record_ttl is not None:
+            await asyncio.to_thread(
+                self._registry.write, job_id, record_ttl, {"queues_last_in_use": time.time()}
+            )
+        log_event(logger, logging.INFO, "job_connected", job_id=job_id)
+        return handle
+
+    async def disconnect_from_submitted_job(
+        self, job: Job | uuid.UUID | str, *, delete_queues: bool | None = None
+    ) -> None:
+        """As ``JobClient.disconnect_from_submitted_job``."""
+        job_id = _job_id(job)
+        watch = self._watches.get(job_id)
+        if watch is None:
+            raise InvalidArgumentError(f"job {job_id} is not connected to this client")
+        async with watch.lock:
+            await self._carry_out(watch, watch.tracker.disconnect(delete_queues, time.time()))
+        log_event(logger, logging.INFO, "job_disconnected", job_id=job_id)
+
+    async def wait(self, job: Job | uuid.UUID | str, timeout: float | None = None) -> JobResult:
+        """As ``JobClient.wait``. Cancelling it (or a timeout around it) never loses the job."""
+        watch = self._known(_job_id(job))
+        try:
+            async with asyncio.timeout(timeout):
+                await watch.done.wait()
+        except TimeoutError:
+            raise WaitTimeoutError(
+                f"job {watch.job.id} has no result after {timeout} s; it is still running, call wait() again"
+            ) from None
+        if watch.error is not None:
+            raise watch.error
+        if watch.result is None:
+            raise ClientClosedError(f"job {watch.job.id} ended without a result")
+        return watch.result
+
+    async def events(self, job: Job | uuid.UUID | str) -> AsyncIterator[Event]:
+        """Status and progress updates, then the result; what waited in the queues comes first."""
+        watch = self._known(_job_id(job))
+        if watch.events is None:
+            raise InvalidArgumentError(
+                f"job {watch.job.id} was submitted or connected with callbacks; events() reads a job "
+                "without them"
+            )
+        while True:
+            while watch.events:
+                event = watch.events.popleft()
+                yield event
+                if isinstance(event, JobResult):
+                    return
+            if watch.done.is_set():
+                if watch.error is not None:
+                    raise watch.error
+                return
+            watch.arrived.clear()
+            await watch.arrived.wait()  # set by every delivery and by the finish
+
+    async def cancel_job(self, job: Job | uuid.UUID | str) -> None:
+        """As ``JobClient.cancel_job``."""
+        job_id = _job_id(job)
+        record = await asyncio.to_thread(self._registry.get, job_id)
+        if record is None:
+            raise UnknownJobError(job_id)
+        if record.ttl is None or not await asyncio.to_thread(
+            self._registry.write, job_id, record.ttl, {"cancel_requested_at": time.time()}
+        ):
+            raise RegistryUnavailableError(f"could not record the cancellation of job {job_id} in Redis")
+        log_event(logger, logging.INFO, "job_cancel_requested", job_id=job_id, status=record.status)
+
+    async def job_status(self, job: Job | uuid.UUID | str) -> JobRecord:
+        """As ``JobClient.job_status``: Redis only, never renews a queue's TTL."""
+        job_id = _job_id(job)
+        record = await asyncio.to_thread(self._registry.get, job_id)
+        if record is None:
+            raise UnknownJobError(job_id)
+        return record
+
+    async def list_workflows(self) -> list[WorkflowInfo]:
+        return await asyncio.to_thread(self._catalog.list)
+
+    async def close(self) -> None:
+        """Close the connection; unfinished jobs keep their queues until their TTL runs out."""
+        self._closing = True
+        now = time.time()
+        for watch in list(self._watches.values()):
+            if watch.record_ttl is not None:
+                await asyncio.to_thread(
+                    self._registry.write, watch.job.id, watch.record_ttl, {"queues_last_in_use": now}
+                )
+            await self._carry_out(
+                watch,
+                watch.tracker.abandon(
+                    ClientClosedError(
+                        f"job {watch.job.id}: the client was closed before the result arrived; the "
+                        "queues keep what arrives until their TTL runs out: connect_to_submitted_job"
+                    )
+                ),
+            )
+        for task in list(self._tasks):
+            task.cancel()
+        if self._connection is not None:
+            with contextlib.suppress(BaseException):
+                async with asyncio.timeout(5):
+                    await self._connection.close()
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _known(self, job_id: uuid.UUID) -> _Watch:
+        watch = self._watches.get(job_id) or self._finished.get(job_id)
+        if watch is None:
+            raise InvalidArgumentError(
+                f"job {job_id} is not known to this client; submit it or connect_to_submitted_job "
+                "first (outcomes of finished jobs are kept for the last EBB_KEEP_RESULTS jobs)"
+            )
+        assert isinstance(watch, _Watch)
+        return watch
+
+    def _watch(
+        self,
+        job: Job,
+        record_ttl: timedelta | None,
+        auto_disconnect: bool,
+        on_finished: Callback | None,
+        on_progress: Callback | None,
+        on_status: Callback | None,
+    ) -> _Watch:
+        callbacks = {
+            name: callback
+            for name, callback in (
+                (core.Callback.ON_FINISHED, on_finished),
+                (core.Callback.ON_PROGRESS, on_progress),
+                (core.Callback.ON_STATUS, on_status),
+            )
+            if callback is not None
+        }
+        watch = _Watch(job, core.JobTracker(job, auto_disconnect=auto_disconnect), callbacks, record_ttl)
+        if not callbacks:
+            watch.events = deque()
+        return watch
+
+    def _describe_from_registry(self, job_id: uuid.UUID) -> tuple[Job, timedelta | None]:
+        try:
+            record = self._registry.get(job_id)
+        except RegistryUnavailableError:
+            record = None
+        queues = frozenset(QueueKind)
+        if record is None:
+            return Job(job_id, "?", self.settings.default_ttl, queues), None
+        ttl = record.ttl or self.settings.default_ttl
+        return Job(job_id, record.workflow or "?", ttl, queues, record.reference), record.ttl
+
+    def _registry_story(self, job_id: uuid.UUID) -> str:
+        try:
+            record = self._registry.get(job_id)
+        except RegistryUnavailableError as exc:
+            return f"(The job registry could not be asked: {exc}.)"
+        if record is None:
+            return "The job registry has no record of it either: never submitted, or long forgotten."
+        return f"Registry: {record.story()}."
+
+    def _consumers_from_thread(self) -> int:
+        loop = self._loop
+        return asyncio.run_coroutine_threadsafe(self._task_queue_consumers(), loop).result(
+            self.settings.broker_timeout + 1
+        )
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        assert self._connection is not None
+        return self._connection.loop
+
+    async def _task_queue_consumers(self) -> int:
+        ok = await self._passive_declare(self.settings.task_queue)
+        return 0 if ok is None else int(ok.consumer_count or 0)
+
+    async def _passive_declare(self, name: str) -> Any:
+        """The DeclareOk, or ``None`` if the queue does not exist (on a channel of its own)."""
+        assert self._connection is not None
+        try:
+            async with asyncio.timeout(self.settings.broker_timeout):
+                if self._probe is None or self._probe.is_closed:
+                    self._probe = await self._connection.channel(publisher_confirms=False)
+                return await self._probe.queue_declare(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            self._probe = None
+            return None
+        except AMQP_ERRORS as exc:
+            raise _unavailable(exc, f"a passive declare of {name}") from exc
+
+    async def _probe_queues(self, job_id: uuid.UUID, kinds: set[QueueKind]) -> set[QueueKind]:
+        present: set[QueueKind] = set()
+        for kind in sorted(kinds):
+            if await self._passive_declare(contract.queue_name(job_id, kind)) is not None:
+                present.add(kind)
+            elif kind is QueueKind.RESULT:
+                return present
+        return present
+
+    async def _delete_queues(self, job_id: uuid.UUID, kinds: frozenset[QueueKind]) -> None:
+        with contextlib.suppress(*AMQP_ERRORS):  # gone with the connection: their TTL cleans up
+            async with asyncio.timeout(self.settings.broker_timeout):
+                await asyncio.gather(
+                    *(self._publish.queue_delete(contract.queue_name(job_id, k)) for k in sorted(kinds))
+                )
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_message(self, watch: _Watch, kind: QueueKind, message: DeliveredMessage) -> None:
+        if self._watches.get(watch.job.id) is not watch:
+            await _settle(message, requeue=True)
+            return
+        content_type = message.header.properties.content_type
+        async with watch.lock:
+            actions = watch.tracker.received(kind, message.body, content_type, message, time.time())
+            await self._carry_out(watch, actions)
+
+    async def _carry_out(self, watch: _Watch, actions: list[core.Action]) -> None:
+        """Do what the tracker decided; a Deliver runs in a task of its own, then reports back."""
+        records: dict[str, Any] = {}
+        for action in actions:
+            if isinstance(action, core.Deliver):
+                self._spawn(self._deliver(watch, action))
+            elif isinstance(action, core.Ack):
+                await _settle(action.token, requeue=False)
+            elif isinstance(action, core.Requeue):
+                await _settle(action.token, requeue=True)
+            elif isinstance(action, core.Consume):
+                await self._start_consuming(watch, action.kinds)
+            elif isinstance(action, core.StopConsuming):
+                for kind in action.kinds:
+                    tag = watch.consumers.pop(kind, None)
+                    if tag is not None:
+                        with contextlib.suppress(*AMQP_ERRORS):
+                            await self._consume.basic_cancel(tag, nowait=True)
+            elif isinstance(action, core.DeleteQueues):
+                for kind in action.kinds:
+                    watch.consumers.pop(kind, None)
+                await self._delete_queues(watch.job.id, action.kinds)
+            elif isinstance(action, core.Record):
+                records.update(action.fields)
+            elif isinstance(action, core.WakeAt):
+                self._spawn(self._wake(watch, action.at))
+            elif isinstance(action, core.Finish):
+                if records and watch.record_ttl is not None:
+                    await asyncio.to_thread(self._registry.write, watch.job.id, watch.record_ttl, records)
+                    records = {}
+                self._finish(watch, action)
+        if records and watch.record_ttl is not None:
+            await asyncio.to_thread(self._registry.write, watch.job.id, watch.record_ttl, records)
+
+    async def _deliver(self, watch: _Watch, action: core.Deliver) -> None:
+        error: Exception | None = None
+        if watch.events is not None:
+            watch.events.append(action.payload)
+            watch.arrived.set()
+        callback = watch.callbacks.get(action.callback)
+        if callback is not None:
+            try:
+                if inspect.iscoroutinefunction(callback):
+                    await callback(watch.job, action.payload)
+                else:
+                    await asyncio.to_thread(callback, watch.job, action.payload)
+            except Exception as exc:
+                error = exc
+        async with watch.lock:
+            await self._carry_out(watch, watch.tracker.delivered(error, time.time()))
+
+    async def _wake(self, watch: _Watch, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.time()))
+        async with watch.lock:
+            await self._carry_out(watch, watch.tracker.tick(time.time()))
+
+    def _finish(self, watch: _Watch, action: core.Finish) -> None:
+        watch.result, watch.error = action.result, action.error
+        if action.retire:
+            if self._watches.get(watch.job.id) is watch:
+                del self._watches[watch.job.id]
+            self._finished.add(watch.job.id, watch, action.size)
+            watch.callbacks = {}
+        watch.done.set()
+        watch.arrived.set()
+
+    async def _start_consuming(self, watch: _Watch, kinds: frozenset[QueueKind]) -> None:
+        for kind in sorted(kinds):
+            tag = f"ebb.{next(self._tags)}"
+
+            async def on_message(message: DeliveredMessage, _kind: QueueKind = kind) -> None:
+                await self._on_message(watch, _kind, message)
+
+            try:
+                async with asyncio.timeout(self.settings.broker_timeout):
+                    await self._consume.basic_consume(
+                        contract.queue_name(watch.job.id, kind), on_message, consumer_tag=tag
+                    )
+            except AMQP_ERRORS as exc:
+                raise _unavailable(exc, f"consuming the queues of job {watch.job.id}") from exc
+            watch.consumers[kind] = tag
+
+
+async def _settle(message: DeliveredMessage, *, requeue: bool) -> None:
+    """Ack or requeue on the channel the delivery came on; after a reconnect it comes again."""
+    channel = message.channel
+    if channel.is_closed or not isinstance(message.delivery, Basic.Deliver):
+        return
+    tag = message.delivery.delivery_tag
+    assert tag is not None
+    with contextlib.suppress(*AMQP_ERRORS):
+        if requeue:
+            await channel.basic_reject(tag, requeue=True)
+        else:
+            await channel.basic_ack(tag)
+
+
+def _properties(message: Any) -> Any:
+    """py-amqp's message properties (as Celery's formatting made them) as aiormq's."""
+    props = message.properties
+    return Basic.Properties(
+        content_type=props.get("content_type"),
+        content_encoding=props.get("content_encoding"),
+        headers=props.get("application_headers"),
+        delivery_mode=props.get("delivery_mode"),
+        correlation_id=props.get("correlation_id"),
+        reply_to=props.get("reply_to") or None,
+    )
+
+
+def _unavailable(exc: BaseException, what: str) -> BrokerUnavailableError:
+    if isinstance(exc, BrokerUnavailableError):
+        return exc
+    error = BrokerUnavailableError(f"{what}: {exc!r}; the client reconnects by itself")
+    error.__cause__ = exc
+    return error
+
+
+def _job_id(job: Job | uuid.UUID | str) -> uuid.UUID:
+    return job.id if isinstance(job, Job) else contract.parse_job_id(job)
+
+
+def _safe_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+    return url

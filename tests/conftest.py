@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ os.environ.setdefault("EBB_TASK_QUEUE", f"ebb.test.{os.getpid()}")
 
 from ebb import JobClient
 from ebb.config import Settings
+from tests.async_adapter import AsyncClientAsSync
 from tests.support import ClientProcess, Management, start_worker, stop_worker
 
 
@@ -76,6 +77,32 @@ def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture
 def client(settings: Settings, worker: Path) -> Iterator[JobClient]:
     with JobClient(settings=settings) as job_client:
+        yield job_client
+
+
+AnyClient = JobClient | AsyncClientAsSync
+
+
+@pytest.fixture(params=["sync", "async"])
+def client_kind(request: pytest.FixtureRequest) -> str:
+    """Tests that take this run once with ``JobClient`` and once with ``AsyncJobClient``."""
+    return str(request.param)
+
+
+@pytest.fixture
+def make_client(client_kind: str, settings: Settings) -> Callable[..., AnyClient]:
+    """A factory for the client under test: ``make_client(settings=...)``."""
+
+    def make(settings: Settings = settings) -> AnyClient:
+        return JobClient(settings=settings) if client_kind == "sync" else AsyncClientAsSync(settings=settings)
+
+    return make
+
+
+@pytest.fixture
+def any_client(make_client: Callable[..., AnyClient], worker: Path) -> Iterator[AnyClient]:
+    """The client under test (sync, then async), connected to the session's worker."""
+    with make_client() as job_client:
         yield job_client
 
 

@@ -13,6 +13,7 @@ import pytest
 from ebb import Job, JobClient, JobQueuesExpiredError, JobStatus
 from ebb.config import Settings
 from ebb.contract import QueueKind
+from tests.conftest import AnyClient
 from tests.support import ClientProcess, Management, wait_until
 
 Events = list[tuple[str, object]]
@@ -32,7 +33,8 @@ def assert_queues_gone(management: Management, job: Job, timeout: float = 10) ->
     )
 
 
-def test_happy_path_removes_all_queues(client: JobClient, management: Management) -> None:
+def test_happy_path_removes_all_queues(any_client: AnyClient, management: Management) -> None:
+    client = any_client
     events: Events = []
     job = client.submit_job("demo.sleep", {"seconds": 0.4, "steps": 2}, **recorder(events))  # type: ignore[arg-type]
     assert set(management.job_queues(job.id)) == set(QueueKind)

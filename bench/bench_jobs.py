@@ -4,12 +4,15 @@ Ebb is Celery plus self-cleaning reply queues, so this measures, against the loc
 raw three-queue churn (declare, publish, get, ack, delete on one kombu connection, persistent
 messages), the lean churn (declare x3, publish x3 transient, basic.consume, ack, cancel,
 delete x3, on one py-amqp connection), bare Celery (Redis results) and Ebb itself (result queue
-only, and all three queues), with the CPU each process spent per job (from /proc), and checks
-three targets against the lean churn:
+only, and all three queues; then all three queues from ``AsyncJobClient``, with coroutine
+callbacks, N in flight through ``asyncio.gather``), with the CPU each process spent per job
+(from /proc), and checks three targets against the lean churn, and one of the async client
+against the sync one:
 
   (a) Ebb throughput, N jobs in flight / lean churn throughput                 >= 0.8
   (b) Ebb sequential median latency / (bare Celery median + lean churn median) <= 1.3
   (c) RabbitMQ CPU per Ebb job (in flight) / RabbitMQ CPU per lean churn job   <= 1.3
+  (d) async / sync Ebb throughput, three queues, N jobs in flight              >= 1.0
 
 Run from anywhere (workers start in the repository root, where ``tasks`` and ``bench`` live)::
 
@@ -23,6 +26,7 @@ every queue the run creates is deleted at the end, and checked for on the manage
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -36,7 +40,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -51,6 +55,7 @@ from kombu.connection import Connection
 from kombu.messaging import Producer
 
 from ebb import Job, JobClient, Settings, UnknownWorkflowError, contract
+from ebb.aio import AsyncJobClient
 from ebb.contract import QueueKind
 
 T = TypeVar("T")
@@ -77,6 +82,7 @@ WORKER_FLAGS = ("-c", "2", "-P", "prefork", "--without-gossip", "--without-mingl
 TARGET_THROUGHPUT = 0.8
 TARGET_LATENCY = 1.3
 TARGET_BROKER_CPU = 1.3
+TARGET_ASYNC_THROUGHPUT = 1.0
 PARAMS: dict[str, Any] = {"x": 1}
 
 
@@ -124,6 +130,33 @@ def sequential(run_one: Callable[[], None], n: int, warmup: int) -> Stats:
     cpu = METER.per_job(n)
     samples.sort()
     return Stats(n, total, statistics.median(samples) * 1e3, percentile(samples, 0.99) * 1e3, cpu)
+
+
+async def sequential_async(run_one: Callable[[], Awaitable[None]], n: int, warmup: int) -> Stats:
+    """``sequential`` for a coroutine: n awaits in a row on the running loop."""
+    for _ in range(warmup):
+        await run_one()
+    samples: list[float] = []
+    METER.start()
+    start = time.perf_counter()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await run_one()
+        samples.append(time.perf_counter() - t0)
+    total = time.perf_counter() - start
+    cpu = METER.per_job(n)
+    samples.sort()
+    return Stats(n, total, statistics.median(samples) * 1e3, percentile(samples, 0.99) * 1e3, cpu)
+
+
+async def in_flight_async(run_one: Callable[[], Awaitable[None]], n: int, warmup: int) -> Stats:
+    """n coroutines at once (``asyncio.gather``): timed from the first submit to the last result."""
+    await asyncio.gather(*(run_one() for _ in range(warmup)))
+    METER.start()
+    start = time.perf_counter()
+    await asyncio.gather(*(run_one() for _ in range(n)))
+    seconds = time.perf_counter() - start
+    return Stats(n, seconds, cpu_ms=METER.per_job(n))
 
 
 def in_flight(send: Callable[[], T], collect: Callable[[T], None], n: int, warmup: int) -> Stats:
@@ -385,6 +418,44 @@ def ebb(
     return seq, flight, calls
 
 
+async def ebb_async(
+    settings: Settings, track: Tracker, n_seq: int, n_flight: int, warmup: int
+) -> tuple[Stats, Stats, Counter[str]]:
+    """Ebb's three-queue jobs from ``AsyncJobClient`` (coroutine callbacks), on the loop of this process."""
+    calls: Counter[str] = Counter()
+
+    def count(name: str) -> Callable[[Job, object], Awaitable[None]]:
+        async def callback(job: Job, update: object) -> None:
+            calls[name] += 1
+
+        return callback
+
+    async with AsyncJobClient(settings=settings) as client:
+
+        async def one() -> None:
+            with INTERRUPTS:
+                job = await client.submit_job(
+                    "demo.echo",
+                    PARAMS,
+                    on_finished=count("on_finished"),
+                    on_progress=count("on_progress"),
+                    on_status=count("on_status"),
+                    auto_cleanup_after_ttl=BENCH_TTL,
+                )
+                track.opened(job.id)
+            calls["jobs"] += 1
+            result = await client.wait(job, timeout=120)
+            track.closed(job.id)
+            if not result.succeeded or result.output != PARAMS:
+                raise RuntimeError(f"job {job.id} ended {result.status} with {result.output!r}")
+
+        say(f"Ebb async, three queues: {n_seq} sequential")
+        seq = await sequential_async(one, n_seq, warmup)
+        say(f"Ebb async, three queues: {n_flight} in flight (asyncio.gather)")
+        flight = await in_flight_async(one, n_flight, warmup * 5)
+    return seq, flight, calls
+
+
 def ebb_ready(client: JobClient, track: Tracker) -> Callable[[float], bool]:
     """The readiness check for the Ebb worker: it advertises its workflows, then one job comes back."""
     submitted: list[Job] = []
@@ -466,6 +537,11 @@ def ratios(stats: dict[str, Stats]) -> dict[str, dict[str, float | bool]]:
             "broker_cpu_ratio": broker,
             "broker_cpu_pass": broker <= TARGET_BROKER_CPU,
         }
+    speedup = stats["ebb_async_three_flight"].jobs_per_s / stats["ebb_three_flight"].jobs_per_s
+    out["async_vs_sync"] = {
+        "throughput_ratio": speedup,
+        "throughput_pass": speedup >= TARGET_ASYNC_THROUGHPUT,
+    }
     return out
 
 
@@ -481,6 +557,8 @@ def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], 
         ("ebb_result_flight", f"Ebb, result queue only, {flight} in flight"),
         ("ebb_three_seq", "Ebb, all three queues, sequential"),
         ("ebb_three_flight", f"Ebb, all three queues, {flight} in flight"),
+        ("ebb_async_three_seq", "Ebb async, all three queues, sequential"),
+        ("ebb_async_three_flight", f"Ebb async, all three queues, {flight} in flight"),
     ]
 
     calls = meta["three_queue_callbacks"]
@@ -524,9 +602,19 @@ def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], 
             for v in ("result", "three")
         ]
         lines.append(f"{label:<48}{cells[0]:>20}{cells[1]:>20}")
+    speedup = targets["async_vs_sync"]
+    label = f"(d) async / sync throughput (three queues, in flight) >= {TARGET_ASYNC_THROUGHPUT}"
+    cell = f"{speedup['throughput_ratio']:.2f} {'PASS' if speedup['throughput_pass'] else 'FAIL'}"
+    lines.append(f"{label:<68}{cell:>20}")
+    async_calls = meta["async_three_queue_callbacks"]
+    async_per_job = ", ".join(
+        f"{name} {async_calls.get(name, 0) / max(1, async_calls.get('jobs', 0)):.2f}"
+        for name in ("on_finished", "on_status", "on_progress")
+    )
     lines += [
         "",
         f"callbacks per three-queue job (demo.echo sends 2 statuses, 1 progress): {per_job}",
+        f"  the same from the async client (coroutine callbacks): {async_per_job}",
         f"leftover queues of this run: {meta['leftover_ours']}; other jobs.* queues on the broker "
         f"(not this run's): {meta['leftover_others']}",
     ]
@@ -568,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="ebb-bench-"))
     stats: dict[str, Stats] = {}
     calls: Counter[str] = Counter()
+    async_calls: Counter[str] = Counter()
     load_before = os.getloadavg()[0]
     try:
         say(f"raw three-queue churn: {n_seq} jobs")
@@ -591,16 +680,18 @@ def main(argv: list[str] | None = None) -> int:
         track.exchanges.append(settings.task_queue)  # Celery's default exchange for it, same name
         log = logs / "ebb-worker.log"
         env = {**os.environ, "EBB_TASK_QUEUE": settings.task_queue}
-        with (
-            worker("tasks", f"bench-ebb-{run}", [], env, log) as proc,
-            JobClient(settings=settings) as client,
-        ):
-            wait_ready(proc, log, ebb_ready(client, track))
-            stats["ebb_result_seq"], stats["ebb_result_flight"], _ = ebb(
-                client, track, False, n_seq, n_flight, warmup
-            )
-            stats["ebb_three_seq"], stats["ebb_three_flight"], calls = ebb(
-                client, track, True, n_seq, n_flight, warmup
+        with worker("tasks", f"bench-ebb-{run}", [], env, log) as proc:
+            with JobClient(settings=settings) as client:
+                wait_ready(proc, log, ebb_ready(client, track))
+                stats["ebb_result_seq"], stats["ebb_result_flight"], _ = ebb(
+                    client, track, False, n_seq, n_flight, warmup
+                )
+                stats["ebb_three_seq"], stats["ebb_three_flight"], calls = ebb(
+                    client, track, True, n_seq, n_flight, warmup
+                )
+            # The same worker, the sync client closed: this process's CPU is the async client's.
+            stats["ebb_async_three_seq"], stats["ebb_async_three_flight"], async_calls = asyncio.run(
+                ebb_async(settings, track, n_seq, n_flight, warmup)
             )
     except KeyboardInterrupt:
         say(f"interrupted; deleting this run's queues (workers are stopped); worker logs kept in {logs}")
@@ -621,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         "jobs_in_flight": n_flight,
         "warmup": warmup,
         "three_queue_callbacks": dict(calls),
+        "async_three_queue_callbacks": dict(async_calls),
         "leftover_ours": ours,
         "leftover_others": others,
     }

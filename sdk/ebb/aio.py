@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiormq
@@ -98,7 +98,7 @@ class AsyncJobClient:
         self._tags = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connection: aiormq.abc.AbstractConnection | None = None
-        self._consume: aiormq.abc.AbstractChannel
+        self._consume: aiormq.Channel
         self._publish: aiormq.abc.AbstractChannel
         self._probe: aiormq.abc.AbstractChannel | None = None
         self._ready = asyncio.Event()
@@ -136,7 +136,7 @@ class AsyncJobClient:
     async def _connect(self) -> None:
         async with asyncio.timeout(self.settings.broker_timeout):
             connection = await aiormq.connect(self._url())
-            self._consume = await connection.channel(publisher_confirms=False)
+            self._consume = cast(aiormq.Channel, await connection.channel(publisher_confirms=False))
             await self._consume.basic_qos(prefetch_count=0)
             self._publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await self._publish.exchange_declare(EVENT_EXCHANGE, exchange_type="topic", durable=True)
@@ -230,7 +230,8 @@ class AsyncJobClient:
         )
         timeout = checks.job_timeout_seconds(job_timeout)
         await self._channel_ready()
-        await asyncio.to_thread(self._catalog.check, workflow, self._consumers_from_thread)
+        if not self._catalog.knows(workflow):
+            await asyncio.to_thread(self._catalog.check, workflow, self._consumers_from_thread)
         kinds = checks.wanted_queues(on_progress, on_status, updates=updates)
         job = Job(id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=kinds, reference=reference)
         watch = self._watch(job, ttl, auto_disconnect_on_result, on_finished, on_progress, on_status)
@@ -260,16 +261,21 @@ class AsyncJobClient:
 
     async def _send(self, watch: _Watch, request: contract.TaskRequest) -> None:
         job = watch.job
-        channel = self._publish
+        try:
+            channel = await self._publish_channel()
+        except AMQP_ERRORS as exc:
+            raise _unavailable(exc, f"opening a channel for job {job.id}") from exc
         bound = self.settings.broker_timeout
         task_queue = self.settings.task_queue
         try:
             async with asyncio.timeout(bound):
+                # nowait: the task's confirm below means these were done before it.
                 for kind in sorted(job.queues):
                     await channel.queue_declare(
                         contract.queue_name(job.id, kind),
                         durable=True,
                         arguments=contract.job_queue_arguments(job.ttl),
+                        nowait=True,
                     )
         except AMQP_ERRORS as exc:
             raise _unavailable(exc, f"declaring the queues of job {job.id}") from exc
@@ -295,19 +301,22 @@ class AsyncJobClient:
                 "submitting again",
                 job_id=job.id,
             ) from exc
-        event = self._messages.sent_event(sent_event, task_queue)
-        with contextlib.suppress(*AMQP_ERRORS):  # monitoring only: never fails a submit
-            async with asyncio.timeout(bound):
+        self._spawn(self._announce(channel, self._messages.sent_event(sent_event, task_queue)))
+        self._watches[job.id] = watch
+        self._finished.pop(job.id)
+        async with watch.lock:
+            await self._carry_out(watch, watch.tracker.consume(job.queues))
+
+    async def _announce(self, channel: aiormq.abc.AbstractChannel, event: Any) -> None:
+        """The task-sent event, for Flower: monitoring only, so nobody waits for it."""
+        with contextlib.suppress(*AMQP_ERRORS):
+            async with asyncio.timeout(self.settings.broker_timeout):
                 await channel.basic_publish(
                     event.body.encode() if isinstance(event.body, str) else event.body,
                     exchange=EVENT_EXCHANGE,
                     routing_key=EVENT_ROUTING_KEY,
                     properties=_properties(event),
                 )
-        self._watches[job.id] = watch
-        self._finished.pop(job.id)
-        async with watch.lock:
-            await self._carry_out(watch, watch.tracker.consume(job.queues))
 
     async def connect_to_submitted_job(
         self,
@@ -337,6 +346,8 @@ class AsyncJobClient:
                     reason="x-expires is fixed when a queue is declared",
                 )
         wanted = checks.wanted_queues(on_progress, on_status)
+        if on_finished is None and on_progress is None and on_status is None:  # for events()
+            wanted = known.queues if known is not None else frozenset(QueueKind)
         if known is not None and not wanted <= known.queues:
             missing = ", ".join(sorted(k.value for k in wanted - known.queues))
             raise InvalidArgumentError(
@@ -410,6 +421,7 @@ class AsyncJobClient:
                 event = watch.events.popleft()
                 yield event
                 if isinstance(event, JobResult):
+                    await watch.done.wait()  # its queues are deleted (or kept) by then, as for wait()
                     return
             if watch.done.is_set():
                 if watch.error is not None:
@@ -560,11 +572,21 @@ class AsyncJobClient:
         return present
 
     async def _delete_queues(self, job_id: uuid.UUID, kinds: frozenset[QueueKind]) -> None:
+        names = [contract.queue_name(job_id, k) for k in sorted(kinds)]
         with contextlib.suppress(*AMQP_ERRORS):  # gone with the connection: their TTL cleans up
+            channel = await self._publish_channel()
             async with asyncio.timeout(self.settings.broker_timeout):
-                await asyncio.gather(
-                    *(self._publish.queue_delete(contract.queue_name(job_id, k)) for k in sorted(kinds))
-                )
+                for name in names[:-1]:
+                    await channel.queue_delete(name, nowait=True)
+                if names:  # the last one waits, so all are gone when this returns
+                    await channel.queue_delete(names[-1])
+
+    async def _publish_channel(self) -> aiormq.abc.AbstractChannel:
+        """The confirming channel; reopened if a failed call closed it (aiormq closes a channel
+        whose call was cancelled or timed out)."""
+        if self._publish.is_closed and self._connection is not None and not self._connection.is_closed:
+            self._publish = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        return self._publish
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -654,9 +676,13 @@ class AsyncJobClient:
                 await self._on_message(watch, _kind, message)
 
             try:
+                # nowait (aiormq's basic_consume always waits): register the consumer, then send.
+                self._consume.consumers[tag] = on_message
                 async with asyncio.timeout(self.settings.broker_timeout):
-                    await self._consume.basic_consume(
-                        contract.queue_name(watch.job.id, kind), on_message, consumer_tag=tag
+                    await self._consume.rpc(
+                        Basic.Consume(
+                            queue=contract.queue_name(watch.job.id, kind), consumer_tag=tag, nowait=True
+                        )
                     )
             except AMQP_ERRORS as exc:
                 raise _unavailable(exc, f"consuming the queues of job {watch.job.id}") from exc

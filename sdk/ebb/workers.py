@@ -78,6 +78,10 @@ class WorkflowCatalog:
         self._enabled = enabled
         self._known: set[str] = set()
 
+    def knows(self, workflow: str) -> bool:
+        """Known to be runnable (or not checked at all): ``check`` would return at once."""
+        return not self._enabled or workflow in self._known
+
     def list(self) -> list[WorkflowInfo]:
         try:
             found = list_workflows(self._client, self._queue)
@@ -87,7 +91,7 @@ class WorkflowCatalog:
         return found
 
     def check(self, workflow: str, task_queue_consumers: Callable[[], int]) -> None:
-        if not self._enabled or workflow in self._known:
+        if self.knows(workflow):
             return
         try:
             found = self.list()

@@ -8,6 +8,7 @@ API, with plain-function callbacks (which it runs in asyncio's default executor)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -71,8 +72,13 @@ class AsyncClientAsSync:
             self._stop_loop()
 
     def _stop_loop(self) -> None:
+        """Shut down as ``asyncio.run`` does: tasks left behind are cancelled and awaited first."""
+        with contextlib.suppress(Exception):
+            self._run(_cancel_leftover_tasks(), timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()  # its selector and self-pipe: no descriptor left behind
 
     def __enter__(self) -> AsyncClientAsSync:
         return self
@@ -81,3 +87,10 @@ class AsyncClientAsSync:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+async def _cancel_leftover_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -89,6 +89,17 @@ def client_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(params=["sync", "async"], ids=["sync_caller", "async_caller"])
+def caller_kind(request: pytest.FixtureRequest) -> str:
+    """The kind of client a killed caller process ran (``tests.support.ClientProcess(kind=...)``)."""
+    return str(request.param)
+
+
+def reconnects(client: AnyClient) -> int:
+    """How often the client under test replaced its broker connection."""
+    return client.reconnects if isinstance(client, AsyncClientAsSync) else client._loop.reconnects
+
+
 @pytest.fixture
 def make_client(client_kind: str, settings: Settings) -> Callable[..., AnyClient]:
     """A factory for the client under test: ``make_client(settings=...)``."""

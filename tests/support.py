@@ -72,7 +72,11 @@ class ClientProcess:
 
     alive: ClassVar[list[ClientProcess]] = []  # killed after each test by conftest, whatever the outcome
 
-    def __init__(self, workflow: str, params: dict[str, Any], ttl: float, callbacks: str = "all"):
+    def __init__(
+        self, workflow: str, params: dict[str, Any], ttl: float, callbacks: str = "all", kind: str = "sync"
+    ):
+        """``kind``: the caller runs a ``JobClient`` (``"sync"``) or an ``AsyncJobClient`` (``"async"``)."""
+        self.kind = kind
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -81,6 +85,7 @@ class ClientProcess:
                 json.dumps(params),
                 str(ttl),
                 callbacks,
+                kind,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -2,7 +2,9 @@
 
 It prints the port it listens on (127.0.0.1), then forwards every connection to the target.
 SIGSTOP freezes it (the connection goes half-open: no FIN, no RST, ever), SIGUSR1 stops
-forwarding what the broker sends (a confirm that never comes), SIGKILL resets everything.
+forwarding what the broker sends, SIGUSR2 does the same from the client's next ``basic.publish``
+on (that frame still reaches the broker: the message arrives, its confirm never comes, whether
+the client waited for its queue declares first or not), SIGKILL resets everything.
 """
 
 from __future__ import annotations
@@ -14,9 +16,38 @@ import sys
 import threading
 
 muted = threading.Event()
+mute_at_publish = threading.Event()
+
+PROTOCOL_HEADER = 8  # b"AMQP\x00\x00\x09\x01", before the first frame
+BASIC_PUBLISH = b"\x00\x3c\x00\x28"  # class 60, method 40
+
+
+class PublishSpotter:
+    """Follows the client's frames across reads; tells whether a chunk holds a basic.publish."""
+
+    def __init__(self) -> None:
+        self.skip = PROTOCOL_HEADER
+        self.buffer = b""
+
+    def has_publish(self, data: bytes) -> bool:
+        found = False
+        if self.skip:
+            cut = min(self.skip, len(data))
+            self.skip -= cut
+            data = data[cut:]
+        self.buffer += data
+        while len(self.buffer) >= 7:
+            end = 7 + int.from_bytes(self.buffer[3:7], "big") + 1
+            if len(self.buffer) < end:
+                break
+            if self.buffer[0] == 1 and self.buffer[7:11] == BASIC_PUBLISH:  # a method frame
+                found = True
+            self.buffer = self.buffer[end:]
+        return found
 
 
 def pump(source: socket.socket, target: socket.socket, *, from_broker: bool) -> None:
+    spotter = None if from_broker else PublishSpotter()
     try:
         while True:
             data = source.recv(65536)
@@ -24,6 +55,8 @@ def pump(source: socket.socket, target: socket.socket, *, from_broker: bool) -> 
                 break
             if from_broker and muted.is_set():
                 continue
+            if spotter is not None and spotter.has_publish(data) and mute_at_publish.is_set():
+                muted.set()  # before the publish goes on: the broker's confirm cannot get back
             target.sendall(data)
     except OSError:
         pass
@@ -36,6 +69,7 @@ def pump(source: socket.socket, target: socket.socket, *, from_broker: bool) -> 
 def main() -> None:
     target_port = int(sys.argv[1])
     signal.signal(signal.SIGUSR1, lambda *_: muted.set())
+    signal.signal(signal.SIGUSR2, lambda *_: mute_at_publish.set())
     listener = socket.create_server(("127.0.0.1", 0))
     print(listener.getsockname()[1], flush=True)
     while True:

@@ -2,7 +2,9 @@
 
 The client talks to RabbitMQ through ``tests/tcp_proxy.py``. SIGSTOP freezes the proxy, so the
 client's connection goes half-open (no FIN, no RST ever arrives), as when a NAT or a firewall
-forgets it; SIGUSR1 holds back what the broker sends, so a confirm never comes.
+forgets it; SIGUSR2 holds back what the broker sends from the task's publish on, so its confirm
+never comes (whether the client pipelines its queue declares, as JobClient does, or awaits them
+first, as AsyncJobClient does). Both tests run with both clients.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from ebb import BrokerUnavailableError, JobClient, JobStatus
+from ebb import BrokerUnavailableError, JobStatus
 from ebb.config import Settings
+from tests.conftest import AnyClient, reconnects
 from tests.support import ROOT
 
 HEARTBEAT = 2.0
@@ -53,9 +56,9 @@ def through(proxy: subprocess.Popen[str], settings: Settings) -> Settings:
 
 
 def test_submit_on_a_half_open_connection_fails_within_two_heartbeats_then_recovers(
-    settings: Settings, worker: Path, proxy: subprocess.Popen[str]
+    settings: Settings, make_client: Callable[..., AnyClient], worker: Path, proxy: subprocess.Popen[str]
 ) -> None:
-    with JobClient(settings=through(proxy, settings)) as client:
+    with make_client(settings=through(proxy, settings)) as client:
         assert client.wait(client.submit_job("demo.echo", {"n": 1}), timeout=30).succeeded
         os.kill(proxy.pid, signal.SIGSTOP)
         started = time.monotonic()
@@ -77,16 +80,16 @@ def test_submit_on_a_half_open_connection_fails_within_two_heartbeats_then_recov
                 time.sleep(0.5)
         result = client.wait(job, timeout=30)
         assert result.status is JobStatus.SUCCEEDED and result.output == {"n": 3}
-        assert client._loop.reconnects >= 1
+        assert reconnects(client) >= 1
 
 
 def test_connection_reset_while_waiting_for_the_confirm_is_broker_unavailable(
-    settings: Settings, worker: Path, proxy: subprocess.Popen[str]
+    settings: Settings, make_client: Callable[..., AnyClient], worker: Path, proxy: subprocess.Popen[str]
 ) -> None:
-    client = JobClient(settings=through(proxy, settings))
+    client = make_client(settings=through(proxy, settings))
     try:
         assert client.wait(client.submit_job("demo.echo", {"n": 1}), timeout=30).succeeded
-        os.kill(proxy.pid, signal.SIGUSR1)  # the broker's answers stop here: no confirm arrives
+        os.kill(proxy.pid, signal.SIGUSR2)  # the broker's answers stop at the task: no confirm arrives
         outcome: list[BaseException] = []
 
         def submit() -> None:
@@ -109,7 +112,7 @@ def test_connection_reset_while_waiting_for_the_confirm_is_broker_unavailable(
         assert "may still run" in str(error)
     finally:
         client.close()
-    with JobClient(settings=settings) as direct:
+    with make_client() as direct:
         direct.connect_to_submitted_job(error.job_id)
         result = direct.wait(error.job_id, timeout=30)
         assert result.status is JobStatus.SUCCEEDED and result.output == {"n": 2}

@@ -1,4 +1,8 @@
-"""How the SDK behaves beyond the happy path: TTL choices, callbacks that raise, bad input."""
+"""How the SDK behaves beyond the happy path: TTL choices, callbacks that raise, bad input.
+
+Every test runs with both clients (``any_client`` / ``make_client``), but the one that is about
+``JobClient``'s consumer thread.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,16 +35,21 @@ from ebb import (
 )
 from ebb.config import Settings
 from ebb.contract import QueueKind, encode
+from tests.conftest import AnyClient
 from tests.support import ClientProcess, Management, wait_until
 
 
 def test_reconnect_with_other_ttl_keeps_original_and_never_fails(
-    settings: Settings, worker: Path, management: Management, caplog: pytest.LogCaptureFixture
+    make_client: Callable[[], AnyClient],
+    caller_kind: str,
+    worker: Path,
+    management: Management,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caller = ClientProcess("demo.sleep", {"seconds": 0.3, "steps": 1}, ttl=30)
+    caller = ClientProcess("demo.sleep", {"seconds": 0.3, "steps": 1}, ttl=30, kind=caller_kind)
     job = Job.from_json(caller.job_json)
     caller.kill()
-    with JobClient(settings=settings) as client, caplog.at_level(logging.WARNING, "ebb.client"):
+    with make_client() as client, caplog.at_level(logging.WARNING, "ebb.client"):
         client.connect_to_submitted_job(
             job,
             on_finished=lambda j, r: None,
@@ -58,8 +67,9 @@ def test_reconnect_with_other_ttl_keeps_original_and_never_fails(
 
 
 def test_without_auto_disconnect_progress_and_status_stay_until_disconnect(
-    client: JobClient, management: Management
+    any_client: AnyClient, management: Management
 ) -> None:
+    client = any_client
     job = client.submit_job(
         "demo.sleep",
         {"seconds": 0.2, "steps": 2},
@@ -74,9 +84,9 @@ def test_without_auto_disconnect_progress_and_status_stay_until_disconnect(
 
 
 def test_without_auto_disconnect_leftover_queues_expire_after_close(
-    settings: Settings, worker: Path, management: Management
+    make_client: Callable[[], AnyClient], worker: Path, management: Management
 ) -> None:
-    with JobClient(settings=settings) as client:
+    with make_client() as client:
         job = client.submit_job(
             "demo.sleep",
             {"seconds": 0.1, "steps": 1},
@@ -90,8 +100,12 @@ def test_without_auto_disconnect_leftover_queues_expire_after_close(
 
 
 def test_raising_on_finished_keeps_result_for_a_later_reconnect(
-    settings: Settings, client: JobClient, management: Management, caplog: pytest.LogCaptureFixture
+    make_client: Callable[[], AnyClient],
+    any_client: AnyClient,
+    management: Management,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    client = any_client
     calls = []
 
     def broken(job: Job, result: JobResult) -> None:
@@ -111,13 +125,14 @@ def test_raising_on_finished_keeps_result_for_a_later_reconnect(
     assert wait_until(
         lambda: (management.job_queues(job.id).get(QueueKind.RESULT) or {}).get("messages") == 1, 15
     ), "the result should wait in its queue"
-    with JobClient(settings=settings) as again:
+    with make_client() as again:
         again.connect_to_submitted_job(job)
         assert again.wait(job, timeout=30).output == {"slept": 0.1}
     assert wait_until(lambda: not management.job_queues(job.id), 10)
 
 
-def test_raising_on_progress_still_delivers_everything(client: JobClient, management: Management) -> None:
+def test_raising_on_progress_still_delivers_everything(any_client: AnyClient, management: Management) -> None:
+    client = any_client
     seen: list[float] = []
 
     def broken(job: Job, update: ProgressUpdate) -> None:
@@ -133,7 +148,8 @@ def test_raising_on_progress_still_delivers_everything(client: JobClient, manage
     assert wait_until(lambda: not management.job_queues(job.id), 10)
 
 
-def test_failing_workflow_gives_error_result(client: JobClient, management: Management) -> None:
+def test_failing_workflow_gives_error_result(any_client: AnyClient, management: Management) -> None:
+    client = any_client
     statuses: list[JobStatus] = []
     job = client.submit_job(
         "demo.fail", {"message": "disk full"}, on_status=lambda j, s: statuses.append(s.status)
@@ -149,8 +165,9 @@ def test_failing_workflow_gives_error_result(client: JobClient, management: Mana
 
 
 def test_unknown_workflow_is_refused_before_any_queue_exists(
-    client: JobClient, management: Management
+    any_client: AnyClient, management: Management
 ) -> None:
+    client = any_client
     before = set(management.all_job_queue_names())
     with pytest.raises(UnknownWorkflowError) as caught:
         client.submit_job("no.such.workflow", {})
@@ -159,27 +176,29 @@ def test_unknown_workflow_is_refused_before_any_queue_exists(
     assert set(management.all_job_queue_names()) <= before
 
 
-def test_workers_advertise_their_workflows(client: JobClient) -> None:
-    workflows = {w.name: w for w in client.list_workflows()}
+def test_workers_advertise_their_workflows(any_client: AnyClient) -> None:
+    workflows = {w.name: w for w in any_client.list_workflows()}
     assert {"demo.sleep", "demo.fail", "demo.echo"} <= set(workflows)
     assert workflows["demo.sleep"].params == ("seconds", "steps")
     assert workflows["demo.sleep"].description.startswith("Sleep")
     assert workflows["demo.sleep"].workers >= 1
 
 
-def test_worker_reports_an_unknown_workflow_as_error(settings: Settings, worker: Path) -> None:
+def test_worker_reports_an_unknown_workflow_as_error(
+    settings: Settings, make_client: Callable[..., AnyClient], worker: Path
+) -> None:
     """A caller that skipped the check (or could not ask Redis) still gets a clear ERROR result."""
     unchecked = Settings(**{**settings.__dict__, "check_workflows": False})
-    with JobClient(settings=unchecked) as client:
+    with make_client(settings=unchecked) as client:
         result = client.wait(client.submit_job("no.such.workflow", {}), timeout=30)
     assert result.status is JobStatus.ERROR
     assert result.error is not None and "demo.sleep" in result.error.message
 
 
-def test_oversized_params_are_refused(client: JobClient, management: Management) -> None:
+def test_oversized_params_are_refused(any_client: AnyClient, management: Management) -> None:
     before = set(management.all_job_queue_names())
     with pytest.raises(ValueError, match="EBB_MAX_PARAMS_BYTES"):
-        client.submit_job("demo.echo", {"blob": "x" * 2_000_000})
+        any_client.submit_job("demo.echo", {"blob": "x" * 2_000_000})
     assert set(management.all_job_queue_names()) <= before
 
 
@@ -198,20 +217,21 @@ def test_oversized_params_are_refused(client: JobClient, management: Management)
     ],
 )
 def test_invalid_ttl_is_refused_before_touching_the_broker(
-    client: JobClient, management: Management, ttl: object, error: type[Exception]
+    any_client: AnyClient, management: Management, ttl: object, error: type[Exception]
 ) -> None:
     before = set(management.all_job_queue_names())
     with pytest.raises(error, match="auto_cleanup_after_ttl"):
-        client.submit_job("demo.sleep", {}, auto_cleanup_after_ttl=ttl)  # type: ignore[arg-type]
+        any_client.submit_job("demo.sleep", {}, auto_cleanup_after_ttl=ttl)  # type: ignore[arg-type]
     assert set(management.all_job_queue_names()) <= before
 
 
-def test_params_must_be_json(client: JobClient) -> None:
+def test_params_must_be_json(any_client: AnyClient) -> None:
     with pytest.raises(TypeError, match="JSON-serialisable"):
-        client.submit_job("demo.sleep", {"when": object()})
+        any_client.submit_job("demo.sleep", {"when": object()})
 
 
-def test_unknown_or_malformed_job_ids(client: JobClient, management: Management) -> None:
+def test_unknown_or_malformed_job_ids(any_client: AnyClient, management: Management) -> None:
+    client = any_client
     stranger = uuid.uuid4()
     with pytest.raises(JobQueuesExpiredError, match=str(stranger)):
         client.connect_to_submitted_job(str(stranger))
@@ -225,6 +245,7 @@ def test_unknown_or_malformed_job_ids(client: JobClient, management: Management)
 def test_callbacks_run_on_the_client_thread_and_one_connection_serves_many_jobs(
     client: JobClient, management: Management
 ) -> None:
+    # JobClient only: AsyncJobClient runs plain callbacks in asyncio's executor, not on one thread.
     threads_before = threading.active_count()
     names: set[str] = set()
     jobs = [
@@ -248,18 +269,17 @@ def test_job_round_trips_through_json() -> None:
 
 
 @pytest.fixture
-def silent_client(settings: Settings) -> Iterator[JobClient]:
+def silent_client(settings: Settings, make_client: Callable[..., AnyClient]) -> Iterator[AnyClient]:
     """A client whose jobs go to a task queue no worker reads: the test plays the worker."""
     quiet = Settings(
         **{**settings.__dict__, "task_queue": f"{settings.task_queue}.nobody", "check_workflows": False}
     )
-    with JobClient(settings=quiet) as job_client:
-        # Workers own the task queue; here no worker exists, so the test declares it.
-        job_client._loop.call(
-            lambda: job_client._publish_channel.queue_declare(quiet.task_queue, durable=True)
-        )
-        yield job_client
-        job_client._loop.call(lambda: job_client._publish_channel.queue_delete(quiet.task_queue))
+    # Workers own the task queue; here no worker exists, so the test declares it, as one would.
+    with Connection(settings.broker_url) as connection:
+        connection.default_channel.queue_declare(quiet.task_queue, durable=True)
+        with make_client(settings=quiet) as job_client:
+            yield job_client
+        connection.default_channel.queue_delete(quiet.task_queue)
 
 
 def _play_worker(settings: Settings, job: Job, messages: list[tuple[QueueKind, bytes]]) -> None:
@@ -285,7 +305,7 @@ def _progress_body(job: Job, seq: int) -> bytes:
 
 
 def test_result_that_overtakes_progress_waits_for_it(
-    settings: Settings, silent_client: JobClient, management: Management
+    settings: Settings, silent_client: AnyClient, management: Management
 ) -> None:
     events: list[str] = []
     job = silent_client.submit_job(
@@ -310,7 +330,7 @@ def test_result_that_overtakes_progress_waits_for_it(
 
 def test_malformed_messages_are_logged_and_skipped(
     settings: Settings,
-    silent_client: JobClient,
+    silent_client: AnyClient,
     management: Management,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -341,7 +361,7 @@ def test_malformed_messages_are_logged_and_skipped(
 
 
 def test_lost_straggler_does_not_hold_the_result_forever(
-    settings: Settings, silent_client: JobClient, caplog: pytest.LogCaptureFixture
+    settings: Settings, silent_client: AnyClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     job = silent_client.submit_job("demo.echo", {}, on_progress=lambda j, p: None)
     started = time.monotonic()
@@ -352,8 +372,10 @@ def test_lost_straggler_does_not_hold_the_result_forever(
     assert "event=messages_missing" in caplog.text
 
 
-def test_wait_in_another_thread_ends_when_the_client_closes(settings: Settings, worker: Path) -> None:
-    client = JobClient(settings=settings)
+def test_wait_in_another_thread_ends_when_the_client_closes(
+    make_client: Callable[[], AnyClient], worker: Path
+) -> None:
+    client = make_client()
     job = client.submit_job("demo.sleep", {"seconds": 5, "steps": 1}, auto_cleanup_after_ttl=5)
     outcome: list[BaseException] = []
 
@@ -372,23 +394,25 @@ def test_wait_in_another_thread_ends_when_the_client_closes(settings: Settings, 
     assert len(outcome) == 1 and "closed" in str(outcome[0])
 
 
-def test_missing_task_queue_is_an_error_not_a_silent_loss(settings: Settings, management: Management) -> None:
+def test_missing_task_queue_is_an_error_not_a_silent_loss(
+    settings: Settings, make_client: Callable[..., AnyClient], management: Management
+) -> None:
     nowhere = Settings(
         **{**settings.__dict__, "task_queue": f"ebb.never.{uuid.uuid4().hex[:6]}", "check_workflows": False}
     )
     before = set(management.all_job_queue_names())
-    with JobClient(settings=nowhere) as client, pytest.raises(ConnectionError, match="does not exist"):
+    with make_client(settings=nowhere) as client, pytest.raises(ConnectionError, match="does not exist"):
         client.submit_job("demo.echo", {}, on_progress=lambda j, p: None)
     assert wait_until(lambda: set(management.all_job_queue_names()) <= before, 10)
 
 
 def test_reconnect_by_bare_id_learns_ttl_and_workflow_and_keeps_the_record(
-    settings: Settings, worker: Path
+    make_client: Callable[[], AnyClient], worker: Path
 ) -> None:
-    with JobClient(settings=settings) as first:
+    with make_client() as first:
         job = first.submit_job("demo.sleep", {"seconds": 0.5, "steps": 1}, auto_cleanup_after_ttl=45)
         first.disconnect_from_submitted_job(job, delete_queues=False)
-    with JobClient(settings=settings) as second:
+    with make_client() as second:
         handle = second.connect_to_submitted_job(str(job.id), on_finished=lambda j, r: None)
         assert handle.ttl == timedelta(seconds=45)
         assert handle.workflow == "demo.sleep"
@@ -398,13 +422,15 @@ def test_reconnect_by_bare_id_learns_ttl_and_workflow_and_keeps_the_record(
     assert record.result_delivered
 
 
-def test_a_client_that_cannot_connect_leaks_no_file_descriptors() -> None:
+def test_a_client_that_cannot_connect_leaks_no_file_descriptors(
+    make_client: Callable[..., AnyClient],
+) -> None:
     unreachable = Settings(broker_url="amqp://guest:guest@127.0.0.1:1//", broker_timeout=2)
     gc.collect()
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
         with pytest.raises(BrokerUnavailableError):
-            JobClient(settings=unreachable)
+            make_client(settings=unreachable)
     gc.collect()
     # Other tests' sockets may close meanwhile; a leak would be two pipe ends per attempt.
     assert len(os.listdir("/proc/self/fd")) - before < 5

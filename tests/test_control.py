@@ -1,4 +1,4 @@
-"""Job control: cancel, timeouts, and what an ERROR result carries."""
+"""Job control: cancel, timeouts, and what an ERROR result carries; with both clients."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import time
 
 import pytest
 
-from ebb import JobClient, JobStatus, UnknownJobError
+from ebb import JobStatus, UnknownJobError
+from tests.conftest import AnyClient
 from tests.support import Management, wait_until
 
 
-def test_cancel_a_running_job(client: JobClient, management: Management) -> None:
+def test_cancel_a_running_job(any_client: AnyClient, management: Management) -> None:
+    client = any_client
     statuses: list[JobStatus] = []
     job = client.submit_job(
         "demo.sleep", {"seconds": 30, "steps": 30}, on_status=lambda j, s: statuses.append(s.status)
@@ -26,7 +28,8 @@ def test_cancel_a_running_job(client: JobClient, management: Management) -> None
     assert wait_until(lambda: not management.job_queues(job.id), 10)
 
 
-def test_cancel_a_queued_job_it_never_starts(client: JobClient, management: Management) -> None:
+def test_cancel_a_queued_job_it_never_starts(any_client: AnyClient, management: Management) -> None:
+    client = any_client
     blockers = [
         client.submit_job("demo.sleep", {"seconds": 3, "steps": 1}) for _ in range(3)
     ]  # fill the worker
@@ -42,14 +45,16 @@ def test_cancel_a_queued_job_it_never_starts(client: JobClient, management: Mana
     assert wait_until(lambda: not management.job_queues(job.id), 10)
 
 
-def test_cancel_cannot_be_swallowed_by_the_workflow(client: JobClient) -> None:
+def test_cancel_cannot_be_swallowed_by_the_workflow(any_client: AnyClient) -> None:
+    client = any_client
     job = client.submit_job("demo.stubborn", {"seconds": 30}, on_status=lambda j, s: None)
     assert wait_until(lambda: client.job_status(job).status == "RUNNING", 15)
     client.cancel_job(job)
     assert client.wait(job, timeout=10).status is JobStatus.CANCELLED
 
 
-def test_timeout_stops_a_long_job(client: JobClient) -> None:
+def test_timeout_stops_a_long_job(any_client: AnyClient) -> None:
+    client = any_client
     statuses: list[JobStatus] = []
     started = time.monotonic()
     job = client.submit_job(
@@ -63,25 +68,29 @@ def test_timeout_stops_a_long_job(client: JobClient) -> None:
     assert statuses == [JobStatus.RUNNING, JobStatus.TIMEOUT]
 
 
-def test_a_job_within_its_timeout_succeeds(client: JobClient) -> None:
+def test_a_job_within_its_timeout_succeeds(any_client: AnyClient) -> None:
+    client = any_client
     job = client.submit_job("demo.sleep", {"seconds": 0.3, "steps": 1}, job_timeout=10)
     assert client.wait(job, timeout=20).succeeded
 
 
 @pytest.mark.parametrize("bad", [0, -1, float("nan"), "10m"])
-def test_invalid_timeouts_are_refused(client: JobClient, bad: object) -> None:
+def test_invalid_timeouts_are_refused(any_client: AnyClient, bad: object) -> None:
+    client = any_client
     with pytest.raises((ValueError, TypeError), match="job_timeout"):
         client.submit_job("demo.echo", {}, job_timeout=bad)  # type: ignore[arg-type]
 
 
-def test_cancel_unknown_job(client: JobClient) -> None:
+def test_cancel_unknown_job(any_client: AnyClient) -> None:
+    client = any_client
     import uuid
 
     with pytest.raises(UnknownJobError):
         client.cancel_job(uuid.uuid4())
 
 
-def test_error_result_carries_traceback_and_workflow_logs(client: JobClient) -> None:
+def test_error_result_carries_traceback_and_workflow_logs(any_client: AnyClient) -> None:
+    client = any_client
     result = client.wait(client.submit_job("demo.fail", {"message": "no disk"}), timeout=30)
     assert result.status is JobStatus.ERROR and result.error is not None
     assert "Traceback" in result.error.traceback and "RuntimeError: no disk" in result.error.traceback

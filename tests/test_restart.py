@@ -6,7 +6,7 @@ import logging
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ import requests
 from ebb import Job, JobClient, JobResult, JobStatus, RegistryUnavailableError
 from ebb.config import Settings
 from ebb.contract import QueueKind
+from tests.conftest import AnyClient, reconnects
 from tests.support import ClientProcess, Management, start_worker, stop_worker, wait_until
 
 
@@ -49,12 +50,19 @@ def private_worker(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
 
 
 def test_broker_restart_loses_nothing(
-    settings: Settings, worker: Path, private_worker: Settings, management: Management
+    settings: Settings,
+    client_kind: str,
+    make_client: Callable[..., AnyClient],
+    worker: Path,
+    private_worker: Settings,
+    management: Management,
 ) -> None:
-    # finished but unconsumed: its caller is gone; and one whose TTL must still run out afterwards
-    waiting = ClientProcess("demo.sleep", {"seconds": 1, "steps": 1}, ttl=120)
+    # finished but unconsumed: its caller is gone; and one whose TTL must still run out afterwards.
+    # The waiting one's caller was of the other kind, so the client under test takes over across kinds.
+    other_kind = "async" if client_kind == "sync" else "sync"
+    waiting = ClientProcess("demo.sleep", {"seconds": 1, "steps": 1}, ttl=120, kind=other_kind)
     waiting.kill()
-    expiring = ClientProcess("demo.sleep", {"seconds": 1, "steps": 1}, ttl=8)
+    expiring = ClientProcess("demo.sleep", {"seconds": 1, "steps": 1}, ttl=8, kind=client_kind)
     expiring.kill()
     waiting_job, expiring_job = Job.from_json(waiting.job_json), Job.from_json(expiring.job_json)
     assert wait_until(
@@ -67,7 +75,7 @@ def test_broker_restart_loses_nothing(
     def on_finished(job: Job, result: JobResult) -> None:
         finished.setdefault(job.id, []).append(result)
 
-    with JobClient(settings=private_worker) as client:
+    with make_client(settings=private_worker) as client:
         running = client.submit_job(
             "demo.sleep",
             {"seconds": 6, "steps": 6},
@@ -79,11 +87,11 @@ def test_broker_restart_loses_nothing(
         restart_rabbitmq(settings)
         assert client.wait(running, timeout=60).status is JobStatus.SUCCEEDED
         assert client.wait(queued, timeout=60).status is JobStatus.SUCCEEDED
-        assert client._loop.reconnects >= 1
+        assert reconnects(client) >= 1
     assert [len(finished[running.id]), len(finished[queued.id])] == [1, 1]
     assert len(progress) == len(set(progress)), "progress delivered twice"
 
-    with JobClient(settings=settings) as late:
+    with make_client() as late:
         late.connect_to_submitted_job(waiting_job)
         assert late.wait(waiting_job, timeout=30).output == {"slept": 1}
 

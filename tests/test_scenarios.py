@@ -1,17 +1,19 @@
 """The five cleanup scenarios of the feature, against real RabbitMQ and a real worker.
 
-Each one ends by asking the broker itself (management API) which of the job's queues exist.
+Each one ends by asking the broker itself (management API) which of the job's queues exist. Each
+runs with both clients (``client_kind``); where a caller process is killed, it was a sync or an
+async caller (``caller_kind``) before the client under test reconnects.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from ebb import Job, JobClient, JobQueuesExpiredError, JobStatus
-from ebb.config import Settings
+from ebb import Job, JobQueuesExpiredError, JobStatus
 from ebb.contract import QueueKind
 from tests.conftest import AnyClient
 from tests.support import ClientProcess, Management, wait_until
@@ -51,7 +53,8 @@ def test_happy_path_removes_all_queues(any_client: AnyClient, management: Manage
     assert management.job_queues(job.id) == {}
 
 
-def test_queues_are_durable_and_expire(client: JobClient, management: Management) -> None:
+def test_queues_are_durable_and_expire(any_client: AnyClient, management: Management) -> None:
+    client = any_client
     job = client.submit_job(
         "demo.sleep",
         {"seconds": 1, "steps": 1},
@@ -69,7 +72,8 @@ def test_queues_are_durable_and_expire(client: JobClient, management: Management
     client.wait(job, timeout=30)
 
 
-def test_only_requested_queues_are_declared(client: JobClient, management: Management) -> None:
+def test_only_requested_queues_are_declared(any_client: AnyClient, management: Management) -> None:
+    client = any_client
     job = client.submit_job("demo.sleep", {"seconds": 1, "steps": 2})
     assert set(management.job_queues(job.id)) == {QueueKind.RESULT}
     assert client.wait(job, timeout=30).status is JobStatus.SUCCEEDED
@@ -77,16 +81,16 @@ def test_only_requested_queues_are_declared(client: JobClient, management: Manag
 
 
 def test_immediate_reconnect_after_two_seconds_offline(
-    settings: Settings, worker: Path, management: Management
+    make_client: Callable[[], AnyClient], caller_kind: str, worker: Path, management: Management
 ) -> None:
-    caller = ClientProcess("demo.sleep", {"seconds": 4, "steps": 2}, ttl=6)
+    caller = ClientProcess("demo.sleep", {"seconds": 4, "steps": 2}, ttl=6, kind=caller_kind)
     job = Job.from_json(caller.job_json)
     assert caller.read_event() == "status RUNNING"
     caller.kill()
     time.sleep(2)  # offline: no consumer, the TTL is running
     assert set(management.job_queues(job.id)) == set(QueueKind)
     events: Events = []
-    with JobClient(settings=settings) as client:
+    with make_client() as client:
         client.connect_to_submitted_job(job, **recorder(events))  # type: ignore[arg-type]
         time.sleep(5)  # beyond the 6 s TTL counted from the kill: connected queues must not expire
         result = client.wait(job, timeout=30)
@@ -97,16 +101,19 @@ def test_immediate_reconnect_after_two_seconds_offline(
 
 
 def test_reconnect_after_job_finished_gets_everything_that_waited(
-    settings: Settings, worker: Path, management: Management
+    make_client: Callable[[], AnyClient], caller_kind: str, worker: Path, management: Management
 ) -> None:
-    caller = ClientProcess("demo.sleep", {"seconds": 1, "steps": 4}, ttl=30)
+    # Its callbacks never return, so nothing that reached it before the kill was acknowledged.
+    caller = ClientProcess(
+        "demo.sleep", {"seconds": 1, "steps": 4}, ttl=30, callbacks="held", kind=caller_kind
+    )
     job = Job.from_json(caller.job_json)
-    caller.kill()  # before anything was delivered to it
+    caller.kill()
     assert wait_until(
         lambda: (management.job_queues(job.id).get(QueueKind.RESULT) or {}).get("messages") == 1, 20
     ), "the result never reached its queue"
     events: Events = []
-    with JobClient(settings=settings) as client:
+    with make_client() as client:
         client.connect_to_submitted_job(job.id, **recorder(events))  # type: ignore[arg-type]
         result = client.wait(job.id, timeout=30)
     assert result.output == {"slept": 1}
@@ -124,8 +131,9 @@ def test_reconnect_after_job_finished_gets_everything_that_waited(
     assert_queues_gone(management, job)
 
 
-def test_never_reconnect_queues_expire_by_ttl(worker: Path, management: Management) -> None:
-    caller = ClientProcess("demo.sleep", {"seconds": 0.2, "steps": 1}, ttl=4)
+def test_never_reconnect_queues_expire_by_ttl(caller_kind: str, worker: Path, management: Management) -> None:
+    """No client comes back, so only the kind of the caller that was killed varies."""
+    caller = ClientProcess("demo.sleep", {"seconds": 0.2, "steps": 1}, ttl=4, kind=caller_kind)
     job = Job.from_json(caller.job_json)
     assert caller.read_event() == "status RUNNING"
     caller.kill()
@@ -137,13 +145,13 @@ def test_never_reconnect_queues_expire_by_ttl(worker: Path, management: Manageme
 
 
 def test_reconnect_after_expiry_raises_and_recreates_nothing(
-    settings: Settings, worker: Path, management: Management
+    make_client: Callable[[], AnyClient], caller_kind: str, worker: Path, management: Management
 ) -> None:
-    caller = ClientProcess("demo.sleep", {"seconds": 0.1, "steps": 1}, ttl=2)
+    caller = ClientProcess("demo.sleep", {"seconds": 0.1, "steps": 1}, ttl=2, kind=caller_kind)
     job = Job.from_json(caller.job_json)
     caller.kill()
     assert_queues_gone(management, job, timeout=20)
-    with JobClient(settings=settings) as client:
+    with make_client() as client:
         with pytest.raises(JobQueuesExpiredError) as caught:
             client.connect_to_submitted_job(job, on_finished=lambda j, r: None)
         assert str(job.id) in str(caught.value)

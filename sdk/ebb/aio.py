@@ -268,7 +268,7 @@ class AsyncJobClient:
         bound = self.settings.broker_timeout
         task_queue = self.settings.task_queue
         try:
-            async with asyncio.timeout(bound):
+            async with _broker_call(f"declaring the queues of job {job.id}"), asyncio.timeout(bound):
                 # nowait: the task's confirm below means these were done before it.
                 for kind in sorted(job.queues):
                     await channel.queue_declare(
@@ -281,7 +281,7 @@ class AsyncJobClient:
             raise _unavailable(exc, f"declaring the queues of job {job.id}") from exc
         message, sent_event = self._messages.task(request)
         try:
-            async with asyncio.timeout(bound):
+            async with _broker_call(f"publishing job {job.id}", job.id), asyncio.timeout(bound):
                 await channel.basic_publish(
                     message.body.encode() if isinstance(message.body, str) else message.body,
                     routing_key=task_queue,
@@ -471,8 +471,10 @@ class AsyncJobClient:
                     )
                 ),
             )
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._connection is not None:
             with contextlib.suppress(BaseException):
                 async with asyncio.timeout(5):
@@ -552,7 +554,10 @@ class AsyncJobClient:
         """The DeclareOk, or ``None`` if the queue does not exist (on a channel of its own)."""
         assert self._connection is not None
         try:
-            async with asyncio.timeout(self.settings.broker_timeout):
+            async with (
+                _broker_call(f"a passive declare of {name}"),
+                asyncio.timeout(self.settings.broker_timeout),
+            ):
                 if self._probe is None or self._probe.is_closed:
                     self._probe = await self._connection.channel(publisher_confirms=False)
                 return await self._probe.queue_declare(name, passive=True)
@@ -575,7 +580,7 @@ class AsyncJobClient:
         names = [contract.queue_name(job_id, k) for k in sorted(kinds)]
         with contextlib.suppress(*AMQP_ERRORS):  # gone with the connection: their TTL cleans up
             channel = await self._publish_channel()
-            async with asyncio.timeout(self.settings.broker_timeout):
+            async with _broker_call("deleting queues"), asyncio.timeout(self.settings.broker_timeout):
                 for name in names[:-1]:
                     await channel.queue_delete(name, nowait=True)
                 if names:  # the last one waits, so all are gone when this returns
@@ -678,7 +683,7 @@ class AsyncJobClient:
             try:
                 # nowait (aiormq's basic_consume always waits): register the consumer, then send.
                 self._consume.consumers[tag] = on_message
-                async with asyncio.timeout(self.settings.broker_timeout):
+                async with _broker_call("consuming"), asyncio.timeout(self.settings.broker_timeout):
                     await self._consume.rpc(
                         Basic.Consume(
                             queue=contract.queue_name(watch.job.id, kind), consumer_tag=tag, nowait=True
@@ -714,6 +719,24 @@ def _properties(message: Any) -> Any:
         correlation_id=props.get("correlation_id"),
         reply_to=props.get("reply_to") or None,
     )
+
+
+@contextlib.asynccontextmanager
+async def _broker_call(what: str, job_id: uuid.UUID | None = None) -> AsyncIterator[None]:
+    """Translate what the broker library raises into ``BrokerUnavailableError``.
+
+    aiormq cancels the calls under way when their connection closes (ours closes a silent one):
+    a ``CancelledError`` nobody asked for (the task is not being cancelled) is such a failure.
+    """
+    try:
+        yield
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise BrokerUnavailableError(
+            f"{what}: the connection was lost; the client reconnects by itself", job_id=job_id
+        ) from exc
 
 
 def _unavailable(exc: BaseException, what: str) -> BrokerUnavailableError:

@@ -27,6 +27,8 @@ from tests.conftest import AnyClient, reconnects
 from tests.support import ROOT
 
 HEARTBEAT = 2.0
+#: A job cut off mid-submit may leave its queues behind (the task may not have arrived): short TTL.
+TTL = 20
 
 
 @pytest.fixture
@@ -59,11 +61,13 @@ def test_submit_on_a_half_open_connection_fails_within_two_heartbeats_then_recov
     settings: Settings, make_client: Callable[..., AnyClient], worker: Path, proxy: subprocess.Popen[str]
 ) -> None:
     with make_client(settings=through(proxy, settings)) as client:
-        assert client.wait(client.submit_job("demo.echo", {"n": 1}), timeout=30).succeeded
+        assert client.wait(
+            client.submit_job("demo.echo", {"n": 1}, auto_cleanup_after_ttl=TTL), timeout=30
+        ).succeeded
         os.kill(proxy.pid, signal.SIGSTOP)
         started = time.monotonic()
         with pytest.raises(BrokerUnavailableError) as caught:
-            client.submit_job("demo.echo", {"n": 2})
+            client.submit_job("demo.echo", {"n": 2}, auto_cleanup_after_ttl=TTL)
         elapsed = time.monotonic() - started
         # Two heartbeat intervals of silence, counted from the last frame before the freeze.
         assert elapsed < 2 * HEARTBEAT + 1.5, f"took {elapsed:.1f} s"
@@ -73,7 +77,7 @@ def test_submit_on_a_half_open_connection_fails_within_two_heartbeats_then_recov
         deadline = time.monotonic() + 30
         while True:  # the client reconnects by itself; submit works again once it has
             try:
-                job = client.submit_job("demo.echo", {"n": 3})
+                job = client.submit_job("demo.echo", {"n": 3}, auto_cleanup_after_ttl=TTL)
                 break
             except BrokerUnavailableError:
                 assert time.monotonic() < deadline, "the client did not reconnect within 30 s"
@@ -88,13 +92,15 @@ def test_connection_reset_while_waiting_for_the_confirm_is_broker_unavailable(
 ) -> None:
     client = make_client(settings=through(proxy, settings))
     try:
-        assert client.wait(client.submit_job("demo.echo", {"n": 1}), timeout=30).succeeded
+        assert client.wait(
+            client.submit_job("demo.echo", {"n": 1}, auto_cleanup_after_ttl=TTL), timeout=30
+        ).succeeded
         os.kill(proxy.pid, signal.SIGUSR2)  # the broker's answers stop at the task: no confirm arrives
         outcome: list[BaseException] = []
 
         def submit() -> None:
             try:
-                client.submit_job("demo.echo", {"n": 2})
+                client.submit_job("demo.echo", {"n": 2}, auto_cleanup_after_ttl=TTL)
             except BaseException as exc:
                 outcome.append(exc)
 

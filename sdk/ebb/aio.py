@@ -329,31 +329,16 @@ class AsyncJobClient:
         auto_cleanup_after_ttl: timedelta | float | None = None,
     ) -> Job:
         """As ``JobClient.connect_to_submitted_job``: passive probes only, then what waited."""
-        known = job if isinstance(job, Job) else None
-        job_id = known.id if known else contract.parse_job_id(job)
-        if auto_cleanup_after_ttl is not None:
-            requested = checks.validate_ttl(
-                auto_cleanup_after_ttl, default=self.settings.default_ttl, maximum=self.settings.max_ttl
-            )
-            if known is None or requested != known.ttl:
-                log_event(
-                    logger,
-                    logging.WARNING,
-                    "ttl_not_changed",
-                    job_id=job_id,
-                    requested_ttl=requested,
-                    kept_ttl=known.ttl if known else "as submitted",
-                    reason="x-expires is fixed when a queue is declared",
-                )
+        job_id, known = checks.reconnect_target(
+            job,
+            checks.wanted_queues(on_progress, on_status),
+            auto_cleanup_after_ttl,
+            default_ttl=self.settings.default_ttl,
+            max_ttl=self.settings.max_ttl,
+        )
         wanted = checks.wanted_queues(on_progress, on_status)
         if on_finished is None and on_progress is None and on_status is None:  # for events()
             wanted = known.queues if known is not None else frozenset(QueueKind)
-        if known is not None and not wanted <= known.queues:
-            missing = ", ".join(sorted(k.value for k in wanted - known.queues))
-            raise InvalidArgumentError(
-                f"job {job_id} was submitted without a {missing} queue, so there is nothing to "
-                f"deliver to that callback; drop it or submit with it next time"
-            )
         if job_id in self._watches:
             raise InvalidArgumentError(f"job {job_id} is already connected to this client")
         await self._channel_ready()
@@ -361,11 +346,13 @@ class AsyncJobClient:
         if known is not None:
             handle, record_ttl = known, known.ttl
         else:
-            handle, record_ttl = await asyncio.to_thread(self._describe_from_registry, job_id)
+            handle, record_ttl = await asyncio.to_thread(
+                self._registry.describe, job_id, self.settings.default_ttl
+            )
         probe = wanted if known is not None else frozenset(QueueKind)
         present = await self._probe_queues(job_id, set(probe))
         if QueueKind.RESULT not in present:
-            raise JobQueuesExpiredError(job_id, await asyncio.to_thread(self._registry_story, job_id))
+            raise JobQueuesExpiredError(job_id, await asyncio.to_thread(self._registry.story, job_id))
         watch = self._watch(
             handle, record_ttl, auto_disconnect_on_result, on_finished, on_progress, on_status
         )
@@ -501,39 +488,11 @@ class AsyncJobClient:
         on_progress: Callback | None,
         on_status: Callback | None,
     ) -> _Watch:
-        callbacks = {
-            name: callback
-            for name, callback in (
-                (core.Callback.ON_FINISHED, on_finished),
-                (core.Callback.ON_PROGRESS, on_progress),
-                (core.Callback.ON_STATUS, on_status),
-            )
-            if callback is not None
-        }
+        callbacks = core.callbacks_by_name(on_finished, on_progress, on_status)
         watch = _Watch(job, core.JobTracker(job, auto_disconnect=auto_disconnect), callbacks, record_ttl)
         if not callbacks:
             watch.events = deque()
         return watch
-
-    def _describe_from_registry(self, job_id: uuid.UUID) -> tuple[Job, timedelta | None]:
-        try:
-            record = self._registry.get(job_id)
-        except RegistryUnavailableError:
-            record = None
-        queues = frozenset(QueueKind)
-        if record is None:
-            return Job(job_id, "?", self.settings.default_ttl, queues), None
-        ttl = record.ttl or self.settings.default_ttl
-        return Job(job_id, record.workflow or "?", ttl, queues, record.reference), record.ttl
-
-    def _registry_story(self, job_id: uuid.UUID) -> str:
-        try:
-            record = self._registry.get(job_id)
-        except RegistryUnavailableError as exc:
-            return f"(The job registry could not be asked: {exc}.)"
-        if record is None:
-            return "The job registry has no record of it either: never submitted, or long forgotten."
-        return f"Registry: {record.story()}."
 
     def _consumers_from_thread(self) -> int:
         loop = self._loop

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import uuid
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -10,6 +12,8 @@ from typing import Any
 from ebb import contract
 from ebb.contract import QueueKind
 from ebb.errors import InvalidArgumentError, InvalidArgumentTypeError
+from ebb.job import Job
+from ebb.logfmt import log_event
 
 
 def validate_ttl(ttl: timedelta | float | None, *, default: timedelta, maximum: timedelta) -> timedelta:
@@ -79,3 +83,39 @@ def wanted_queues(on_progress: object, on_status: object, *, updates: bool = Fal
     if on_status is not None or updates:
         kinds.add(QueueKind.STATUS)
     return frozenset(kinds)
+
+
+def reconnect_target(
+    job: Job | uuid.UUID | str,
+    wanted: frozenset[QueueKind],
+    auto_cleanup_after_ttl: timedelta | float | None,
+    *,
+    default_ttl: timedelta,
+    max_ttl: timedelta,
+) -> tuple[uuid.UUID, Job | None]:
+    """The job to reconnect to (and its ``Job`` if given), after checking what the call asks.
+
+    A different TTL is validated, then logged as ignored: RabbitMQ fixes ``x-expires`` when a
+    queue is declared. A callback for a queue the job was submitted without is refused.
+    """
+    known = job if isinstance(job, Job) else None
+    job_id = known.id if known else contract.parse_job_id(job)
+    if auto_cleanup_after_ttl is not None:
+        requested = validate_ttl(auto_cleanup_after_ttl, default=default_ttl, maximum=max_ttl)
+        if known is None or requested != known.ttl:
+            log_event(
+                logging.getLogger("ebb.client"),
+                logging.WARNING,
+                "ttl_not_changed",
+                job_id=job_id,
+                requested_ttl=requested,
+                kept_ttl=known.ttl if known else "as submitted",
+                reason="x-expires is fixed when a queue is declared",
+            )
+    if known is not None and not wanted <= known.queues:
+        missing = ", ".join(sorted(k.value for k in wanted - known.queues))
+        raise InvalidArgumentError(
+            f"job {job_id} was submitted without a {missing} queue, so there is nothing to "
+            f"deliver to that callback; drop it or submit with it next time"
+        )
+    return job_id, known

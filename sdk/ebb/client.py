@@ -264,30 +264,17 @@ class JobClient:
         Given a bare id, the job's workflow and TTL come from the registry.
         Raises :class:`JobQueuesExpiredError` when the result queue no longer exists.
         """
-        known = job if isinstance(job, Job) else None
-        job_id = known.id if known else contract.parse_job_id(job)
-        if auto_cleanup_after_ttl is not None:
-            requested = checks.validate_ttl(
-                auto_cleanup_after_ttl, default=self.settings.default_ttl, maximum=self.settings.max_ttl
-            )
-            if known is None or requested != known.ttl:
-                log_event(
-                    logger,
-                    logging.WARNING,
-                    "ttl_not_changed",
-                    job_id=job_id,
-                    requested_ttl=requested,
-                    kept_ttl=known.ttl if known else "as submitted",
-                    reason="x-expires is fixed when a queue is declared",
-                )
         wanted = checks.wanted_queues(on_progress, on_status)
-        if known is not None and not wanted <= known.queues:
-            missing = ", ".join(sorted(k.value for k in wanted - known.queues))
-            raise InvalidArgumentError(
-                f"job {job_id} was submitted without a {missing} queue, so there is nothing to "
-                f"deliver to that callback; drop it or submit with it next time"
-            )
-        handle, record_ttl = (known, known.ttl) if known else self._describe_from_registry(job_id)
+        job_id, known = checks.reconnect_target(
+            job,
+            wanted,
+            auto_cleanup_after_ttl,
+            default_ttl=self.settings.default_ttl,
+            max_ttl=self.settings.max_ttl,
+        )
+        handle, record_ttl = (
+            (known, known.ttl) if known else self._registry.describe(job_id, self.settings.default_ttl)
+        )
 
         def connect() -> bool:
             if job_id in self._watches:
@@ -314,7 +301,7 @@ class JobClient:
             return True
 
         if not self._loop.call(connect, f"connecting to job {job_id}"):
-            raise JobQueuesExpiredError(job_id, self._registry_story(job_id))
+            raise JobQueuesExpiredError(job_id, self._registry.story(job_id))
         if record_ttl is not None:
             self._registry.write(job_id, record_ttl, {"queues_last_in_use": time.time()})
         log_event(logger, logging.INFO, "job_connected", job_id=job_id)
@@ -447,36 +434,8 @@ class JobClient:
         on_progress: OnProgress | None,
         on_status: OnStatus | None,
     ) -> _Watch:
-        callbacks: dict[core.Callback, Callable[[Job, Any], Any]] = {}
-        for name, callback in (
-            (core.Callback.ON_FINISHED, on_finished),
-            (core.Callback.ON_PROGRESS, on_progress),
-            (core.Callback.ON_STATUS, on_status),
-        ):
-            if callback is not None:
-                callbacks[name] = callback
+        callbacks = core.callbacks_by_name(on_finished, on_progress, on_status)
         return _Watch(job, core.JobTracker(job, auto_disconnect=auto_disconnect), callbacks, record_ttl)
-
-    def _describe_from_registry(self, job_id: uuid.UUID) -> tuple[Job, timedelta | None]:
-        """A handle for a bare id: workflow and TTL from the registry, or placeholders if it has none."""
-        try:
-            record = self._registry.get(job_id)
-        except RegistryUnavailableError:
-            record = None
-        queues = frozenset(QueueKind)  # unknown: cleanup covers all three names
-        if record is None:
-            return Job(job_id, "?", self.settings.default_ttl, queues), None
-        ttl = record.ttl or self.settings.default_ttl
-        return Job(job_id, record.workflow or "?", ttl, queues, record.reference), record.ttl
-
-    def _registry_story(self, job_id: uuid.UUID) -> str:
-        try:
-            record = self._registry.get(job_id)
-        except RegistryUnavailableError as exc:  # the error is about the queues; this only adds colour
-            return f"(The job registry could not be asked: {exc}.)"
-        if record is None:
-            return "The job registry has no record of it either: never submitted, or long forgotten."
-        return f"Registry: {record.story()}."
 
     def _task_queue_consumers(self) -> int:
         """Workers reading the task queue, asked with a passive declare (the workers' queue, no TTL)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
@@ -54,6 +55,20 @@ CALLBACK_FOR: dict[QueueKind, Callback] = {
     QueueKind.PROGRESS: Callback.ON_PROGRESS,
     QueueKind.RESULT: Callback.ON_FINISHED,
 }
+
+
+def callbacks_by_name(
+    on_finished: Callable[..., Any] | None,
+    on_progress: Callable[..., Any] | None,
+    on_status: Callable[..., Any] | None,
+) -> dict[Callback, Callable[..., Any]]:
+    """The callbacks a caller passed, keyed as :class:`Deliver` names them."""
+    given = {
+        Callback.ON_FINISHED: on_finished,
+        Callback.ON_PROGRESS: on_progress,
+        Callback.ON_STATUS: on_status,
+    }
+    return {name: callback for name, callback in given.items() if callback is not None}
 
 
 # --- actions: what the transport must do, in order -----------------------------------------

@@ -20,7 +20,9 @@ from typing import Any
 
 import redis
 
+from ebb.contract import QueueKind
 from ebb.errors import RegistryUnavailableError
+from ebb.job import Job
 from ebb.logfmt import log_event
 from ebb.records import KEY_PREFIX, JobRecord, job_key
 
@@ -146,6 +148,32 @@ class Registry:
         if not data:
             return None
         return JobRecord.from_hash(job_id, {str(k): str(v) for k, v in data.items()})
+
+    def describe(self, job_id: uuid.UUID, default_ttl: timedelta) -> tuple[Job, timedelta | None]:
+        """A handle for a bare job id: workflow and TTL from the record, placeholders without one.
+
+        The second value is the record's TTL, ``None`` when unknown: then the client leaves the
+        record alone rather than overwrite it with a guess.
+        """
+        try:
+            record = self.get(job_id)
+        except RegistryUnavailableError:
+            record = None
+        queues = frozenset(QueueKind)  # unknown: cleanup covers all three names
+        if record is None:
+            return Job(job_id, "?", default_ttl, queues), None
+        ttl = record.ttl or default_ttl
+        return Job(job_id, record.workflow or "?", ttl, queues, record.reference), record.ttl
+
+    def story(self, job_id: uuid.UUID) -> str:
+        """What became of a job, for an error about its queues (never raises: it only adds colour)."""
+        try:
+            record = self.get(job_id)
+        except RegistryUnavailableError as exc:
+            return f"(The job registry could not be asked: {exc}.)"
+        if record is None:
+            return "The job registry has no record of it either: never submitted, or long forgotten."
+        return f"Registry: {record.story()}."
 
     def read_fields(
         self, job_ids: Sequence[str], fields: Sequence[str], *, batch: int = 1000

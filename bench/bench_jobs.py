@@ -14,6 +14,9 @@ against the sync one:
   (c) RabbitMQ CPU per Ebb job (in flight) / RabbitMQ CPU per lean churn job   <= 1.3
   (d) async / sync Ebb throughput, three queues, N jobs in flight              >= 1.0
 
+(d) runs two in-flight rounds of each client in ABBA order (sync, async, async, sync) on one
+worker, so that a drift of the machine or the broker over the run weighs on both alike.
+
 Run from anywhere (workers start in the repository root, where ``tasks`` and ``bench`` live)::
 
     .venv/bin/python bench/bench_jobs.py [--quick] [--jobs N] [--seq N] [--json]
@@ -108,6 +111,14 @@ class Stats:
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "jobs_per_s": self.jobs_per_s}
+
+    @staticmethod
+    def combined(rounds: list[Stats]) -> Stats:
+        """Rounds of one in-flight measurement as one: total jobs over total time, CPU per job."""
+        jobs = sum(r.jobs for r in rounds)
+        groups = {g for r in rounds for g in r.cpu_ms}
+        cpu = {g: sum(r.cpu_ms.get(g, 0.0) * r.jobs for r in rounds) / jobs for g in sorted(groups)}
+        return Stats(jobs, sum(r.seconds for r in rounds), cpu_ms=cpu)
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -379,10 +390,19 @@ def bare_celery(
 
 
 def ebb(
-    client: JobClient, track: Tracker, three: bool, n_seq: int, n_flight: int, warmup: int
-) -> tuple[Stats, Stats, Counter[str]]:
-    """Ebb end to end: submit ``demo.echo``, wait until ``on_finished`` ran and the queues are gone."""
-    calls: Counter[str] = Counter()  # "jobs" counts submissions, the rest callback runs
+    client: JobClient,
+    track: Tracker,
+    three: bool,
+    n_seq: int,
+    n_flight: int,
+    warmup: int,
+    calls: Counter[str] | None = None,
+) -> tuple[Stats | None, Stats, Counter[str]]:
+    """Ebb end to end: submit ``demo.echo``, wait until ``on_finished`` ran and the queues are gone.
+
+    With ``n_seq`` 0 only the in-flight round runs (the second sync round of (d)).
+    """
+    calls = Counter() if calls is None else calls  # "jobs" counts submissions, the rest callback runs
 
     def count(name: str) -> Callable[[Job, object], None]:
         def callback(job: Job, update: object) -> None:
@@ -411,17 +431,20 @@ def ebb(
             raise RuntimeError(f"job {job.id} ended {result.status} with {result.output!r}")
 
     label = "three queues" if three else "result queue"
-    say(f"Ebb, {label}: {n_seq} sequential")
-    seq = sequential(lambda: collect(send()), n_seq, warmup)
+    seq = None
+    if n_seq:
+        say(f"Ebb, {label}: {n_seq} sequential")
+        seq = sequential(lambda: collect(send()), n_seq, warmup)
     say(f"Ebb, {label}: {n_flight} in flight")
     flight = in_flight(send, collect, n_flight, warmup * 5)
     return seq, flight, calls
 
 
 async def ebb_async(
-    settings: Settings, track: Tracker, n_seq: int, n_flight: int, warmup: int
-) -> tuple[Stats, Stats, Counter[str]]:
-    """Ebb's three-queue jobs from ``AsyncJobClient`` (coroutine callbacks), on the loop of this process."""
+    settings: Settings, track: Tracker, n_seq: int, n_flight: int, warmup: int, rounds: int
+) -> tuple[Stats, list[Stats], Counter[str]]:
+    """Ebb's three-queue jobs from ``AsyncJobClient`` (coroutine callbacks), on the loop of this
+    process: a sequential run, then ``rounds`` in-flight rounds back to back."""
     calls: Counter[str] = Counter()
 
     def count(name: str) -> Callable[[Job, object], Awaitable[None]]:
@@ -451,9 +474,11 @@ async def ebb_async(
 
         say(f"Ebb async, three queues: {n_seq} sequential")
         seq = await sequential_async(one, n_seq, warmup)
-        say(f"Ebb async, three queues: {n_flight} in flight (asyncio.gather)")
-        flight = await in_flight_async(one, n_flight, warmup * 5)
-    return seq, flight, calls
+        flights = []
+        for i in range(rounds):
+            say(f"Ebb async, three queues: {n_flight} in flight (asyncio.gather), round {i + 1}/{rounds}")
+            flights.append(await in_flight_async(one, n_flight, warmup * 5))
+    return seq, flights, calls
 
 
 def ebb_ready(client: JobClient, track: Tracker) -> Callable[[float], bool]:
@@ -556,9 +581,9 @@ def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], 
         ("ebb_result_seq", "Ebb, result queue only, sequential"),
         ("ebb_result_flight", f"Ebb, result queue only, {flight} in flight"),
         ("ebb_three_seq", "Ebb, all three queues, sequential"),
-        ("ebb_three_flight", f"Ebb, all three queues, {flight} in flight"),
+        ("ebb_three_flight", f"Ebb, all three queues, {flight} in flight x2"),
         ("ebb_async_three_seq", "Ebb async, all three queues, sequential"),
-        ("ebb_async_three_flight", f"Ebb async, all three queues, {flight} in flight"),
+        ("ebb_async_three_flight", f"Ebb async, all three queues, {flight} in flight x2"),
     ]
 
     calls = meta["three_queue_callbacks"]
@@ -683,16 +708,20 @@ def main(argv: list[str] | None = None) -> int:
         with worker("tasks", f"bench-ebb-{run}", [], env, log) as proc:
             with JobClient(settings=settings) as client:
                 wait_ready(proc, log, ebb_ready(client, track))
-                stats["ebb_result_seq"], stats["ebb_result_flight"], _ = ebb(
-                    client, track, False, n_seq, n_flight, warmup
-                )
-                stats["ebb_three_seq"], stats["ebb_three_flight"], calls = ebb(
-                    client, track, True, n_seq, n_flight, warmup
-                )
-            # The same worker, the sync client closed: this process's CPU is the async client's.
-            stats["ebb_async_three_seq"], stats["ebb_async_three_flight"], async_calls = asyncio.run(
-                ebb_async(settings, track, n_seq, n_flight, warmup)
+                result_seq, stats["ebb_result_flight"], _ = ebb(client, track, False, n_seq, n_flight, warmup)
+                three_seq, sync_first, calls = ebb(client, track, True, n_seq, n_flight, warmup)
+            assert result_seq is not None and three_seq is not None
+            stats["ebb_result_seq"], stats["ebb_three_seq"] = result_seq, three_seq
+            # (d) in ABBA order (sync, async, async, sync) on the same worker, so that a drift of
+            # the machine or the broker over the run weighs on both clients alike. One client is
+            # open at a time: this process's CPU is that client's.
+            stats["ebb_async_three_seq"], async_rounds, async_calls = asyncio.run(
+                ebb_async(settings, track, n_seq, n_flight, warmup, rounds=2)
             )
+            with JobClient(settings=settings) as client:
+                _, sync_second, _ = ebb(client, track, True, 0, n_flight, warmup, calls)
+            stats["ebb_three_flight"] = Stats.combined([sync_first, sync_second])
+            stats["ebb_async_three_flight"] = Stats.combined(async_rounds)
     except KeyboardInterrupt:
         say(f"interrupted; deleting this run's queues (workers are stopped); worker logs kept in {logs}")
         return 130

@@ -33,6 +33,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from ebb import checks, contract, core
+from ebb.acks import AckBatch
 from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
 from ebb.config import Settings
 from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
@@ -82,6 +83,42 @@ class _Watch:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _WriteBatch:
+    """Registry writes awaited by many coroutines at once, as one pipelined write in a thread.
+
+    A burst of 1,000 submits then costs a few Redis round trips and thread hops, not 1,000; a
+    lone submit waits one loop turn longer. One batch at a time, so a job's writes keep their order.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self._pending: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]] = {}
+        self._waiters: list[asyncio.Future[bool]] = []
+        self._runner: asyncio.Task[None] | None = None
+
+    async def write(self, job_id: uuid.UUID, ttl: timedelta, fields: dict[str, Any]) -> bool:
+        """``Registry.write``, batched: False when Redis could not be written."""
+        self._pending.setdefault(job_id, (ttl, {}))[1].update(fields)
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._runner is None:
+            self._runner = asyncio.ensure_future(self._run())
+        return await waiter
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                await asyncio.sleep(0)  # the rest of this turn's writes join the batch
+                pending, self._pending = self._pending, {}
+                waiters, self._waiters = self._waiters, []
+                ok = await asyncio.to_thread(self._registry.write_many, pending)
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(ok)
+        finally:
+            self._runner = None
+
+
 class AsyncJobClient:
     """A caller's connection to Ebb from asyncio: same settings, errors and behaviour as JobClient."""
 
@@ -91,17 +128,30 @@ class AsyncJobClient:
             base = dataclasses.replace(base, broker_url=broker_url)
         self.settings = base
         self._registry = Registry(base.redis_url, base.registry_grace)
+        self._writes = _WriteBatch(self._registry)
         self._catalog = WorkflowCatalog(self._registry.client, base.task_queue, enabled=base.check_workflows)
         self._messages = TaskMessages()
         self._watches: dict[uuid.UUID, _Watch] = {}
         self._finished = core.FinishedJobs(base.keep_results, base.keep_results_bytes)
         self._tags = itertools.count(1)
+        # One submit at a time on the wire (its declares, its task, the task's confirm: one round
+        # trip). RabbitMQ's channel works harder per job with several outstanding: 1,000 at once
+        # cost its channel process 27 % more reductions per job, two at once 10 % more, than
+        # one at a time. A burst of submits still goes at one per round trip (~1 ms locally).
+        self._submitting = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._consume: aiormq.Channel
         self._publish: aiormq.abc.AbstractChannel
+        self._events: aiormq.abc.AbstractChannel
         self._probe: aiormq.abc.AbstractChannel | None = None
         self._ready = asyncio.Event()
+        # One burst of work (what the reader handed over before the loop idles) ends in one
+        # flush: a multiple-ack, one pipelined registry write, then the waiters wake.
+        self._acks = AckBatch()
+        self._records: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]] = {}
+        self._to_signal: list[_Watch] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._failure: BaseException | None = None
         self.reconnects = 0
@@ -139,7 +189,11 @@ class AsyncJobClient:
             self._consume = cast(aiormq.Channel, await connection.channel(publisher_confirms=False))
             await self._consume.basic_qos(prefetch_count=0)
             self._publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            await self._publish.exchange_declare(EVENT_EXCHANGE, exchange_type="topic", durable=True)
+            # The task-sent events go unconfirmed (monitoring only, as Celery sends its events)
+            # on a channel of their own: a refused one closes it, never the consumers' channel.
+            self._events = await connection.channel(publisher_confirms=False)
+            await self._events.exchange_declare(EVENT_EXCHANGE, exchange_type="topic", durable=True)
+        self._acks.clear()
         self._connection = connection
         self._probe = None
         self._ready.set()
@@ -237,8 +291,7 @@ class AsyncJobClient:
         watch = self._watch(job, ttl, auto_disconnect_on_result, on_finished, on_progress, on_status)
         request = contract.TaskRequest(job.id, workflow, params_dict, job.queues, ttl, timeout)
         now = time.time()
-        await asyncio.to_thread(
-            self._registry.write,
+        await self._writes.write(
             job.id,
             ttl,
             {
@@ -251,10 +304,11 @@ class AsyncJobClient:
             },
         )
         try:
-            await self._send(watch, request)
+            async with self._submitting:
+                await self._send(watch, request)
         except BrokerUnavailableError as exc:
             if exc.job_id is None:
-                await asyncio.to_thread(self._registry.write, job.id, ttl, {"status": NOT_SUBMITTED})
+                await self._writes.write(job.id, ttl, {"status": NOT_SUBMITTED})
             raise
         log_event(logger, logging.INFO, "job_submitted", job_id=job.id, workflow=workflow, ttl=ttl)
         return job
@@ -301,17 +355,19 @@ class AsyncJobClient:
                 "submitting again",
                 job_id=job.id,
             ) from exc
-        self._spawn(self._announce(channel, self._messages.sent_event(sent_event, task_queue)))
+        await self._announce(self._messages.sent_event(sent_event, task_queue))
         self._watches[job.id] = watch
         self._finished.pop(job.id)
         async with watch.lock:
             await self._carry_out(watch, watch.tracker.consume(job.queues))
 
-    async def _announce(self, channel: aiormq.abc.AbstractChannel, event: Any) -> None:
-        """The task-sent event, for Flower: monitoring only, so nobody waits for it."""
+    async def _announce(self, event: Any) -> None:
+        """The task-sent event, for Flower: unconfirmed, so nobody waits for the broker."""
+        if self._events.is_closed:
+            return
         with contextlib.suppress(*AMQP_ERRORS):
             async with asyncio.timeout(self.settings.broker_timeout):
-                await channel.basic_publish(
+                await self._events.basic_publish(
                     event.body.encode() if isinstance(event.body, str) else event.body,
                     exchange=EVENT_EXCHANGE,
                     routing_key=EVENT_ROUTING_KEY,
@@ -458,6 +514,10 @@ class AsyncJobClient:
                     )
                 ),
             )
+        if self._flusher is not None:  # the last records and wake-ups, before the connection goes
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                async with asyncio.timeout(self.settings.broker_timeout):
+                    await asyncio.shield(self._flusher)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -559,23 +619,34 @@ class AsyncJobClient:
 
     async def _on_message(self, watch: _Watch, kind: QueueKind, message: DeliveredMessage) -> None:
         if self._watches.get(watch.job.id) is not watch:
-            await _settle(message, requeue=True)
+            await self._reject(message)
             return
+        if message.channel is self._consume and isinstance(message.delivery, Basic.Deliver):
+            assert message.delivery.delivery_tag is not None
+            self._acks.delivered(message.delivery.delivery_tag)
         content_type = message.header.properties.content_type
         async with watch.lock:
             actions = watch.tracker.received(kind, message.body, content_type, message, time.time())
+            # Not inline: aiormq cancels its delivery tasks when the channel closes, and a
+            # callback must run to its end once it started (the redelivery is a duplicate then).
             await self._carry_out(watch, actions)
 
-    async def _carry_out(self, watch: _Watch, actions: list[core.Action]) -> None:
-        """Do what the tracker decided; a Deliver runs in a task of its own, then reports back."""
-        records: dict[str, Any] = {}
+    async def _carry_out(
+        self, watch: _Watch, actions: list[core.Action], *, inline: bool = False
+    ) -> core.Deliver | None:
+        """Do what the tracker decided. A Deliver (one at a time per job) runs in a task of its
+        own, or is returned when ``inline``: ``_deliver``, already in one, runs it next."""
+        deliver: core.Deliver | None = None
         for action in actions:
             if isinstance(action, core.Deliver):
-                self._spawn(self._deliver(watch, action))
+                if inline:
+                    deliver = action
+                else:
+                    self._spawn(self._deliver(watch, action))
             elif isinstance(action, core.Ack):
-                await _settle(action.token, requeue=False)
+                self._ack(action.token)
             elif isinstance(action, core.Requeue):
-                await _settle(action.token, requeue=True)
+                await self._reject(action.token)
             elif isinstance(action, core.Consume):
                 await self._start_consuming(watch, action.kinds)
             elif isinstance(action, core.StopConsuming):
@@ -589,33 +660,38 @@ class AsyncJobClient:
                     watch.consumers.pop(kind, None)
                 await self._delete_queues(watch.job.id, action.kinds)
             elif isinstance(action, core.Record):
-                records.update(action.fields)
+                if watch.record_ttl is not None:  # batched: one Redis round trip per burst
+                    self._records.setdefault(watch.job.id, (watch.record_ttl, {}))[1].update(action.fields)
+                    self._schedule_flush()
             elif isinstance(action, core.WakeAt):
                 self._spawn(self._wake(watch, action.at))
             elif isinstance(action, core.Finish):
-                if records and watch.record_ttl is not None:
-                    await asyncio.to_thread(self._registry.write, watch.job.id, watch.record_ttl, records)
-                    records = {}
                 self._finish(watch, action)
-        if records and watch.record_ttl is not None:
-            await asyncio.to_thread(self._registry.write, watch.job.id, watch.record_ttl, records)
+        return deliver
 
     async def _deliver(self, watch: _Watch, action: core.Deliver) -> None:
-        error: Exception | None = None
-        if watch.events is not None:
-            watch.events.append(action.payload)
-            watch.arrived.set()
-        callback = watch.callbacks.get(action.callback)
-        if callback is not None:
-            try:
-                if inspect.iscoroutinefunction(callback):
-                    await callback(watch.job, action.payload)
-                else:
-                    await asyncio.to_thread(callback, watch.job, action.payload)
-            except Exception as exc:
-                error = exc
-        async with watch.lock:
-            await self._carry_out(watch, watch.tracker.delivered(error, time.time()))
+        """Run the callback (plain functions in a thread), report back, and go on with the next
+        Deliver the tracker hands out. Runs in a task of its own: a slow callback holds up no
+        other job and not the connection."""
+        deliver: core.Deliver | None = action
+        while deliver is not None:
+            error: Exception | None = None
+            if watch.events is not None:
+                watch.events.append(deliver.payload)
+                watch.arrived.set()
+            callback = watch.callbacks.get(deliver.callback)
+            if callback is not None:
+                try:
+                    if inspect.iscoroutinefunction(callback):
+                        await callback(watch.job, deliver.payload)
+                    else:
+                        await asyncio.to_thread(callback, watch.job, deliver.payload)
+                except Exception as exc:
+                    error = exc
+            async with watch.lock:
+                deliver = await self._carry_out(
+                    watch, watch.tracker.delivered(error, time.time()), inline=True
+                )
 
     async def _wake(self, watch: _Watch, at: float) -> None:
         await asyncio.sleep(max(0.0, at - time.time()))
@@ -629,8 +705,70 @@ class AsyncJobClient:
                 del self._watches[watch.job.id]
             self._finished.add(watch.job.id, watch, action.size)
             watch.callbacks = {}
-        watch.done.set()
-        watch.arrived.set()
+        self._to_signal.append(watch)  # once its registry record is written: see _flush
+        self._schedule_flush()
+
+    def _ack(self, message: DeliveredMessage) -> None:
+        """Batched: sent with the burst's flush, on the channel the delivery came on."""
+        if message.channel is self._consume and isinstance(message.delivery, Basic.Deliver):
+            assert message.delivery.delivery_tag is not None
+            self._acks.ack(message.delivery.delivery_tag)
+            self._schedule_flush()
+
+    async def _reject(self, message: DeliveredMessage) -> None:
+        """Requeue at once; after a reconnect the delivery comes again anyway."""
+        channel = message.channel
+        if channel.is_closed or not isinstance(message.delivery, Basic.Deliver):
+            return
+        tag = message.delivery.delivery_tag
+        assert tag is not None
+        if channel is self._consume:
+            self._acks.settled_otherwise(tag)
+        with contextlib.suppress(*AMQP_ERRORS):
+            await channel.basic_reject(tag, requeue=True)
+
+    def _schedule_flush(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+
+    async def _burst_settled(self) -> None:
+        """Yield until a whole turn of the loop added nothing to flush: the burst is over.
+
+        A delivery's ack comes a few turns after it (its callback runs in a task of its own),
+        so one turn is not enough to collect a burst; RabbitMQ pays per ack frame.
+        """
+        size = -1
+        while size != (size := self._acks.pending + len(self._records) + len(self._to_signal)):
+            await asyncio.sleep(0)
+
+    async def _flush(self) -> None:
+        """End of a burst: the acks, then the registry writes, then wake whoever waits on a job.
+
+        In that order, so that ``wait()`` returns only once the record says the result was
+        delivered, and a burst of 1,000 results costs one Redis round trip, not 1,000. One
+        flush at a time, so the writes for one job land in the order they were made.
+        """
+        try:
+            while True:
+                await self._burst_settled()
+                plan = self._acks.take()
+                records, self._records = self._records, {}
+                signal, self._to_signal = self._to_signal, []
+                if plan is None and not records and not signal:
+                    return
+                if plan is not None and not self._consume.is_closed:
+                    with contextlib.suppress(*AMQP_ERRORS):
+                        if plan.multiple_up_to is not None:
+                            await self._consume.basic_ack(plan.multiple_up_to, multiple=True)
+                        for tag in plan.singles:
+                            await self._consume.basic_ack(tag)
+                if records:
+                    await asyncio.to_thread(self._registry.write_many, records)
+                for watch in signal:
+                    watch.done.set()
+                    watch.arrived.set()
+        finally:
+            self._flusher = None
 
     async def _start_consuming(self, watch: _Watch, kinds: frozenset[QueueKind]) -> None:
         for kind in sorted(kinds):
@@ -651,20 +789,6 @@ class AsyncJobClient:
             except AMQP_ERRORS as exc:
                 raise _unavailable(exc, f"consuming the queues of job {watch.job.id}") from exc
             watch.consumers[kind] = tag
-
-
-async def _settle(message: DeliveredMessage, *, requeue: bool) -> None:
-    """Ack or requeue on the channel the delivery came on; after a reconnect it comes again."""
-    channel = message.channel
-    if channel.is_closed or not isinstance(message.delivery, Basic.Deliver):
-        return
-    tag = message.delivery.delivery_tag
-    assert tag is not None
-    with contextlib.suppress(*AMQP_ERRORS):
-        if requeue:
-            await channel.basic_reject(tag, requeue=True)
-        else:
-            await channel.basic_ack(tag)
 
 
 def _properties(message: Any) -> Any:

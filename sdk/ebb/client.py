@@ -105,6 +105,7 @@ class JobClient:
         self._to_signal: list[_Watch] = []
         self._consume_channel: amqp.Channel
         self._publish_channel: amqp.Channel
+        self._events_channel: amqp.Channel
         self._confirms: Confirms
         self._acks: Acks
         self._probe_channel: amqp.Channel | None = None
@@ -146,6 +147,11 @@ class JobClient:
             self._consume_channel.basic_qos(0, 0, False)
             self._acks = Acks(self._consume_channel)
             self._open_publish_channel(connection)
+            # Celery's event exchange, declared as Celery declares it, for the task-sent events,
+            # which go unconfirmed (monitoring only, as Celery sends its events) on a channel of
+            # their own: a refused one closes that channel, never the consumers' or the confirms'.
+            self._events_channel = connection.channel()
+            self._events_channel.exchange_declare(EVENT_EXCHANGE, "topic", durable=True, auto_delete=False)
         self._probe_channel = None
         if not reconnected:
             return
@@ -163,8 +169,6 @@ class JobClient:
     def _open_publish_channel(self, connection: Connection) -> None:
         channel = connection.channel()
         channel.confirm_select()
-        # Celery's event exchange, declared as Celery declares it, for the task-sent events.
-        channel.exchange_declare(EVENT_EXCHANGE, "topic", durable=True, auto_delete=False, nowait=True)
         self._publish_channel = channel
         self._confirms = Confirms(channel)
 
@@ -468,11 +472,12 @@ class JobClient:
             ),
             deadline=time.monotonic() + self.settings.broker_timeout,
         )
-        self._confirms.publish(
-            self._messages.sent_event(sent_event, task_queue),
-            exchange=EVENT_EXCHANGE,
-            routing_key=EVENT_ROUTING_KEY,
-        )
+        if self._events_channel.is_open:  # the task-sent event, for Flower
+            self._events_channel.basic_publish(
+                self._messages.sent_event(sent_event, task_queue),
+                exchange=EVENT_EXCHANGE,
+                routing_key=EVENT_ROUTING_KEY,
+            )
 
     def _task_settled(self, watch: _Watch, future: Future[Job], outcome: str | None) -> None:
         """The broker's answer to a job's task publish (the declares before it are done then)."""

@@ -31,6 +31,7 @@ import amqp.exceptions
 import kombu.exceptions
 from kombu.connection import Connection
 
+from ebb.acks import AckBatch
 from ebb.errors import BrokerUnavailableError, ClientClosedError, ClientUsageError, EbbError
 from ebb.logfmt import log_event
 
@@ -136,45 +137,34 @@ class Confirms:
 
 
 class Acks:
-    """Acks of one consuming channel, sent once per batch of work as a single multiple-ack.
-
-    ``multiple`` settles every delivery up to a tag, so it covers only tags below the oldest
-    delivery still unsettled (a result waiting for its stragglers, say); the rest go one by one.
-    Requeues are sent at once.
-    """
+    """Acks of one py-amqp consuming channel, sent once per burst as ``AckBatch`` plans them."""
 
     def __init__(self, channel: amqp.Channel) -> None:
         self.channel = channel
-        self._open: set[int] = set()
-        self._done: list[int] = []
+        self._batch = AckBatch()
 
     def delivered(self, tag: int) -> None:
-        self._open.add(tag)
+        self._batch.delivered(tag)
 
     def ack(self, tag: int) -> None:
-        self._open.discard(tag)
-        self._done.append(tag)
+        self._batch.ack(tag)
 
     def requeue(self, tag: int) -> None:
-        self._open.discard(tag)
+        self._batch.settled_otherwise(tag)
         self.channel.basic_reject(tag, requeue=True)
 
     def discard(self) -> None:
         """The channel is gone or going: its deliveries come again anyway."""
-        self._done.clear()
+        self._batch.clear()
 
     def flush(self) -> None:
-        if not self._done or not self.channel.is_open:
-            self._done.clear()
+        plan = self._batch.take()
+        if plan is None or not self.channel.is_open:
             return
-        oldest_open = min(self._open, default=None)
-        below = [t for t in self._done if oldest_open is None or t < oldest_open]
-        if below:
-            self.channel.basic_ack(max(below), multiple=True)
-        for tag in self._done:
-            if oldest_open is not None and tag > oldest_open:
-                self.channel.basic_ack(tag)
-        self._done.clear()
+        if plan.multiple_up_to is not None:
+            self.channel.basic_ack(plan.multiple_up_to, multiple=True)
+        for tag in plan.singles:
+            self.channel.basic_ack(tag)
 
 
 class BrokerLoop:

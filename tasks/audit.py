@@ -214,23 +214,24 @@ class Auditor:
         present: set[str] = set()
         in_use: set[str] = set()
         in_use_jobs: dict[uuid.UUID, float] = {}
-        newly_suspect: list[str] = []
+        newly_suspect: list[QueueFinding] = []
         to_confirm: list[QueueFinding] = []
         for finding in report.findings:
             present.add(finding.queue)
             if finding.state == SUSPECT:
                 first_seen = suspects.get(finding.queue)
                 if first_seen is None:
-                    newly_suspect.append(finding.queue)
+                    newly_suspect.append(finding)
                     continue
+                seen_at = _memo_time(first_seen)
                 if finding.expires_s is not None:
                     # Unused since at least the first audit that saw it so: RabbitMQ removes it
                     # one TTL after it was last used, so no later than first_seen + TTL.
-                    finding.idle_s = round(now - float(first_seen), 1)
-                    finding.removal_estimate = float(first_seen) + finding.expires_s
+                    finding.idle_s = round(now - seen_at, 1)
+                    finding.removal_estimate = seen_at + finding.expires_s
                 if finding.queue in orphans:
                     finding.state = ORPHANED
-                elif now - float(first_seen) >= self.confirm_after:
+                elif now - seen_at >= self.confirm_after:
                     finding.state = ORPHANED
                     to_confirm.append(finding)
             elif finding.state == IN_USE:
@@ -238,12 +239,18 @@ class Auditor:
                 if finding.registered and finding.job_id and finding.expires_s:
                     in_use_jobs[uuid.UUID(finding.job_id)] = finding.expires_s
 
-        stamp = repr(now)
-        for names in _batches(newly_suspect):
-            self._hsetnx_many(keys=[self.suspects_key], args=[x for q in names for x in (q, stamp)])
+        for group in _batches(newly_suspect):
+            memos = [x for f in group for x in (f.queue, _orphan_memo(f, now))]
+            self._hsetnx_many(keys=[self.suspects_key], args=memos)
+        # A suspect gone before it was confirmed: its caller deleted it (the registry says so),
+        # or the broker removed it, a TTL shorter than confirmation takes: an orphan all the
+        # same, found and removed at once. Whoever deletes the suspect memo reports it.
         gone_suspects = [q for q in suspects if q not in present or q in in_use]
-        for names in _batches(gone_suspects):
-            self.redis.hdel(self.suspects_key, *names)
+        expired_unconfirmed: list[tuple[str, str]] = []
+        for batch in _batches(gone_suspects):
+            for queue, won in zip(batch, self._hdel_each(keys=[self.suspects_key], args=batch), strict=True):
+                if won and queue not in present and queue not in orphans:
+                    expired_unconfirmed.append((queue, suspects[queue]))
 
         # Orphans confirmed this run: exactly one auditor wins HSETNX and logs it.
         confirmed: list[QueueFinding] = []
@@ -266,12 +273,45 @@ class Auditor:
                     log_event(logger, logging.INFO, "orphan_reclaimed", job_id=_job_id(queue), queue=queue)
                 else:
                     removed.append((queue, orphans[queue]))
+        if expired_unconfirmed:
+            removed += self._removed_by_broker(expired_unconfirmed)
         if removed:
             self._report_removed(report, removed, now)
 
         self._handle_unexpiring(report, memory.unexpiring, delete)
         if in_use_jobs:
             self.registry.touch_in_use({job: timedelta(seconds=s) for job, s in in_use_jobs.items()}, now)
+
+    def _removed_by_broker(self, gone: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Of suspects gone before they were confirmed, those their caller did not delete:
+        logged found now (they were orphans), for ``_report_removed`` to log removed."""
+        job_ids = sorted({parsed[0] for q, _ in gone if (parsed := parse_queue_name(q))}, key=str)
+        try:
+            records = self.registry.get_many(job_ids)
+        except RegistryUnavailableError:
+            records = {}
+        orphans: list[tuple[str, str]] = []
+        for queue, memo in gone:
+            parsed = parse_queue_name(queue)
+            record = records.get(parsed[0]) if parsed else None
+            if record is not None and _deleted_by_caller(record, parsed[1] if parsed else None):
+                continue
+            orphans.append((queue, memo))
+            _, _, messages = memo.partition("|")
+            log_event(
+                logger,
+                logging.WARNING,
+                "orphan_found",
+                job_id=_job_id(queue),
+                queue=queue,
+                messages=int(messages) if messages.isdigit() else None,
+                idle_s=None,
+                ttl_s=record.ttl.total_seconds() if record is not None and record.ttl else None,
+                removal_estimate=None,
+                registry_status=record.status if record is not None and record.status else "unknown",
+                detail="removed by the broker (TTL) before this audit confirmed it",
+            )
+        return orphans
 
     def _log_orphans(self, findings: list[QueueFinding]) -> None:
         log_events(
@@ -410,6 +450,18 @@ def _classify(raw: dict[str, Any]) -> QueueFinding:
 def _batches(items: list[T]) -> Iterator[list[T]]:
     for start in range(0, len(items), BATCH):
         yield items[start : start + BATCH]
+
+
+def _memo_time(memo: str) -> float:
+    """When a memo was made (``"<time>|<messages>"``; older suspect memos hold the time alone)."""
+    return float(memo.partition("|")[0])
+
+
+def _deleted_by_caller(record: JobRecord, kind: QueueKind | None) -> bool:
+    """The registry says the job's caller deleted this queue (it consumed the result, say)."""
+    if record.queues_deleted_at is not None:
+        return True
+    return kind is QueueKind.RESULT and record.result_delivered
 
 
 def _orphan_memo(finding: QueueFinding, now: float) -> str:

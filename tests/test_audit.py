@@ -62,6 +62,50 @@ def test_killed_client_orphans_are_logged_then_removed_with_what_was_lost(
             client.connect_to_submitted_job(job)
 
 
+def test_orphan_with_a_ttl_shorter_than_confirmation_is_still_found_and_removed(
+    client: JobClient, settings: Settings, worker: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 10 s TTL, audits 2 s apart: the broker removes the queues before the 12 s confirmation.
+
+    They are logged found and removed all the same, each once, with what was lost; the queues of
+    a job whose caller took its result (and deleted them) in the meantime are never reported.
+    """
+    auditor = Auditor(settings)
+    assert auditor.confirm_after > 10
+    caller = ClientProcess("demo.sleep", {"seconds": 0.3, "steps": 1}, ttl=10)
+    orphan = Job.from_json(caller.job_json)
+    assert caller.read_event() == "status RUNNING"
+    caller.kill()
+    finished = client.submit_job(
+        "demo.sleep",
+        {"seconds": 3, "steps": 3},
+        on_progress=lambda j, p: None,
+        on_status=lambda j, s: None,
+        auto_cleanup_after_ttl=10,
+    )
+    killed = time.monotonic()
+    with caplog.at_level(logging.INFO, "ebb.audit"):
+        while time.monotonic() - killed < 30:
+            auditor.run()
+            if len(audit_lines(caplog.text, "orphan_removed", orphan.id)) == 3:
+                break
+            time.sleep(2)
+        client.wait(finished, timeout=30)
+        for _ in range(3):  # the finished job's queues are gone by now: still nothing about them
+            auditor.run()
+            time.sleep(2)
+    found = audit_lines(caplog.text, "orphan_found", orphan.id)
+    assert sorted(line.split("queue=")[1].split()[0] for line in found) == sorted(
+        queue_name(orphan.id, kind) for kind in QueueKind
+    ), found
+    removed = audit_lines(caplog.text, "orphan_removed", orphan.id)
+    assert len(removed) == 3, removed
+    assert any(".result" in line and 'lost="result never delivered"' in line for line in removed)
+    assert not audit_lines(caplog.text, "orphan_found", finished.id)
+    assert not audit_lines(caplog.text, "orphan_removed", finished.id)
+    assert client.job_status(orphan).lost == "result never delivered"
+
+
 def test_connected_client_is_never_reported(
     client: JobClient, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:

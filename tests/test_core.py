@@ -541,9 +541,12 @@ def test_after_the_result_auto_disconnect_decides_which_queues_go(
     assert d.finish.size == len(d.bodies["r"])
     assert d.records[-1] == {
         "status": "SUCCEEDED",
+        "finished_at": d.finish.result.at if d.finish.result else None,
         "result_delivered": True,
         "result_delivered_at": 160.0,
         "queues_last_in_use": 160.0,
+        # the audit's sign that the caller, not the broker, removed every queue
+        **({"queues_deleted_at": 160.0} if auto_disconnect else {}),
     }
 
 
@@ -607,7 +610,7 @@ def test_disconnect_before_the_result(delete: bool | None, deleted: list[frozens
     assert d.requeued == ["r"]  # back for a later connect_to_submitted_job
     assert d.acked == ["s1"]
     assert d.deleted == deleted
-    assert d.records == [{"queues_last_in_use": 101.0}]
+    assert d.records == [{"queues_last_in_use": 101.0, **({"queues_deleted_at": 101.0} if delete else {})}]
     assert d.finish.result is None
     assert isinstance(d.finish.error, ClientClosedError)
     assert d.finish.retire

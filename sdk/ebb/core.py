@@ -271,7 +271,9 @@ class JobTracker(Generic[Token]):
         self.consuming = frozenset()
         if delete_queues:
             actions.append(DeleteQueues(frozenset(self.job.queues)))
-        actions.append(Record({"queues_last_in_use": now}))
+        actions.append(
+            Record({"queues_last_in_use": now, **({"queues_deleted_at": now} if delete_queues else {})})
+        )
         where = (
             "its queues were deleted (delete_queues=True)"
             if delete_queues
@@ -378,16 +380,20 @@ class JobTracker(Generic[Token]):
         if isinstance(self.error, CallbackError):
             self.error.result = result
         log_event(logger, logging.INFO, "job_finished", job_id=self.job.id, status=result.status.value)
+        fields: dict[str, Any] = {
+            "status": result.status.value,
+            "finished_at": result.at,  # the worker writes it too, once the broker confirmed it
+            "result_delivered": True,
+            "result_delivered_at": now,
+            "queues_last_in_use": now,
+        }
+        if kinds == frozenset(self.job.queues):
+            # Every queue went with the result: the audit then knows that the caller, not the
+            # broker, removed them.
+            fields["queues_deleted_at"] = now
         return [
             *actions,
-            Record(
-                {
-                    "status": result.status.value,
-                    "result_delivered": True,
-                    "result_delivered_at": now,
-                    "queues_last_in_use": now,
-                }
-            ),
+            Record(fields),
             Finish(result, self.error, self.auto_disconnect, arrival.size),
         ]
 

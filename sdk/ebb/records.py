@@ -36,6 +36,7 @@ FIELDS: Final = (
     "result_delivered_at",
     "queues_last_in_use",
     "queues_removed_at",
+    "queues_deleted_at",
     "lost",
     "attempts",
     "cancel_requested_at",
@@ -65,6 +66,8 @@ class JobRecord:
     lost: str | None
     attempts: int = 0
     cancel_requested_at: float | None = None
+    #: When the caller deleted the job's queues (with its result, or on a disconnect asking it).
+    queues_deleted_at: float | None = None
 
     @classmethod
     def from_hash(cls, job_id: uuid.UUID, data: dict[str, str]) -> JobRecord:
@@ -92,6 +95,7 @@ class JobRecord:
             lost=data.get("lost") or None,
             attempts=int(number("attempts") or 0),
             cancel_requested_at=number("cancel_requested_at"),
+            queues_deleted_at=number("queues_deleted_at"),
         )
 
     @property

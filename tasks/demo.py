@@ -25,6 +25,15 @@ def sleep(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
     return {"slept": params.get("seconds", 1.0)}
 
 
+@workflow("demo.blob", params=("bytes",))
+def blob(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """Return a string of ``bytes`` characters: a large result from small params, to try limits."""
+    size = int(params.get("bytes", 1024))
+    if size < 0:
+        raise ValueError(f"demo.blob needs bytes >= 0, got {size}")
+    return {"blob": "x" * size}
+
+
 @workflow("demo.fail", params=("message",))
 def fail(params: dict[str, Any], progress: Progress) -> None:
     """Always raise, with the given message: for trying out ERROR results."""

@@ -23,7 +23,7 @@ from ebb.registry import Registry
 from tasks import watching, workflows
 from tasks.app import app
 from tasks.interrupt import Interrupter, JobInterrupted
-from tasks.publisher import ReplyPublisher
+from tasks.publisher import PublishRefused, ReplyPublisher
 
 logger = logging.getLogger("ebb.worker")
 settings = Settings.from_env()
@@ -99,15 +99,34 @@ class JobReporter:
         SUCCEEDED returns (Celery SUCCESS); ERROR, TIMEOUT and CANCELLED raise :class:`JobEnded`
         (Celery FAILURE, its message naming the status, logged without a traceback).
         """
+        result = self._result(status, output, error)
+        encoded = contract.encode(result.to_dict())
+        if len(encoded) > settings.max_result_bytes:
+            status, output = JobStatus.ERROR, None
+            error = JobError(
+                "ResultTooLarge",
+                f"the job's result is {len(encoded)} bytes as JSON, over the limit of "
+                f"{settings.max_result_bytes} bytes (EBB_MAX_RESULT_BYTES, at most the broker's "
+                "max_message_size): return less, or store the output elsewhere and return a reference",
+            )
+            log_event(
+                logger,
+                logging.WARNING,
+                "result_too_large",
+                job_id=self.request.job_id,
+                size=len(encoded),
+                limit=settings.max_result_bytes,
+            )
+            result, encoded = self._result(status, output, error), b""
         self.status(status)
-        self.result(status, output, error)
+        status, error = self.result(result, encoded)
         if status is JobStatus.SUCCEEDED:
             return status.value
         detail = f"{error.type}: {error.message}" if error else "no details"
         raise JobEnded(f"job {self.request.job_id} ended {status.value}: {detail}")
 
-    def result(self, status: JobStatus, output: Any = None, error: JobError | None = None) -> None:
-        result = contract.JobResult(
+    def _result(self, status: JobStatus, output: Any, error: JobError | None) -> contract.JobResult:
+        return contract.JobResult(
             job_id=self.request.job_id,
             status=status,
             output=output,
@@ -116,27 +135,48 @@ class JobReporter:
             at=contract.now(),
             attempt=self.attempt,
         )
-        # The registry first: whoever receives the result can already read how the job ended.
-        registry.write(
-            self.request.job_id, self.request.ttl, {"status": status.value, "finished_at": result.at}
-        )
-        delivered = self.publisher.publish(
-            contract.queue_name(self.request.job_id, QueueKind.RESULT), result.to_dict()
-        )
-        if not delivered:
-            registry.write(
-                self.request.job_id,
-                self.request.ttl,
-                {"lost": "result dropped: its queue had expired before the job ended"},
+
+    def result(self, result: contract.JobResult, encoded: bytes = b"") -> tuple[JobStatus, JobError | None]:
+        """Publish the one result, then record how the job ended; the status it really ended in.
+
+        The registry is written after the broker confirmed the result, so it never says
+        SUCCEEDED for a result nobody can receive (the caller writes the status too, when it
+        takes the result). A result the broker refuses becomes an ERROR result that says why;
+        if even that is refused, the registry says what was lost.
+        """
+        queue = contract.queue_name(self.request.job_id, QueueKind.RESULT)
+        lost: str | None = None
+        try:
+            delivered = self.publisher.publish(queue, result.to_dict(), body=encoded or None)
+        except PublishRefused as refused:
+            log_event(
+                logger,
+                logging.ERROR,
+                "result_refused",
+                job_id=self.request.job_id,
+                queue=queue,
+                error=refused,
             )
+            result = self._result(JobStatus.ERROR, None, JobError("ResultRefused", str(refused)))
+            try:
+                delivered = self.publisher.publish(queue, result.to_dict())
+            except PublishRefused as again:
+                delivered, lost = False, f"result not published: {again}"
+        if not delivered and lost is None:
+            lost = "result dropped: its queue had expired before the job ended"
+        fields: dict[str, Any] = {"status": result.status.value, "finished_at": result.at}
+        if lost is not None:
+            fields["lost"] = lost
+        registry.write(self.request.job_id, self.request.ttl, fields)
         log_event(
             logger,
             logging.INFO,
             "job_result_published" if delivered else "job_result_dropped",
             job_id=self.request.job_id,
-            queue=contract.queue_name(self.request.job_id, QueueKind.RESULT),
-            status=status.value,
+            queue=queue,
+            status=result.status.value,
         )
+        return result.status, result.error
 
 
 class _LogCapture(logging.Handler):

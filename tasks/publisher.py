@@ -12,6 +12,7 @@ import os
 import threading
 from typing import Any
 
+import amqp.exceptions
 from kombu.connection import Connection
 from kombu.messaging import Producer
 
@@ -23,6 +24,10 @@ logger = logging.getLogger("ebb.worker")
 
 # Long enough to ride out a broker restart (about a minute) without losing a message.
 RETRY_POLICY = {"max_retries": 40, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
+
+
+class PublishRefused(Exception):
+    """RabbitMQ refused a message (nack, or a channel error such as 406 "larger than max size")."""
 
 
 class ReplyPublisher:
@@ -56,21 +61,34 @@ class ReplyPublisher:
     def _on_return(self, exception: Exception, exchange: str, routing_key: str, message: Any) -> None:
         self._returned.add(routing_key)
 
-    def publish(self, queue: str, payload: dict[str, Any], *, persistent: bool = True) -> bool:
-        """Publish to ``queue`` and wait for the confirm; ``False`` (and a warning) if it is gone."""
+    def publish(
+        self, queue: str, payload: dict[str, Any], *, persistent: bool = True, body: bytes | None = None
+    ) -> bool:
+        """Publish to ``queue`` and wait for the confirm; ``False`` (and a warning) if it is gone.
+
+        Connection failures are retried (``RETRY_POLICY``, about a minute); a message the broker
+        refuses raises :class:`PublishRefused`, and the next publish gets a fresh channel.
+        ``body``: ``payload`` already encoded (the caller measured it).
+        """
+        body = contract.encode(payload) if body is None else body
         with self._lock:
             self._returned.discard(queue)
-            self._producer.publish(
-                contract.encode(payload),
-                exchange="",
-                routing_key=queue,
-                mandatory=True,
-                delivery_mode=2 if persistent else 1,
-                content_type=contract.CONTENT_TYPE,
-                content_encoding="utf-8",
-                retry=True,
-                retry_policy=RETRY_POLICY,
-            )
+            try:
+                self._producer.publish(
+                    body,
+                    exchange="",
+                    routing_key=queue,
+                    mandatory=True,
+                    delivery_mode=2 if persistent else 1,
+                    content_type=contract.CONTENT_TYPE,
+                    content_encoding="utf-8",
+                    retry=True,
+                    retry_policy=RETRY_POLICY,
+                )
+            except (amqp.exceptions.MessageNacked, amqp.exceptions.ChannelError) as exc:
+                # A channel error closed the producer's channel: the next publish opens another.
+                self._producer.revive(self._connection.channel())
+                raise PublishRefused(f"RabbitMQ refused the message for {queue}: {exc!r}") from exc
             returned = queue in self._returned
             self._returned.discard(queue)
         if returned:

@@ -74,6 +74,9 @@ class Settings:
     max_attempts: int = 3
     check_workflows: bool = True
     max_params_bytes: int = 1_048_576
+    #: The largest encoded result a worker publishes: at most the broker's max_message_size
+    #: (16 MiB by default on RabbitMQ 4, 128 MiB on 3.10). A larger output ends the job ERROR.
+    max_result_bytes: int = 16 * 1024 * 1024
     registry_grace: timedelta = timedelta(days=7)
     audit_interval: float = 300.0
     audit_delete_unexpiring: bool = False
@@ -112,6 +115,7 @@ class Settings:
             max_attempts=_count(env, "EBB_MAX_ATTEMPTS", default.max_attempts),
             check_workflows=_flag(env, "EBB_CHECK_WORKFLOWS", default.check_workflows),
             max_params_bytes=_count(env, "EBB_MAX_PARAMS_BYTES", default.max_params_bytes),
+            max_result_bytes=_count(env, "EBB_MAX_RESULT_BYTES", default.max_result_bytes),
             registry_grace=timedelta(
                 seconds=_seconds(env, "EBB_REGISTRY_GRACE", default.registry_grace.total_seconds())
             ),

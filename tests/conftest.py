@@ -20,15 +20,16 @@ os.environ.setdefault("EBB_TASK_QUEUE", f"ebb.test.{os.getpid()}")
 from ebb import JobClient
 from ebb.config import Settings
 from tests.async_adapter import AsyncClientAsSync
-from tests.support import ClientProcess, Management, start_worker, stop_worker
+from tests.support import ClientProcess, Management, amqp_endpoint, start_worker, stop_worker
 
 
 def _check_servers(settings: Settings) -> None:
     problems = []
+    host, port = amqp_endpoint(settings)
     try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=3).close()
+        socket.create_connection((host, port), timeout=3).close()
     except OSError as exc:
-        problems.append(f"RabbitMQ AMQP at 127.0.0.1:5672: {exc} (start it: rabbitmq-server -detached)")
+        problems.append(f"RabbitMQ AMQP at {host}:{port}: {exc} (start it: rabbitmq-server -detached)")
     try:
         requests.get(
             f"{settings.management_url}/api/overview",

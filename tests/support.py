@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 
@@ -21,6 +21,48 @@ from ebb.config import Settings
 from ebb.contract import QueueKind, queue_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The RabbitMQ node ``rabbitmqctl`` acts on (``-n``): the one EBB_BROKER_URL points at, when the
+#: suite runs against a second broker or a cluster node. Unset: rabbitmqctl's default node.
+RABBITMQ_NODE_ENV = "EBB_TEST_RABBITMQ_NODE"
+
+
+def amqp_endpoint(settings: Settings) -> tuple[str, int]:
+    """Host and port of the (first) broker of EBB_BROKER_URL: tests never assume 5672."""
+    parts = urlsplit(settings.broker_url.split(";")[0])
+    return parts.hostname or "127.0.0.1", parts.port or 5672
+
+
+def redis_endpoint(settings: Settings) -> tuple[str, int]:
+    parts = urlsplit(settings.redis_url)
+    return parts.hostname or "127.0.0.1", parts.port or 6379
+
+
+def broker_url_as(
+    settings: Settings,
+    user: str | None = None,
+    password: str | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    vhost: str | None = None,
+) -> str:
+    """EBB_BROKER_URL's (first) broker, with what is given replaced: tests never assume 5672."""
+    parts = urlsplit(settings.broker_url.split(";")[0])
+    default_host, default_port = amqp_endpoint(settings)
+    user = user if user is not None else (parts.username or "guest")
+    password = password if password is not None else (parts.password or "guest")
+    netloc = (
+        f"{quote(user, safe='')}:{quote(password, safe='')}@{host or default_host}:{port or default_port}"
+    )
+    path = f"/{quote(vhost, safe='')}" if vhost is not None else parts.path
+    return urlunsplit(parts._replace(scheme="amqp", netloc=netloc, path=path))
+
+
+def rabbitmqctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``rabbitmqctl`` on the tests' node (EBB_TEST_RABBITMQ_NODE), raising when it fails."""
+    node = os.environ.get(RABBITMQ_NODE_ENV)
+    command = ["rabbitmqctl", *(["-n", node] if node else []), *args]
+    return subprocess.run(command, check=True, timeout=timeout, capture_output=True, text=True)
 
 
 @dataclass

@@ -68,13 +68,14 @@ def pump(source: socket.socket, target: socket.socket, *, from_broker: bool) -> 
 
 def main() -> None:
     target_port = int(sys.argv[1])
+    target_host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
     signal.signal(signal.SIGUSR1, lambda *_: muted.set())
     signal.signal(signal.SIGUSR2, lambda *_: mute_at_publish.set())
     listener = socket.create_server(("127.0.0.1", 0))
     print(listener.getsockname()[1], flush=True)
     while True:
         client, _ = listener.accept()
-        broker = socket.create_connection(("127.0.0.1", target_port))
+        broker = socket.create_connection((target_host, target_port))
         threading.Thread(
             target=pump, args=(client, broker), kwargs={"from_broker": False}, daemon=True
         ).start()

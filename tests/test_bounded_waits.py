@@ -24,7 +24,7 @@ import pytest
 from ebb import BrokerUnavailableError, JobStatus
 from ebb.config import Settings
 from tests.conftest import AnyClient, reconnects
-from tests.support import ROOT
+from tests.support import ROOT, amqp_endpoint, broker_url_as
 
 HEARTBEAT = 2.0
 #: A job cut off mid-submit may leave its queues behind (the task may not have arrived): short TTL.
@@ -32,9 +32,10 @@ TTL = 20
 
 
 @pytest.fixture
-def proxy() -> Iterator[subprocess.Popen[str]]:
+def proxy(settings: Settings) -> Iterator[subprocess.Popen[str]]:
+    host, port = amqp_endpoint(settings)
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tests", "tcp_proxy.py"), "5672"],
+        [sys.executable, os.path.join(ROOT, "tests", "tcp_proxy.py"), str(port), host],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -51,7 +52,7 @@ def through(proxy: subprocess.Popen[str], settings: Settings) -> Settings:
     port = proxy.port  # type: ignore[attr-defined]
     return dataclasses.replace(
         settings,
-        broker_url=f"amqp://guest:guest@127.0.0.1:{port}//",
+        broker_url=broker_url_as(settings, host="127.0.0.1", port=port),
         heartbeat=HEARTBEAT,
         reconnect_timeout=60,
     )

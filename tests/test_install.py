@@ -24,7 +24,7 @@ import redis
 import requests
 
 from ebb.config import Settings
-from tests.support import ROOT, start_worker, stop_worker, wait_until
+from tests.support import ROOT, broker_url_as, start_worker, stop_worker, wait_until
 
 #: The dev venv's ``ebb`` (pip install -e './sdk[cli]' -e '.[dev]'): caller and operator commands.
 DEV_EBB = str(Path(sys.executable).with_name("ebb"))
@@ -187,7 +187,7 @@ def test_users_modules_do_not_shadow_ebbs_commands(
     assert job_id in status.stdout and "SUCCEEDED" in status.stdout, status.stdout
 
     # An operator command: it must load Ebb's own tasks package, never the user's tasks.py.
-    broker_url = f"amqp://guest:guest@127.0.0.1:5672/{quote(private_vhost, safe='')}"
+    broker_url = broker_url_as(settings, vhost=private_vhost)
     audited = run(
         [DEV_EBB, "audit", "--json"], cwd=user_project, env=shadowed(user_project, EBB_BROKER_URL=broker_url)
     )

@@ -17,14 +17,22 @@ from ebb import Job, JobClient, JobResult, JobStatus, RegistryUnavailableError
 from ebb.config import Settings
 from ebb.contract import QueueKind
 from tests.conftest import AnyClient, reconnects
-from tests.support import ClientProcess, Management, start_worker, stop_worker, wait_until
+from tests.support import (
+    ClientProcess,
+    Management,
+    rabbitmqctl,
+    redis_endpoint,
+    start_worker,
+    stop_worker,
+    wait_until,
+)
 
 
 def restart_rabbitmq(settings: Settings) -> None:
     """Stop and start the RabbitMQ application: every connection drops, durable state survives."""
-    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+    rabbitmqctl("-q", "stop_app")
     time.sleep(1)
-    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+    rabbitmqctl("-q", "start_app")
 
     def management_up() -> bool:
         try:
@@ -119,7 +127,8 @@ def test_redis_stopped_and_started_while_jobs_run(
         for _ in range(3)
     ]
     assert wait_until(lambda: len(progress) >= 1, 15)
-    subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", "6379", "shutdown", "nosave"], timeout=30)
+    redis_host, redis_port = redis_endpoint(settings)
+    subprocess.run(["redis-cli", "-h", redis_host, "-p", str(redis_port), "shutdown", "nosave"], timeout=30)
     try:
         assert wait_until(lambda: not _redis_up(settings), 10), "Redis did not stop"
         with caplog.at_level(logging.WARNING, "ebb.registry"):
@@ -135,9 +144,9 @@ def test_redis_stopped_and_started_while_jobs_run(
                 "--daemonize",
                 "yes",
                 "--bind",
-                "127.0.0.1",
+                redis_host,
                 "--port",
-                "6379",
+                str(redis_port),
                 "--save",
                 "",
                 "--appendonly",

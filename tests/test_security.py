@@ -21,7 +21,7 @@ from kombu.connection import Connection
 from ebb import JobClient, JobStatus
 from ebb.config import Settings
 from ebb.contract import QueueKind, TaskRequest, job_queue, queue_name
-from tests.support import Management, start_worker, stop_worker, wait_until
+from tests.support import Management, broker_url_as, start_worker, stop_worker, wait_until
 
 #: The permissions the README and docker-compose.yml give each role (configure, write, read).
 CALLER_PERMISSIONS = {
@@ -88,7 +88,7 @@ def role_users(settings: Settings) -> Iterator[tuple[Settings, Settings]]:
     queue = f"{settings.task_queue}.perm"
 
     def as_role(role: str) -> Settings:
-        url = f"amqp://{names[role]}:{passwords[role]}@127.0.0.1:5672/{vhost}"
+        url = broker_url_as(settings, names[role], passwords[role])
         return Settings(**{**settings.__dict__, "broker_url": url, "task_queue": queue})
 
     yield as_role("caller"), as_role("worker")

@@ -26,6 +26,7 @@ from ebb.logfmt import log_event, log_events
 from ebb.records import JobRecord
 from ebb.registry import Registry
 from tasks.broker_api import BrokerAPI
+from tasks.expiry_policy import POLICY_NAME, ExpiryPolicies
 
 logger = logging.getLogger("ebb.audit")
 T = TypeVar("T")
@@ -57,6 +58,9 @@ for i, field in ipairs(ARGV) do won[i] = redis.call('HDEL', KEYS[1], field) end
 return won
 """
 
+#: A job queue's name, to ask which operator policy would cover one declared without x-expires.
+SAMPLE_JOB_QUEUE = "jobs.00000000-0000-0000-0000-000000000000.result"
+
 IN_USE = "in_use"
 ORPHANED = "orphaned"
 NO_EXPIRY = "no_expiry"
@@ -78,6 +82,8 @@ class QueueFinding:
     removal_estimate: float | None
     registry_status: str | None
     registered: bool
+    #: The operator policy RabbitMQ applies to the queue, if any (its expiry counts too).
+    operator_policy: str | None = None
 
 
 @dataclass
@@ -89,6 +95,8 @@ class AuditReport:
     deleted: list[str] = field(default_factory=list)
     new_orphans: int = 0
     registry_available: bool = True
+    #: The operator policy that expires job queues declared without x-expires (None: missing).
+    expiry_policy: str | None = None
 
     def counts(self) -> dict[str, int]:
         counts = {IN_USE: 0, ORPHANED: 0, SUSPECT: 0, NO_EXPIRY: 0, NEW: 0}
@@ -105,6 +113,7 @@ class AuditReport:
             "started_at": self.started_at,
             "duration_s": round(self.duration_s, 3),
             "registry_available": self.registry_available,
+            "expiry_policy": self.expiry_policy,
             "counts": self.counts(),
             "queues": [asdict(f) for f in self.findings],
             "removed": self.removed,
@@ -143,8 +152,20 @@ class Auditor:
         started = time.monotonic()
         now = time.time()
         report = AuditReport(started_at=now)
-        report.findings, memory = self._gather()
+        report.findings, memory, policies = self._gather()
         report.registry_available = memory is not None
+        net = policies.safety_net(SAMPLE_JOB_QUEUE)
+        report.expiry_policy = net.name if net is not None else None
+        if net is None:  # once per run, not once per queue
+            log_event(
+                logger,
+                logging.WARNING,
+                "expiry_policy_missing",
+                vhost=self.settings.vhost,
+                queues=len(report.findings),
+                detail="no operator policy expires jobs.* queues declared without x-expires: apply "
+                f"deploy/rabbitmq-policy.sh (policy {POLICY_NAME}, expires = EBB_MAX_TTL)",
+            )
         if memory is not None:
             try:
                 self._reconcile(report, memory, now, delete)
@@ -165,7 +186,7 @@ class Auditor:
         )
         return report
 
-    def _gather(self) -> tuple[list[QueueFinding], _Memory | None]:
+    def _gather(self) -> tuple[list[QueueFinding], _Memory | None, ExpiryPolicies]:
         """Every job queue, classified and with its job's registry status; the audit's memory.
 
         RabbitMQ takes seconds to list tens of thousands of queues: meanwhile this thread reads
@@ -175,8 +196,9 @@ class Auditor:
         memory: _Memory | None = None
         facts: dict[str, list[str | None]] = {}
         known: set[str] = set()
+        policies = ExpiryPolicies(self.api.policies())
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ebb-audit-listing") as pool:
-            listing = pool.submit(lambda: _classify_all(self.api.job_queues()))
+            listing = pool.submit(lambda: _classify_all(self.api.job_queues(), policies))
             try:
                 memory = self._recall()
                 known = {
@@ -199,7 +221,7 @@ class Auditor:
             if fact is not None:
                 finding.registry_status = fact[0]
                 finding.registered = True
-        return findings, memory
+        return findings, memory, policies
 
     def _recall(self) -> _Memory:
         pipe = self.redis.pipeline(transaction=False)
@@ -408,20 +430,24 @@ def _job_id(queue: str) -> str | None:
     return match["job_id"] if match else None
 
 
-def _classify_all(listing: list[dict[str, Any]]) -> list[QueueFinding]:
+def _classify_all(listing: list[dict[str, Any]], policies: ExpiryPolicies) -> list[QueueFinding]:
     """Findings in listing order, each raw entry freed as soon as it is classified."""
     listing.reverse()
     findings = []
     while listing:
-        findings.append(_classify(listing.pop()))
+        findings.append(_classify(listing.pop(), policies))
     return findings
 
 
-def _classify(raw: dict[str, Any]) -> QueueFinding:
+def _classify(raw: dict[str, Any], policies: ExpiryPolicies) -> QueueFinding:
     name = str(raw["name"])
     arguments = raw.get("arguments")
     expires = arguments.get("x-expires") if isinstance(arguments, dict) else None
-    expires_s = expires / 1000 if isinstance(expires, int | float) else None
+    # The expiry RabbitMQ applies: the smaller of x-expires and the policies' (the safety net).
+    expires_s = policies.effective_expires_s(
+        name, expires / 1000 if isinstance(expires, int | float) else None
+    )
+    operator = policies.applied(name)[1]
     consumers = _int(raw.get("consumers"))
     if expires_s is None:
         state = NO_EXPIRY
@@ -444,6 +470,7 @@ def _classify(raw: dict[str, Any]) -> QueueFinding:
         removal_estimate=None,
         registry_status=None,
         registered=False,
+        operator_policy=operator.name if operator is not None else None,
     )
 
 

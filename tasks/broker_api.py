@@ -13,6 +13,7 @@ import requests
 
 from ebb.config import Settings
 from ebb.errors import UnavailableError
+from tasks.expiry_policy import Policy
 
 #: What the audit reads of each queue. Per-queue statistics (``consumers``, ``idle_since``) make
 #: RabbitMQ's answer ~6x slower at 30,000 queues, so the listing skips them (``disable_stats``,
@@ -79,6 +80,17 @@ class BrokerAPI:
         for queue in jobs:
             queue["consumers"] = counts.get(queue["name"], 0)
         return jobs
+
+    def policies(self) -> list[Policy]:
+        """The vhost's policies and operator policies (the monitoring tag may read both)."""
+        found: list[Policy] = []
+        for path, operator in (("policies", False), ("operator-policies", True)):
+            data = self._get(f"{path}/{self._vhost}")
+            for raw in data if isinstance(data, list) else []:
+                policy = Policy.from_api(raw, operator=operator) if isinstance(raw, dict) else None
+                if policy is not None:
+                    found.append(policy)
+        return found
 
     def queue(self, name: str) -> dict[str, Any] | None:
         data = self._get(f"queues/{self._vhost}/{quote(name, safe='')}")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -126,3 +128,26 @@ def _no_leftover_callers() -> Iterator[None]:
         caller = ClientProcess.alive.pop()
         if caller.proc.poll() is None:
             caller.kill()
+
+
+@pytest.fixture
+def private_vhost(settings: Settings) -> Iterator[str]:
+    """A throw-away vhost (no policies): an audit there neither sees nor marks other tests' queues."""
+    vhost = f"ebb-test-{uuid.uuid4().hex[:8]}"
+    api = f"{settings.management_url}/api"
+    auth = (settings.management_user, settings.management_password)
+    requests.put(f"{api}/vhosts/{quote(vhost, safe='')}", auth=auth, timeout=10).raise_for_status()
+    requests.put(
+        f"{api}/permissions/{quote(vhost, safe='')}/{quote(settings.management_user, safe='')}",
+        json={"configure": ".*", "write": ".*", "read": ".*"},
+        auth=auth,
+        timeout=10,
+    ).raise_for_status()
+    try:
+        yield vhost
+    finally:
+        requests.delete(f"{api}/vhosts/{quote(vhost, safe='')}", auth=auth, timeout=10).raise_for_status()
+        memory = redis.Redis.from_url(settings.redis_url, socket_timeout=3)
+        stale = list(memory.scan_iter(match=f"ebb:audit:{vhost}:*"))
+        if stale:
+            memory.delete(*stale)

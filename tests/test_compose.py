@@ -63,6 +63,9 @@ def test_compose_file_is_valid_and_complete() -> None:
     assert demo["EBB_BROKER_URL"].startswith("amqp://ebb-caller:caller-secret@"), "callers use their own user"
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "ops:flower-secret"
     assert "beat" in services["beat"]["command"]
+    setup = services["rabbitmq-users"]
+    assert "/deploy/rabbitmq-policy.sh" in " ".join(setup["entrypoint"]), "the expiry safety net is applied"
+    assert setup["environment"]["EBB_MAX_TTL"] == services["worker"]["environment"]["EBB_MAX_TTL"]
 
 
 def test_compose_refuses_to_start_without_secrets() -> None:

@@ -14,13 +14,11 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-import redis
 import requests
 
 from ebb.config import Settings
@@ -142,29 +140,6 @@ def shadowed(project: Path, **overrides: str) -> dict[str, str]:
     return environment(
         PYTHONPATH=os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")])), **overrides
     )
-
-
-@pytest.fixture
-def private_vhost(settings: Settings) -> Iterator[str]:
-    """A throw-away vhost: ``ebb audit`` there neither sees nor marks other tests' queues."""
-    vhost = f"ebb-test-install-{uuid.uuid4().hex[:8]}"
-    api = f"{settings.management_url}/api"
-    auth = (settings.management_user, settings.management_password)
-    requests.put(f"{api}/vhosts/{quote(vhost, safe='')}", auth=auth, timeout=10).raise_for_status()
-    requests.put(
-        f"{api}/permissions/{quote(vhost, safe='')}/{quote(settings.management_user, safe='')}",
-        json={"configure": ".*", "write": ".*", "read": ".*"},
-        auth=auth,
-        timeout=10,
-    ).raise_for_status()
-    try:
-        yield vhost
-    finally:
-        requests.delete(f"{api}/vhosts/{quote(vhost, safe='')}", auth=auth, timeout=10).raise_for_status()
-        memory = redis.Redis.from_url(settings.redis_url, socket_timeout=3)
-        stale = list(memory.scan_iter(match=f"ebb:audit:{vhost}:*"))
-        if stale:
-            memory.delete(*stale)
 
 
 def test_users_modules_do_not_shadow_ebbs_commands(

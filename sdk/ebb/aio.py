@@ -6,7 +6,8 @@ aio-pika is built on): one connection per client, no thread and no task per job.
 only feeds the job's tracker; a callback runs in a short task of its own (plain functions in
 asyncio's default executor), so a slow or raising callback never holds up other jobs'
 deliveries or the heartbeat. Every wait on the broker is bounded by ``EBB_BROKER_TIMEOUT``, and
-a connection silent for two heartbeat intervals is closed and replaced.
+a connection silent for a heartbeat interval and a second (aiormq's own test, within two intervals as
+in the sync client) is closed and replaced.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class AsyncJobClient:
         # one at a time. A burst of submits still goes at one per round trip (~1 ms locally).
         self._submitting = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._connection: aiormq.abc.AbstractConnection | None = None
+        self._connection: aiormq.Connection | None = None
         self._consume: aiormq.Channel
         self._publish: aiormq.abc.AbstractChannel
         self._events: aiormq.abc.AbstractChannel
@@ -185,7 +186,12 @@ class AsyncJobClient:
 
     async def _connect(self) -> None:
         async with asyncio.timeout(self.settings.broker_timeout):
-            connection = await aiormq.connect(self._url())
+            connection = aiormq.Connection(self._url())
+            # aiormq's own test of a silent connection ("stuck": no frame for (heartbeat + 1) s
+            # times this): one heartbeat interval and a second, in which RabbitMQ sends two
+            # heartbeats. aiormq then stops reading and the connection closes.
+            connection.HEARTBEAT_GRACE_MULTIPLIER = 1
+            await connection.connect()
             self._consume = cast(aiormq.Channel, await connection.channel(publisher_confirms=False))
             await self._consume.basic_qos(prefetch_count=0)
             self._publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -229,17 +235,19 @@ class AsyncJobClient:
             self.reconnects += 1
             log_event(logger, logging.WARNING, "connection_restored", reconnects=self.reconnects)
 
-    async def _until_lost(self, connection: aiormq.abc.AbstractConnection) -> None:
-        """Return once the connection closed, or no frame arrived for two heartbeat intervals."""
-        limit = 2 * self.settings.heartbeat
+    async def _until_lost(self, connection: aiormq.Connection) -> None:
+        """Return once the connection closed, or went silent (aiormq's stuck test, see _connect).
+
+        aiormq runs that test only every half heartbeat; this looks four times a second.
+        """
         closing = connection.closing
         while not connection.is_closed and not self._closing and not closing.done():
-            last = getattr(connection, "_Connection__last_frame_time", None)
-            if isinstance(last, float) and asyncio.get_running_loop().time() - last > limit:
+            if connection.is_connection_was_stuck:
+                limit = self.settings.heartbeat + 1
                 log_event(logger, logging.WARNING, "connection_dead", detail=f"no frame for {limit:g} s")
                 with contextlib.suppress(BaseException):
                     async with asyncio.timeout(1):
-                        await connection.close(ConnectionError("no frame for two heartbeat intervals"))
+                        await connection.close(ConnectionError(f"no frame for {limit:g} s"))
                 return
             await asyncio.wait({closing}, timeout=0.25)
 

@@ -17,7 +17,7 @@ event_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
-task_queues = (task_queue(_settings.task_queue),)
+task_queues = (task_queue(_settings.task_queue, _settings.task_queue_type),)
 task_default_queue = _settings.task_queue
 task_create_missing_queues = False
 

@@ -62,6 +62,8 @@ return won
 SAMPLE_JOB_QUEUE = "jobs.00000000-0000-0000-0000-000000000000.result"
 
 IN_USE = "in_use"
+#: On a cluster node that is down: out of reach, not orphaned, and never reported removed.
+NODE_DOWN = "node_down"
 ORPHANED = "orphaned"
 NO_EXPIRY = "no_expiry"
 SUSPECT = "suspect"
@@ -84,6 +86,8 @@ class QueueFinding:
     registered: bool
     #: The operator policy RabbitMQ applies to the queue, if any (its expiry counts too).
     operator_policy: str | None = None
+    #: The cluster node that holds the queue.
+    node: str | None = None
 
 
 @dataclass
@@ -97,9 +101,11 @@ class AuditReport:
     registry_available: bool = True
     #: The operator policy that expires job queues declared without x-expires (None: missing).
     expiry_policy: str | None = None
+    #: Cluster nodes that are not running, as the answering node saw them.
+    nodes_down: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        counts = {IN_USE: 0, ORPHANED: 0, SUSPECT: 0, NO_EXPIRY: 0, NEW: 0}
+        counts = {IN_USE: 0, ORPHANED: 0, SUSPECT: 0, NO_EXPIRY: 0, NEW: 0, NODE_DOWN: 0}
         for finding in self.findings:
             counts[finding.state] = counts.get(finding.state, 0) + 1
         counts["unknown_to_registry"] = sum(1 for f in self.findings if not f.registered)
@@ -114,6 +120,7 @@ class AuditReport:
             "duration_s": round(self.duration_s, 3),
             "registry_available": self.registry_available,
             "expiry_policy": self.expiry_policy,
+            "nodes_down": self.nodes_down,
             "counts": self.counts(),
             "queues": [asdict(f) for f in self.findings],
             "removed": self.removed,
@@ -154,6 +161,7 @@ class Auditor:
         report = AuditReport(started_at=now)
         report.findings, memory, policies = self._gather()
         report.registry_available = memory is not None
+        self._report_down_nodes(report)
         net = policies.safety_net(SAMPLE_JOB_QUEUE)
         report.expiry_policy = net.name if net is not None else None
         if net is None:  # once per run, not once per queue
@@ -304,6 +312,19 @@ class Auditor:
         if in_use_jobs:
             self.registry.touch_in_use({job: timedelta(seconds=s) for job, s in in_use_jobs.items()}, now)
 
+    def _report_down_nodes(self, report: AuditReport) -> None:
+        """One line per down node per run, with how many job queues wait on it (never orphans)."""
+        report.nodes_down = [name for name, running in self.api.nodes() if not running]
+        for node in report.nodes_down:
+            log_event(
+                logger,
+                logging.WARNING,
+                "broker_node_down",
+                node=node,
+                queues=sum(1 for f in report.findings if f.node == node),
+                detail="its job queues are out of reach, not orphaned: they come back with the node",
+            )
+
     def _removed_by_broker(self, gone: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Of suspects gone before they were confirmed, those their caller did not delete:
         logged found now (they were orphans), for ``_report_removed`` to log removed."""
@@ -449,7 +470,9 @@ def _classify(raw: dict[str, Any], policies: ExpiryPolicies) -> QueueFinding:
     )
     operator = policies.applied(name)[1]
     consumers = _int(raw.get("consumers"))
-    if expires_s is None:
+    if raw.get("state") == "down":
+        state = NODE_DOWN  # its node is down: nothing is known of its use, and it is not gone
+    elif expires_s is None:
         state = NO_EXPIRY
     elif consumers is None:
         state = NEW  # the listing did not say: judge next time
@@ -471,6 +494,7 @@ def _classify(raw: dict[str, Any], policies: ExpiryPolicies) -> QueueFinding:
         registry_status=None,
         registered=False,
         operator_policy=operator.name if operator is not None else None,
+        node=str(raw["node"]) if raw.get("node") else None,
     )
 
 

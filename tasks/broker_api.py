@@ -18,7 +18,7 @@ from tasks.expiry_policy import Policy
 #: What the audit reads of each queue. Per-queue statistics (``consumers``, ``idle_since``) make
 #: RabbitMQ's answer ~6x slower at 30,000 queues, so the listing skips them (``disable_stats``,
 #: with ``enable_queue_totals`` for message counts) and consumers come from ``/api/consumers``.
-JOB_QUEUE_COLUMNS = ("name", "messages", "arguments")
+JOB_QUEUE_COLUMNS = ("name", "messages", "arguments", "state", "node")
 
 
 class ManagementError(UnavailableError):
@@ -32,16 +32,36 @@ class BrokerAPI:
         self._session.auth = (settings.management_user, settings.management_password)
         self._timeout = timeout
         self._vhost = quote(settings.vhost, safe="")
+        #: EBB_MANAGEMENT_URL as a failover list (``;``-separated, as EBB_BROKER_URL): any live
+        #: node of a cluster answers for all of them. The one that answered last is tried first.
+        self.urls = [u.strip().rstrip("/") for u in settings.management_url.split(";") if u.strip()]
+
+    def _request(self, method: str, path: str, params: dict[str, str] | None = None) -> requests.Response:
+        """The first management URL that answers (a refused connection or a 5xx: the next one)."""
+        failures: list[str] = []
+        for url in list(self.urls):
+            try:
+                response = self._session.request(
+                    method, f"{url}/api/{path}", params=params, timeout=self._timeout
+                )
+            except requests.RequestException as exc:
+                failures.append(f"{url}: {exc}")
+                continue
+            if response.status_code >= 500 and url != self.urls[-1]:
+                failures.append(f"{url}: {response.status_code}")
+                continue
+            if url != self.urls[0]:
+                self.urls.remove(url)
+                self.urls.insert(0, url)
+            return response
+        raise ManagementError(
+            f"cannot reach the RabbitMQ management API ({'; '.join(failures)}); enable it with "
+            "'rabbitmq-plugins enable rabbitmq_management' or set EBB_MANAGEMENT_URL (a ';' list on "
+            "a cluster)"
+        )
 
     def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
-        url = f"{self.settings.management_url}/api/{path}"
-        try:
-            response = self._session.get(url, params=params, timeout=self._timeout)
-        except requests.RequestException as exc:
-            raise ManagementError(
-                f"cannot reach the RabbitMQ management API at {self.settings.management_url}: {exc}; "
-                "enable it with 'rabbitmq-plugins enable rabbitmq_management' or set EBB_MANAGEMENT_URL"
-            ) from exc
+        response = self._request("GET", path, params)
         if response.status_code == 404:
             return None
         if response.status_code in (401, 403):
@@ -52,7 +72,7 @@ class BrokerAPI:
             )
         if not response.ok:
             raise ManagementError(
-                f"management API {url} answered {response.status_code}: {response.text[:200]}"
+                f"management API {response.url} answered {response.status_code}: {response.text[:200]}"
             )
         return response.json()
 
@@ -98,12 +118,11 @@ class BrokerAPI:
 
     def delete_queue(self, name: str, *, if_unused: bool = True) -> bool:
         """Delete through the API; ``if-unused`` makes the broker refuse if a consumer appeared."""
-        url = f"{self.settings.management_url}/api/queues/{self._vhost}/{quote(name, safe='')}"
         params = {"if-unused": "true"} if if_unused else None
-        try:
-            response = self._session.delete(url, params=params, timeout=self._timeout)
-        except requests.RequestException as exc:
-            raise ManagementError(
-                f"cannot reach the RabbitMQ management API to delete {name}: {exc}"
-            ) from exc
+        response = self._request("DELETE", f"queues/{self._vhost}/{quote(name, safe='')}", params)
         return response.status_code in (200, 204)
+
+    def nodes(self) -> list[tuple[str, bool]]:
+        """Every node of the cluster and whether it runs (as the answering node sees it)."""
+        data = self._get("nodes", {"columns": "name,running"})
+        return [(str(n["name"]), bool(n.get("running"))) for n in data or [] if isinstance(n, dict)]

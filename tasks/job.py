@@ -23,7 +23,7 @@ from ebb.registry import Registry
 from tasks import watching, workflows
 from tasks.app import app
 from tasks.interrupt import Interrupter, JobInterrupted
-from tasks.publisher import PublishRefused, ReplyPublisher
+from tasks.publisher import PublishRefused, ReplyPublisher, ResultUndeliverable
 
 logger = logging.getLogger("ebb.worker")
 settings = Settings.from_env()
@@ -99,13 +99,14 @@ class JobReporter:
         SUCCEEDED returns (Celery SUCCESS); ERROR, TIMEOUT and CANCELLED raise :class:`JobEnded`
         (Celery FAILURE, its message naming the status, logged without a traceback).
         """
-        result = self._result(status, output, error)
-        encoded = contract.encode(result.to_dict())
-        if len(encoded) > settings.max_result_bytes:
+        # Measured before the final status goes out; the result itself is made after it, so that
+        # its last_seq counts that status (the caller waits for every message it names).
+        size = len(contract.encode(self._result(status, output, error).to_dict()))
+        if size > settings.max_result_bytes:
             status, output = JobStatus.ERROR, None
             error = JobError(
                 "ResultTooLarge",
-                f"the job's result is {len(encoded)} bytes as JSON, over the limit of "
+                f"the job's result is {size} bytes as JSON, over the limit of "
                 f"{settings.max_result_bytes} bytes (EBB_MAX_RESULT_BYTES, at most the broker's "
                 "max_message_size): return less, or store the output elsewhere and return a reference",
             )
@@ -114,12 +115,11 @@ class JobReporter:
                 logging.WARNING,
                 "result_too_large",
                 job_id=self.request.job_id,
-                size=len(encoded),
+                size=size,
                 limit=settings.max_result_bytes,
             )
-            result, encoded = self._result(status, output, error), b""
         self.status(status)
-        status, error = self.result(result, encoded)
+        status, error = self.result(self._result(status, output, error))
         if status is JobStatus.SUCCEEDED:
             return status.value
         detail = f"{error.type}: {error.message}" if error else "no details"
@@ -136,7 +136,7 @@ class JobReporter:
             attempt=self.attempt,
         )
 
-    def result(self, result: contract.JobResult, encoded: bytes = b"") -> tuple[JobStatus, JobError | None]:
+    def result(self, result: contract.JobResult) -> tuple[JobStatus, JobError | None]:
         """Publish the one result, then record how the job ended; the status it really ended in.
 
         The registry is written after the broker confirmed the result, so it never says
@@ -146,8 +146,19 @@ class JobReporter:
         """
         queue = contract.queue_name(self.request.job_id, QueueKind.RESULT)
         lost: str | None = None
+        retry = settings.result_retry
         try:
-            delivered = self.publisher.publish(queue, result.to_dict(), body=encoded or None)
+            delivered = self.publisher.publish(queue, result.to_dict(), keep_trying_for=retry)
+        except ResultUndeliverable as undeliverable:
+            delivered, lost = False, f"result not delivered: {undeliverable}"
+            log_event(
+                logger,
+                logging.ERROR,
+                "result_undeliverable",
+                job_id=self.request.job_id,
+                queue=queue,
+                error=undeliverable,
+            )
         except PublishRefused as refused:
             log_event(
                 logger,
@@ -159,8 +170,8 @@ class JobReporter:
             )
             result = self._result(JobStatus.ERROR, None, JobError("ResultRefused", str(refused)))
             try:
-                delivered = self.publisher.publish(queue, result.to_dict())
-            except PublishRefused as again:
+                delivered = self.publisher.publish(queue, result.to_dict(), keep_trying_for=retry)
+            except (PublishRefused, ResultUndeliverable) as again:
                 delivered, lost = False, f"result not published: {again}"
         if not delivered and lost is None:
             lost = "result dropped: its queue had expired before the job ended"

@@ -7,9 +7,11 @@ message is dropped and logged instead of resurrecting the queue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import amqp.exceptions
@@ -17,6 +19,7 @@ from kombu.connection import Connection
 from kombu.messaging import Producer
 
 from ebb import contract
+from ebb.broker_replies import Unreachable, queue_unreachable
 from ebb.config import Settings
 from ebb.logfmt import log_event
 
@@ -24,6 +27,10 @@ logger = logging.getLogger("ebb.worker")
 
 # Long enough to ride out a broker restart (about a minute) without losing a message.
 RETRY_POLICY = {"max_retries": 40, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
+
+
+class ResultUndeliverable(Exception):
+    """The broker would not take the result for longer than the bound (its queue's node down)."""
 
 
 class PublishRefused(Exception):
@@ -62,15 +69,69 @@ class ReplyPublisher:
         self._returned.add(routing_key)
 
     def publish(
-        self, queue: str, payload: dict[str, Any], *, persistent: bool = True, body: bytes | None = None
+        self,
+        queue: str,
+        payload: dict[str, Any],
+        *,
+        persistent: bool = True,
+        keep_trying_for: float = 0.0,
     ) -> bool:
         """Publish to ``queue`` and wait for the confirm; ``False`` (and a warning) if it is gone.
 
-        Connection failures are retried (``RETRY_POLICY``, about a minute); a message the broker
-        refuses raises :class:`PublishRefused`, and the next publish gets a fresh channel.
-        ``body``: ``payload`` already encoded (the caller measured it).
+        Connection failures are retried (``RETRY_POLICY``, about a minute, through the failover
+        list). With ``keep_trying_for`` (the result), a message the broker nacks or returns while
+        its queue's node is down is tried again until that many seconds passed, then
+        :class:`ResultUndeliverable`; a queue that is really gone is not waited for. A message
+        refused for good (a 406: too large, say) raises :class:`PublishRefused`.
         """
-        body = contract.encode(payload) if body is None else body
+        body = contract.encode(payload)
+        parsed = contract.parse_queue_name(queue)
+        job_id = parsed[0] if parsed else None
+        deadline = time.monotonic() + keep_trying_for
+        delay = 0.5
+        while True:
+            outcome = self._publish_once(queue, body, persistent)
+            if outcome == "confirmed":
+                return True
+            reason = "RabbitMQ nacked it"
+            if outcome == "returned" and keep_trying_for <= 0:
+                reason = "queue no longer exists (TTL expired or deleted) or its node is down; not re-created"
+            elif outcome == "returned":
+                state = self._queue_state(queue)
+                if state is None:  # gone: expired or deleted, never re-created
+                    reason = "queue no longer exists (TTL expired or deleted); not re-created"
+                    keep_trying_for = 0
+                else:
+                    reason = (
+                        f"its queue is on RabbitMQ node {state.node or '?'}, which is down or unreachable"
+                    )
+            if keep_trying_for <= 0:  # progress and status, or a queue that is gone: no wait
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "message_dropped",
+                    job_id=job_id,
+                    queue=queue,
+                    type=payload.get("type"),
+                    reason=reason,
+                )
+                return False
+            if time.monotonic() + delay > deadline:
+                raise ResultUndeliverable(f"{reason}, for more than {keep_trying_for:g} s (EBB_RESULT_RETRY)")
+            log_event(
+                logger,
+                logging.WARNING,
+                "publish_retrying",
+                job_id=job_id,
+                queue=queue,
+                reason=reason,
+                retry_in_s=delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _publish_once(self, queue: str, body: bytes, persistent: bool) -> str:
+        """``confirmed``, ``returned`` (unroutable: ``mandatory``) or ``nacked``."""
         with self._lock:
             self._returned.discard(queue)
             try:
@@ -85,21 +146,29 @@ class ReplyPublisher:
                     retry=True,
                     retry_policy=RETRY_POLICY,
                 )
-            except (amqp.exceptions.MessageNacked, amqp.exceptions.ChannelError) as exc:
+            except amqp.exceptions.MessageNacked:
+                return "nacked"
+            except amqp.exceptions.ChannelError as exc:
                 # A channel error closed the producer's channel: the next publish opens another.
                 self._producer.revive(self._connection.channel())
                 raise PublishRefused(f"RabbitMQ refused the message for {queue}: {exc!r}") from exc
             returned = queue in self._returned
             self._returned.discard(queue)
-        if returned:
-            parsed = contract.parse_queue_name(queue)
-            log_event(
-                logger,
-                logging.WARNING,
-                "message_dropped",
-                job_id=parsed[0] if parsed else None,
-                queue=queue,
-                type=payload.get("type"),
-                reason="queue no longer exists (TTL expired or deleted); not re-created",
-            )
-        return not returned
+        return "returned" if returned else "confirmed"
+
+    def _queue_state(self, queue: str) -> Unreachable | None:
+        """Why a message came back: ``None`` if the queue is gone, else where it is out of reach.
+
+        A passive declare (never an active one: a job queue is never re-created), on a channel
+        of its own since a 404 closes it. It would renew the lease of a queue that exists, but
+        a queue that exists and is reachable does not return messages.
+        """
+        with self._lock:
+            channel = self._connection.channel()
+            try:
+                channel.queue_declare(queue=queue, passive=True)
+            except amqp.exceptions.NotFound as exc:
+                return queue_unreachable(str(exc.reply_text))
+            with contextlib.suppress(Exception):
+                channel.close()
+        return Unreachable(None)  # it exists: returned while its node was failing over

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -19,7 +20,15 @@ from ebb import Job, JobClient, JobQueuesExpiredError
 from ebb.config import Settings
 from ebb.contract import QueueKind, job_queue, queue_name
 from tasks.audit import Auditor
-from tests.support import ROOT, ClientProcess, Management, start_worker, stop_worker, wait_until
+from tests.support import (
+    ROOT,
+    ClientProcess,
+    Management,
+    broker_url_as,
+    start_worker,
+    stop_worker,
+    wait_until,
+)
 
 
 def audit_lines(text: str, event: str, job_id: uuid.UUID) -> list[str]:
@@ -127,8 +136,16 @@ def test_connected_client_is_never_reported(
 
 
 @pytest.fixture
-def unexpiring_queue(settings: Settings, management: Management) -> Iterator[str]:
+def policy_free(settings: Settings, private_vhost: str) -> Settings:
+    """A vhost without the expiry safety net (deploy/rabbitmq-policy.sh): there, a queue
+    declared without x-expires really never expires."""
+    return dataclasses.replace(settings, broker_url=broker_url_as(settings, vhost=private_vhost))
+
+
+@pytest.fixture
+def unexpiring_queue(policy_free: Settings) -> Iterator[str]:
     """A hand-made job queue without x-expires, as an old client or a person might leave."""
+    settings = policy_free
     name = queue_name(uuid.uuid4(), QueueKind.RESULT)
     with Connection(settings.broker_url) as connection:
         channel = connection.channel()
@@ -142,8 +159,9 @@ def unexpiring_queue(settings: Settings, management: Management) -> Iterator[str
 
 
 def test_queue_without_expiry_is_reported_once_and_deleted_only_when_enabled(
-    settings: Settings, management: Management, unexpiring_queue: str, caplog: pytest.LogCaptureFixture
+    policy_free: Settings, unexpiring_queue: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    settings, management = policy_free, Management(policy_free)
     auditor = Auditor(settings)
     job_id = uuid.UUID(unexpiring_queue.split(".")[1])
     assert wait_until(lambda: (management.queue(unexpiring_queue) or {}).get("consumers") == 0, 15)

@@ -91,4 +91,6 @@ def test_settings_from_env_names_the_bad_variable() -> None:
         Settings.from_env({"EBB_DEFAULT_TTL": "100", "EBB_MAX_TTL": "10"})
     custom = Settings.from_env({"EBB_BROKER_URL": "amqp://u:p@h:5672/prod", "EBB_DEFAULT_TTL": "60"})
     assert custom.vhost == "prod"
+    failover = Settings.from_env({"EBB_BROKER_URL": "amqp://u:p@n2:5672/prod;amqp://u:p@n1:5672/prod"})
+    assert failover.vhost == "prod"  # a cluster's failover list: one vhost
     assert custom.default_ttl == timedelta(seconds=60)

@@ -35,6 +35,7 @@ from pamqp.commands import Basic
 
 from ebb import checks, contract, core
 from ebb.acks import AckBatch
+from ebb.broker_replies import queue_unreachable, task_queue_unreachable
 from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
 from ebb.config import Settings
 from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
@@ -44,6 +45,8 @@ from ebb.errors import (
     EbbError,
     InvalidArgumentError,
     JobQueuesExpiredError,
+    JobQueuesUnavailableError,
+    QueueUnavailableError,
     RegistryUnavailableError,
     UnknownJobError,
     WaitTimeoutError,
@@ -179,18 +182,30 @@ class AsyncJobClient:
             ) from exc
         self._spawn(self._supervise())
 
-    def _url(self) -> str:
-        parts = urlsplit(self.settings.broker_url.split(";")[0])
+    def _urls(self) -> list[str]:
+        """EBB_BROKER_URL's brokers, in order (``;`` separates a failover list, as in kombu)."""
         query = urlencode({"heartbeat": max(1, round(self.settings.heartbeat))})
-        return urlunsplit(parts._replace(scheme="amqp", query=query))
+        return [
+            urlunsplit(urlsplit(url.strip())._replace(scheme="amqp", query=query))
+            for url in self.settings.broker_url.split(";")
+            if url.strip()
+        ]
 
     async def _connect(self) -> None:
+        """The first broker of the failover list that answers (each tried within the bound)."""
+        urls = self._urls()
+        for n, url in enumerate(urls):
+            try:
+                await self._connect_to(url)
+                return
+            except AMQP_ERRORS as exc:
+                if n == len(urls) - 1:
+                    raise
+                log_event(logger, logging.WARNING, "broker_failover", broker=_safe_url(url), error=repr(exc))
+
+    async def _connect_to(self, url: str) -> None:
         async with asyncio.timeout(self.settings.broker_timeout):
-            connection = aiormq.Connection(self._url())
-            # aiormq's own test of a silent connection ("stuck": no frame for (heartbeat + 1) s
-            # times this): one heartbeat interval and a second, in which RabbitMQ sends two
-            # heartbeats. aiormq then stops reading and the connection closes.
-            connection.HEARTBEAT_GRACE_MULTIPLIER = 1
+            connection = _Connection(url)
             await connection.connect()
             self._consume = cast(aiormq.Channel, await connection.channel(publisher_confirms=False))
             await self._consume.basic_qos(prefetch_count=0)
@@ -255,7 +270,20 @@ class AsyncJobClient:
         for watch in list(self._watches.values()):
             if watch.tracker.finished and watch.tracker.auto_disconnect:
                 continue
-            present = await self._probe_queues(watch.job.id, set(watch.job.queues))
+            try:
+                present = await self._probe_queues(watch.job.id, set(watch.job.queues))
+            except JobQueuesUnavailableError as unreachable:  # down, not gone: wait() says so
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "job_queues_unreachable",
+                    job_id=watch.job.id,
+                    queue=unreachable.queue,
+                    node=unreachable.node,
+                )
+                async with watch.lock:
+                    await self._carry_out(watch, watch.tracker.abandon(unreachable))
+                continue
             async with watch.lock:
                 await self._carry_out(watch, watch.tracker.consume(frozenset(present)))
 
@@ -352,10 +380,15 @@ class AsyncJobClient:
                 )
         except aiormq.exceptions.DeliveryError:
             await self._delete_queues(job.id, job.queues)
-            raise BrokerUnavailableError(
-                f"task queue {task_queue!r} does not exist, so job {job.id} was not "
-                "submitted: start a worker (celery -A tasks worker) or check EBB_TASK_QUEUE"
-            ) from None
+            try:
+                await self._passive_declare(task_queue)
+                why = (
+                    f"task queue {task_queue!r} does not exist, so job {job.id} was not "
+                    "submitted: start a worker (celery -A tasks worker) or check EBB_TASK_QUEUE"
+                )
+            except QueueUnavailableError as exc:
+                why = task_queue_unreachable(task_queue, exc.node, job.id)
+            raise BrokerUnavailableError(why) from None
         except AMQP_ERRORS as exc:
             raise BrokerUnavailableError(
                 f"RabbitMQ did not confirm the task of job {job.id} ({exc!r}, bound {bound:g} s); it may "
@@ -588,16 +621,25 @@ class AsyncJobClient:
                 if self._probe is None or self._probe.is_closed:
                     self._probe = await self._connection.channel(publisher_confirms=False)
                 return await self._probe.queue_declare(name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
             self._probe = None
+            unreachable = queue_unreachable(str(exc))
+            if unreachable is not None:  # on a cluster: its node is down, the queue is not gone
+                raise QueueUnavailableError(name, unreachable.node) from exc
             return None
         except AMQP_ERRORS as exc:
             raise _unavailable(exc, f"a passive declare of {name}") from exc
 
     async def _probe_queues(self, job_id: uuid.UUID, kinds: set[QueueKind]) -> set[QueueKind]:
+        """As ``JobClient._probe_queues``: ``JobQueuesUnavailableError`` for a node that is down."""
         present: set[QueueKind] = set()
         for kind in sorted(kinds):
-            if await self._passive_declare(contract.queue_name(job_id, kind)) is not None:
+            name = contract.queue_name(job_id, kind)
+            try:
+                found = await self._passive_declare(name)
+            except QueueUnavailableError as exc:
+                raise JobQueuesUnavailableError(job_id, name, exc.node) from exc
+            if found is not None:
                 present.add(kind)
             elif kind is QueueKind.RESULT:
                 return present
@@ -797,6 +839,14 @@ class AsyncJobClient:
             except AMQP_ERRORS as exc:
                 raise _unavailable(exc, f"consuming the queues of job {watch.job.id}") from exc
             watch.consumers[kind] = tag
+
+
+class _Connection(aiormq.Connection):
+    """aiormq's connection with its own test of a silent connection ("stuck": no frame for
+    (heartbeat + 1) s times this) at one: a heartbeat interval and a second, in which RabbitMQ
+    sends two heartbeats. aiormq then stops reading, and the connection closes."""
+
+    HEARTBEAT_GRACE_MULTIPLIER = 1
 
 
 def _properties(message: Any) -> Any:

@@ -32,6 +32,7 @@ from amqp.exceptions import NotFound
 from kombu.connection import Connection
 
 from ebb import checks, contract, core
+from ebb.broker_replies import queue_unreachable, task_queue_unreachable
 from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
 from ebb.config import Settings
 from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
@@ -42,6 +43,8 @@ from ebb.errors import (
     EbbError,
     InvalidArgumentError,
     JobQueuesExpiredError,
+    JobQueuesUnavailableError,
+    QueueUnavailableError,
     RegistryUnavailableError,
     UnknownJobError,
     WaitTimeoutError,
@@ -162,7 +165,19 @@ class JobClient:
             watch.consumers.clear()
             if watch.tracker.finished and watch.tracker.auto_disconnect:
                 continue
-            present = self._probe_queues(watch.job.id, set(watch.job.queues))
+            try:
+                present = self._probe_queues(watch.job.id, set(watch.job.queues))
+            except JobQueuesUnavailableError as unreachable:  # down, not gone: wait() says so
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "job_queues_unreachable",
+                    job_id=watch.job.id,
+                    queue=unreachable.queue,
+                    node=unreachable.node,
+                )
+                self._carry_out(watch, watch.tracker.abandon(unreachable))
+                continue
             self._carry_out(watch, watch.tracker.consume(frozenset(present)))
         log_event(logger, logging.INFO, "jobs_resumed", jobs=len(self._watches))
 
@@ -494,8 +509,7 @@ class JobClient:
         if outcome in ("returned", "nacked"):
             self._delete_queues(job.id, job.queues)
             why = (
-                f"task queue {self.settings.task_queue!r} does not exist, so job {job.id} was not "
-                "submitted: start a worker (celery -A tasks worker) or check EBB_TASK_QUEUE"
+                self._why_task_returned(job.id)
                 if outcome == "returned"
                 else f"RabbitMQ refused (nacked) the task of job {job.id}; it was not submitted"
             )
@@ -508,6 +522,18 @@ class JobClient:
                 "or connect_to_submitted_job before submitting again",
                 job_id=job.id,
             )
+        )
+
+    def _why_task_returned(self, job_id: uuid.UUID) -> str:
+        """The task came back unroutable: its queue does not exist, or its node is down."""
+        queue = self.settings.task_queue
+        try:
+            self._passive_declare(queue)
+        except QueueUnavailableError as exc:
+            return task_queue_unreachable(queue, exc.node, job_id)
+        return (
+            f"task queue {queue!r} does not exist, so job {job_id} was not submitted: start a "
+            "worker (celery -A tasks worker) or check EBB_TASK_QUEUE"
         )
 
     def _passive_declare(self, name: str) -> tuple[str, int, int] | None:
@@ -531,16 +557,27 @@ class JobClient:
                 spec.Queue.DeclareOk,
                 f"a passive declare of {name}",
             )
-        except NotFound:
+        except NotFound as exc:
             self._probe_channel = None
+            unreachable = queue_unreachable(str(exc.reply_text))
+            if unreachable is not None:  # on a cluster: its node is down, the queue is not gone
+                raise QueueUnavailableError(name, unreachable.node) from exc
             return None
         return str(reply[0]), int(reply[1]), int(reply[2])
 
     def _probe_queues(self, job_id: uuid.UUID, kinds: set[QueueKind]) -> set[QueueKind]:
-        """Which of the job's queues exist (result first: without it the rest does not matter)."""
+        """Which of the job's queues exist (result first: without it the rest does not matter).
+
+        ``JobQueuesUnavailableError`` when one is on a node that is down: not gone, out of reach.
+        """
         present: set[QueueKind] = set()
         for kind in sorted(kinds):
-            if self._passive_declare(contract.queue_name(job_id, kind)) is not None:
+            name = contract.queue_name(job_id, kind)
+            try:
+                found = self._passive_declare(name)
+            except QueueUnavailableError as exc:
+                raise JobQueuesUnavailableError(job_id, name, exc.node) from exc
+            if found is not None:
                 present.add(kind)
             elif kind is QueueKind.RESULT:
                 return present

@@ -41,6 +41,15 @@ def _count(environ: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _choice(environ: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = (environ.get(name) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw not in choices:
+        raise ConfigurationError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
+
+
 def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raw = environ.get(name)
     if raw is None or raw.strip() == "":
@@ -65,6 +74,9 @@ class Settings:
     default_ttl: timedelta = timedelta(hours=48)
     max_ttl: timedelta = timedelta(days=7)
     task_queue: str = "ebb.jobs"
+    #: "classic", or "quorum" on a cluster (replicated: survives the loss of a node). Fixed when
+    #: the task queue is first declared; changing it needs the queue deleted and re-declared.
+    task_queue_type: str = "classic"
     workflow_modules: tuple[str, ...] = field(default_factory=tuple)
     heartbeat: float = 60.0
     broker_timeout: float = 30.0
@@ -77,6 +89,9 @@ class Settings:
     #: The largest encoded result a worker publishes: at most the broker's max_message_size
     #: (16 MiB by default on RabbitMQ 4, 128 MiB on 3.10). A larger output ends the job ERROR.
     max_result_bytes: int = 16 * 1024 * 1024
+    #: How long a worker keeps trying to publish a result the broker nacks, or returns while the
+    #: node holding its queue is down, before it records the result as undelivered.
+    result_retry: float = 120.0
     registry_grace: timedelta = timedelta(days=7)
     audit_interval: float = 300.0
     audit_delete_unexpiring: bool = False
@@ -84,8 +99,9 @@ class Settings:
 
     @property
     def vhost(self) -> str:
-        """The RabbitMQ virtual host named by the broker URL (``/`` by default)."""
-        path = urlsplit(self.broker_url).path
+        """The RabbitMQ virtual host named by the broker URL (``/`` by default; the first URL
+        of a failover list: every node of a cluster serves the same vhosts)."""
+        path = urlsplit(self.broker_url.split(";")[0].strip()).path
         if path in ("", "/"):
             return "/"
         return unquote(path[1:])
@@ -106,6 +122,9 @@ class Settings:
             ),
             max_ttl=timedelta(seconds=_seconds(env, "EBB_MAX_TTL", default.max_ttl.total_seconds())),
             task_queue=env.get("EBB_TASK_QUEUE") or default.task_queue,
+            task_queue_type=_choice(
+                env, "EBB_TASK_QUEUE_TYPE", default.task_queue_type, ("classic", "quorum")
+            ),
             workflow_modules=modules,
             heartbeat=_seconds(env, "EBB_HEARTBEAT", default.heartbeat),
             broker_timeout=_seconds(env, "EBB_BROKER_TIMEOUT", default.broker_timeout),
@@ -116,6 +135,7 @@ class Settings:
             check_workflows=_flag(env, "EBB_CHECK_WORKFLOWS", default.check_workflows),
             max_params_bytes=_count(env, "EBB_MAX_PARAMS_BYTES", default.max_params_bytes),
             max_result_bytes=_count(env, "EBB_MAX_RESULT_BYTES", default.max_result_bytes),
+            result_retry=_seconds(env, "EBB_RESULT_RETRY", default.result_retry),
             registry_grace=timedelta(
                 seconds=_seconds(env, "EBB_REGISTRY_GRACE", default.registry_grace.total_seconds())
             ),

@@ -110,9 +110,17 @@ def job_queue_arguments(ttl: timedelta) -> dict[str, Any]:
     return {"x-expires": ttl_to_ms(ttl), "x-queue-type": "classic"}
 
 
-def task_queue(name: str) -> Queue:
-    """The queue workers take job tasks from; declared identically by both sides."""
-    return Queue(name, durable=True, routing_key=name)
+#: Task queue types a deployment may choose (EBB_TASK_QUEUE_TYPE). On a cluster, "quorum"
+#: replicates the task queue, so workers and submits survive the loss of the node holding it.
+TASK_QUEUE_TYPES = ("classic", "quorum")
+
+
+def task_queue(name: str, queue_type: str = "classic") -> Queue:
+    """The queue workers take job tasks from; only workers declare it (callers never do)."""
+    if queue_type not in TASK_QUEUE_TYPES:
+        raise ValueError(f"task queue type {queue_type!r}: use one of {', '.join(TASK_QUEUE_TYPES)}")
+    arguments = {"x-queue-type": "quorum"} if queue_type == "quorum" else None
+    return Queue(name, durable=True, routing_key=name, queue_arguments=arguments)
 
 
 # --- messages -------------------------------------------------------------------------------

@@ -65,6 +65,39 @@ class JobQueuesExpiredError(EbbError):
         super().__init__(message)
 
 
+class QueueUnavailableError(UnavailableError):
+    """A queue exists but cannot be used now: the RabbitMQ node that holds it is down or stopping.
+
+    Durable queues and their persistent messages come back with their node; try again then.
+    """
+
+    def __init__(self, queue: str, node: str | None, detail: str = "") -> None:
+        self.queue = queue
+        self.node = node
+        where = f"RabbitMQ node {node}" if node else "the RabbitMQ node holding it"
+        super().__init__(
+            detail
+            or f"queue {queue} is on {where}, which is down or unreachable (not gone: it comes "
+            "back with its node); try again once the node is back"
+        )
+
+
+class JobQueuesUnavailableError(QueueUnavailableError):
+    """The job's queues are on a RabbitMQ node that is down: not expired, only out of reach."""
+
+    def __init__(self, job_id: uuid.UUID, queue: str, node: str | None) -> None:
+        self.job_id = job_id
+        where = f"RabbitMQ node {node}" if node else "a RabbitMQ node"
+        super().__init__(
+            queue,
+            node,
+            f"job {job_id}: its queues are on {where}, which is down or unreachable. They are "
+            "durable, not expired: the result waits there and comes back with the node. Call "
+            "connect_to_submitted_job again once the node is back (their TTL counts from the "
+            "node's return); ebb status shows what the worker recorded meanwhile.",
+        )
+
+
 class JobFailedError(EbbError):
     """Raised by ``JobResult.raise_for_status()`` for a job that ended in ERROR."""
 

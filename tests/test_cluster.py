@@ -1,0 +1,193 @@
+"""Ebb on a real three-node RabbitMQ cluster (tests/cluster.py), through the loss of a node.
+
+The caller is on node 2 (failover to node 1), the worker on node 3 (failover to node 1), as an
+operator would spread them. A job's classic queues live on its caller's node; what happens when
+that node is lost is the point: the queues are down, not expired, and the result is delivered
+exactly once when the node is back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from ebb import JobClient, JobQueuesUnavailableError, JobStatus
+from ebb.config import Settings
+from ebb.contract import QueueKind, queue_name
+from tasks.audit import NODE_DOWN, Auditor
+from tests.async_adapter import AsyncClientAsSync
+from tests.cluster import Cluster
+from tests.support import start_worker, stop_worker, wait_until
+
+#: The cluster's own Redis database: its audit memory and registry never mix with the suite's.
+REDIS_URL = "redis://127.0.0.1:6379/3"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    nodes = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        nodes.start()
+    except Exception as exc:  # a failure to start is a failure of the suite, never a skip
+        nodes.stop()
+        pytest.fail(f"the test cluster did not start: {exc}")
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture
+def all_nodes_up(cluster: Cluster) -> Iterator[Cluster]:
+    """Every node runs before and after the test (a test that stops one starts it again)."""
+    yield cluster
+    for node in cluster.nodes:
+        if node.pid() is None or not _running(node.pid()):
+            cluster.start_node(node.index)
+
+
+def _running(pid: int | None) -> bool:
+    try:
+        return pid is not None and Path(f"/proc/{pid}").exists()
+    except OSError:
+        return False
+
+
+def cluster_settings(cluster: Cluster, *nodes: int, **changes: Any) -> Settings:
+    queue = changes.pop("task_queue", None) or f"ebb.cluster.{uuid.uuid4().hex[:6]}"
+    return dataclasses.replace(
+        Settings.from_env(),
+        broker_url=cluster.broker_url(*nodes),
+        management_url=cluster.management_url(*nodes),
+        redis_url=REDIS_URL,
+        task_queue=queue,
+        heartbeat=4,
+        reconnect_timeout=60,
+        **changes,
+    )
+
+
+@pytest.fixture
+def cluster_worker(
+    all_nodes_up: Cluster, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Settings, Path]]:
+    """A worker on node 3 (failover node 1), of a task queue of its own; ``request.param``: env."""
+    extra: dict[str, str] = getattr(request, "param", {})
+    worker_side = cluster_settings(all_nodes_up, 3, 1)
+    log = tmp_path / "worker.log"
+    proc = start_worker(
+        log,
+        env={
+            "EBB_BROKER_URL": worker_side.broker_url,
+            "EBB_MANAGEMENT_URL": worker_side.management_url,
+            "EBB_REDIS_URL": REDIS_URL,
+            "EBB_TASK_QUEUE": worker_side.task_queue,
+            "EBB_HEARTBEAT": "4",
+            **extra,
+        },
+    )
+    yield cluster_settings(all_nodes_up, 2, 1, task_queue=worker_side.task_queue), log
+    stop_worker(proc)
+
+
+def queue_node(cluster: Cluster, name: str, via: int = 1) -> str | None:
+    answer = requests.get(
+        f"{cluster.node(via).management_url}/api/queues/%2F/{name}", auth=("guest", "guest"), timeout=10
+    )
+    return str(answer.json().get("node")) if answer.ok else None
+
+
+def test_a_job_on_the_cluster_keeps_its_queues_on_the_callers_node(
+    all_nodes_up: Cluster, cluster_worker: tuple[Settings, Path]
+) -> None:
+    settings, _ = cluster_worker
+    with JobClient(settings=settings) as client:
+        job = client.submit_job("demo.sleep", {"seconds": 1, "steps": 2}, on_progress=lambda j, p: None)
+        assert {queue_node(all_nodes_up, job.queue_name(k)) for k in job.queues} == {"ebb-n2@localhost"}
+        assert queue_node(all_nodes_up, settings.task_queue) == "ebb-n3@localhost"  # the worker's
+        assert client.wait(job, timeout=30).status is JobStatus.SUCCEEDED
+    assert all(queue_node(all_nodes_up, job.queue_name(k)) is None for k in job.queues)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_queues_on_a_lost_node_are_down_not_expired_and_the_result_comes_back_once(
+    kind: str, all_nodes_up: Cluster, cluster_worker: tuple[Settings, Path]
+) -> None:
+    settings, log = cluster_worker
+    finished: list[object] = []
+    make = JobClient if kind == "sync" else AsyncClientAsSync
+    with make(settings=settings) as client:
+        job = client.submit_job("demo.sleep", {"seconds": 4, "steps": 2}, auto_cleanup_after_ttl=300)
+        assert queue_node(all_nodes_up, job.queue_name(QueueKind.RESULT)) == "ebb-n2@localhost"
+        time.sleep(1)
+        all_nodes_up.kill_node(2)  # the caller's node, and so its job's queues' home
+        started = time.monotonic()
+        with pytest.raises(JobQueuesUnavailableError, match=r"ebb-n2@localhost.*down or unreachable"):
+            client.wait(job, timeout=60)  # the client fails over to node 1, then finds them down
+        assert time.monotonic() - started < 30, "a waiting client must not hang on a lost node"
+        with pytest.raises(JobQueuesUnavailableError):
+            client.connect_to_submitted_job(job)
+    # The worker finished meanwhile: its result comes back unroutable, and it keeps trying.
+    assert wait_until(lambda: "event=publish_retrying" in log.read_text(), 30), log.read_text()[-3000:]
+    all_nodes_up.start_node(2)
+    assert wait_until(lambda: "event=job_result_published" in log.read_text(), 60), log.read_text()[-3000:]
+    with make(settings=dataclasses.replace(settings, broker_url=all_nodes_up.broker_url(1))) as again:
+        again.connect_to_submitted_job(job, on_finished=lambda j, r: finished.append(r))
+        result = again.wait(job, timeout=30)
+        assert result.status is JobStatus.SUCCEEDED and result.output == {"slept": 4}
+        record = again.job_status(job)
+        assert record.result_delivered and record.lost is None
+    assert len(finished) == 1
+    assert all(queue_node(all_nodes_up, queue_name(job.id, k)) is None for k in QueueKind)
+
+
+@pytest.mark.parametrize("cluster_worker", [{"EBB_TASK_QUEUE_TYPE": "quorum"}], indirect=True)
+def test_a_worker_survives_the_loss_of_the_node_holding_its_quorum_task_queue(
+    all_nodes_up: Cluster, cluster_worker: tuple[Settings, Path]
+) -> None:
+    settings, log = cluster_worker
+    task_queue = requests.get(
+        f"{all_nodes_up.node(1).management_url}/api/queues/%2F/{settings.task_queue}",
+        auth=("guest", "guest"),
+        timeout=10,
+    ).json()
+    assert task_queue["type"] == "quorum"
+    all_nodes_up.kill_node(3)  # the worker's node: it fails over to node 1
+    with JobClient(settings=settings) as client:
+        assert wait_until(lambda: "Connected to amqp://guest:**@127.0.0.1:5691" in log.read_text(), 60)
+        job = client.submit_job("demo.sleep", {"seconds": 0.5, "steps": 1})
+        assert client.wait(job, timeout=60).status is JobStatus.SUCCEEDED
+
+
+def test_the_audit_reports_a_down_node_once_per_run_and_never_its_queues_as_orphans(
+    all_nodes_up: Cluster, cluster_worker: tuple[Settings, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings, _ = cluster_worker
+    with JobClient(settings=settings) as client:
+        job = client.submit_job("demo.sleep", {"seconds": 30, "steps": 1}, auto_cleanup_after_ttl=8)
+        client.disconnect_from_submitted_job(job)  # unused from now on: an orphan in 8 s, if it stayed up
+    all_nodes_up.kill_node(2)
+    # The management list starts with the down node: the audit fails over to node 1.
+    auditor = Auditor(dataclasses.replace(settings, management_url=all_nodes_up.management_url(2, 1, 3)))
+    auditor.confirm_after = 3.0
+    with caplog.at_level(logging.INFO, "ebb.audit"):
+        deadline = time.monotonic() + 15  # past the TTL and the confirmation
+        runs = 0
+        while time.monotonic() < deadline:
+            report = auditor.run()
+            runs += 1
+            time.sleep(1.5)
+    ours = [f for f in report.findings if f.job_id == str(job.id)]
+    assert {f.state for f in ours} == {NODE_DOWN} and len(ours) == 1
+    assert report.nodes_down == ["ebb-n2@localhost"]
+    down_lines = [line for line in caplog.text.splitlines() if "event=broker_node_down" in line]
+    assert len(down_lines) == runs and all("node=ebb-n2@localhost" in line for line in down_lines)
+    assert str(job.id) not in "".join(
+        line for line in caplog.text.splitlines() if "orphan_found" in line or "orphan_removed" in line
+    )

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import amqp.exceptions
+import kombu.exceptions
 from kombu.connection import Connection
 from kombu.messaging import Producer
 
@@ -148,6 +149,10 @@ class ReplyPublisher:
                 )
             except amqp.exceptions.MessageNacked:
                 return "nacked"
+            except kombu.exceptions.OperationalError as exc:
+                if isinstance(exc.__cause__, amqp.exceptions.MessageNacked):  # kombu wraps a nack
+                    return "nacked"
+                raise
             except amqp.exceptions.ChannelError as exc:
                 # A channel error closed the producer's channel: the next publish opens another.
                 self._producer.revive(self._connection.channel())

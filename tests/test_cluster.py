@@ -147,6 +147,36 @@ def test_queues_on_a_lost_node_are_down_not_expired_and_the_result_comes_back_on
     assert all(queue_node(all_nodes_up, queue_name(job.id, k)) is None for k in QueueKind)
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_quorum_job_queues_survive_the_loss_of_the_callers_node_with_nothing_lost(
+    kind: str, all_nodes_up: Cluster, cluster_worker: tuple[Settings, Path]
+) -> None:
+    settings = dataclasses.replace(cluster_worker[0], queue_type="quorum")
+    finished: list[object] = []
+    progress: list[float] = []
+    make = JobClient if kind == "sync" else AsyncClientAsSync
+    with make(settings=settings) as client:
+        job = client.submit_job(
+            "demo.sleep",
+            {"seconds": 4, "steps": 4},
+            on_finished=lambda j, r: finished.append(r),
+            on_progress=lambda j, p: progress.append(p.progress),
+            auto_cleanup_after_ttl=300,
+        )
+        queue = requests.get(
+            f"{all_nodes_up.node(1).management_url}/api/queues/%2F/{job.queue_name(QueueKind.RESULT)}",
+            auth=("guest", "guest"),
+            timeout=10,
+        ).json()
+        assert queue["type"] == "quorum"
+        time.sleep(1)
+        all_nodes_up.kill_node(2)  # the caller's node: the client fails over, the queues stay up
+        result = client.wait(job, timeout=60)
+    assert result.status is JobStatus.SUCCEEDED and len(finished) == 1
+    assert progress and progress[-1] == 1.0
+    assert all(queue_node(all_nodes_up, queue_name(job.id, k)) is None for k in QueueKind)
+
+
 @pytest.mark.parametrize("cluster_worker", [{"EBB_TASK_QUEUE_TYPE": "quorum"}], indirect=True)
 def test_a_worker_survives_the_loss_of_the_node_holding_its_quorum_task_queue(
     all_nodes_up: Cluster, cluster_worker: tuple[Settings, Path]

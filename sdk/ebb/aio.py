@@ -364,7 +364,7 @@ class AsyncJobClient:
                     await channel.queue_declare(
                         contract.queue_name(job.id, kind),
                         durable=True,
-                        arguments=contract.job_queue_arguments(job.ttl),
+                        arguments=contract.job_queue_arguments(job.ttl, self.settings.queue_type),
                         nowait=True,
                     )
         except AMQP_ERRORS as exc:

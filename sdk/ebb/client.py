@@ -471,7 +471,8 @@ class JobClient:
         job = watch.job
         channel = self._publish_channel
         for kind in sorted(job.queues):
-            contract.job_queue(job.id, kind, job.ttl).queue_declare(nowait=True, channel=channel)
+            queue = contract.job_queue(job.id, kind, job.ttl, self.settings.queue_type)
+            queue.queue_declare(nowait=True, channel=channel)
         # The task queue belongs to the workers: callers never declare it (and need no permission
         # to), and a task with no queue to go to comes back (mandatory) instead of vanishing.
         message, sent_event = self._messages.task(request)

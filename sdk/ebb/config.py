@@ -77,6 +77,9 @@ class Settings:
     #: "classic", or "quorum" on a cluster (replicated: survives the loss of a node). Fixed when
     #: the task queue is first declared; changing it needs the queue deleted and re-declared.
     task_queue_type: str = "classic"
+    #: Job queues: "classic" (cheapest, on the caller's node) or "quorum" (replicated on a
+    #: cluster, survives the loss of a node, several times the broker's work per job).
+    queue_type: str = "classic"
     workflow_modules: tuple[str, ...] = field(default_factory=tuple)
     heartbeat: float = 60.0
     broker_timeout: float = 30.0
@@ -125,6 +128,7 @@ class Settings:
             task_queue_type=_choice(
                 env, "EBB_TASK_QUEUE_TYPE", default.task_queue_type, ("classic", "quorum")
             ),
+            queue_type=_choice(env, "EBB_QUEUE_TYPE", default.queue_type, ("classic", "quorum")),
             workflow_modules=modules,
             heartbeat=_seconds(env, "EBB_HEARTBEAT", default.heartbeat),
             broker_timeout=_seconds(env, "EBB_BROKER_TIMEOUT", default.broker_timeout),

@@ -90,7 +90,13 @@ def ttl_to_ms(ttl: timedelta) -> int:
     return max(1, int(ttl.total_seconds() * 1000))
 
 
-def job_queue(job_id: uuid.UUID, kind: QueueKind, ttl: timedelta) -> Queue:
+#: Job queue types (EBB_QUEUE_TYPE): "classic" (the default: cheapest, lives on its caller's
+#: node) or "quorum" (replicated on a cluster: survives the loss of a node, about 4.7x the
+#: broker CPU per job, bench/bench_cluster.py).
+QUEUE_TYPES = ("classic", "quorum")
+
+
+def job_queue(job_id: uuid.UUID, kind: QueueKind, ttl: timedelta, queue_type: str = "classic") -> Queue:
     """A job's reply queue: classic, durable, shared, never auto-deleted, expiring after ``ttl`` unused.
 
     RabbitMQ fixes ``x-expires`` at first declare, so only the submitting client declares
@@ -101,13 +107,15 @@ def job_queue(job_id: uuid.UUID, kind: QueueKind, ttl: timedelta) -> Queue:
         durable=True,
         exclusive=False,
         auto_delete=False,
-        queue_arguments=job_queue_arguments(ttl),
+        queue_arguments=job_queue_arguments(ttl, queue_type),
     )
 
 
-def job_queue_arguments(ttl: timedelta) -> dict[str, Any]:
-    """The arguments every job queue is declared with (by its submitting client only)."""
-    return {"x-expires": ttl_to_ms(ttl), "x-queue-type": "classic"}
+def job_queue_arguments(ttl: timedelta, queue_type: str = "classic") -> dict[str, Any]:
+    """The arguments every job queue is declared with (by its submitting client only, once)."""
+    if queue_type not in QUEUE_TYPES:
+        raise ValueError(f"job queue type {queue_type!r}: use one of {', '.join(QUEUE_TYPES)}")
+    return {"x-expires": ttl_to_ms(ttl), "x-queue-type": queue_type}
 
 
 #: Task queue types a deployment may choose (EBB_TASK_QUEUE_TYPE). On a cluster, "quorum"

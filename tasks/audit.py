@@ -103,6 +103,8 @@ class AuditReport:
     expiry_policy: str | None = None
     #: Cluster nodes that are not running, as the answering node saw them.
     nodes_down: list[str] = field(default_factory=list)
+    #: Where consumer counts came from: "management", or "prometheus" when the statistics are off.
+    consumers_from: str = "management"
 
     def counts(self) -> dict[str, int]:
         counts = {IN_USE: 0, ORPHANED: 0, SUSPECT: 0, NO_EXPIRY: 0, NEW: 0, NODE_DOWN: 0}
@@ -121,6 +123,7 @@ class AuditReport:
             "registry_available": self.registry_available,
             "expiry_policy": self.expiry_policy,
             "nodes_down": self.nodes_down,
+            "consumers_from": self.consumers_from,
             "counts": self.counts(),
             "queues": [asdict(f) for f in self.findings],
             "removed": self.removed,
@@ -161,6 +164,7 @@ class Auditor:
         report = AuditReport(started_at=now)
         report.findings, memory, policies = self._gather()
         report.registry_available = memory is not None
+        report.consumers_from = self.api.consumers_from
         self._report_down_nodes(report)
         net = policies.safety_net(SAMPLE_JOB_QUEUE)
         report.expiry_policy = net.name if net is not None else None
@@ -190,6 +194,7 @@ class Auditor:
             queues=len(report.findings),
             duration_ms=round(report.duration_s * 1000),
             registry="ok" if report.registry_available else "unavailable",
+            consumers_from=report.consumers_from,
             **report.counts(),
         )
         return report

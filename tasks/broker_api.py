@@ -6,6 +6,7 @@ would keep orphaned job queues alive for ever.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -25,6 +26,18 @@ class ManagementError(UnavailableError):
     """The management API could not be reached or refused the request."""
 
 
+class StatsDisabled(ManagementError):
+    """The node's management statistics are off ("Stats in management UI are disabled")."""
+
+
+#: One line of ``/metrics/detailed?family=queue_consumer_count``.
+PROMETHEUS_CONSUMERS = re.compile(
+    r"^rabbitmq_detailed_queue_consumers"
+    r'\{vhost="(?P<vhost>[^"]*)",queue="(?P<queue>[^"]*)"\} (?P<value>\S+)$',
+    re.MULTILINE,
+)
+
+
 class BrokerAPI:
     def __init__(self, settings: Settings, *, timeout: float = 30.0) -> None:
         self.settings = settings
@@ -35,6 +48,11 @@ class BrokerAPI:
         #: EBB_MANAGEMENT_URL as a failover list (``;``-separated, as EBB_BROKER_URL): any live
         #: node of a cluster answers for all of them. The one that answered last is tried first.
         self.urls = [u.strip().rstrip("/") for u in settings.management_url.split(";") if u.strip()]
+        self.prometheus_urls = [
+            u.strip().rstrip("/") for u in settings.prometheus_url.split(";") if u.strip()
+        ]
+        #: Where the last listing's consumer counts came from: "management" or "prometheus".
+        self.consumers_from = "management"
 
     def _request(self, method: str, path: str, params: dict[str, str] | None = None) -> requests.Response:
         """The first management URL that answers (a refused connection or a 5xx: the next one)."""
@@ -64,6 +82,8 @@ class BrokerAPI:
         response = self._request("GET", path, params)
         if response.status_code == 404:
             return None
+        if response.status_code == 400 and "disabled" in response.text:
+            raise StatsDisabled(response.text[:200])
         if response.status_code in (401, 403):
             raise ManagementError(
                 f"the management API refused user {self.settings.management_user!r} "
@@ -88,7 +108,23 @@ class BrokerAPI:
         )
         if not isinstance(data, list):
             raise ManagementError(f"unexpected answer listing queues: {str(data)[:200]}")
-        consumers = self._get(f"consumers/{self._vhost}", {"columns": "queue.name"})
+        jobs = [q for q in data if isinstance(q, dict) and str(q.get("name", "")).startswith("jobs.")]
+        counts = self._consumer_counts()
+        for queue in jobs:
+            # Unknown (a node whose metrics did not answer): None, and the audit judges later.
+            queue["consumers"] = counts.get(queue["name"], None if self.consumers_from == "prometheus" else 0)
+        return jobs
+
+    def _consumer_counts(self) -> dict[str, int]:
+        """Consumers per job queue: from the management statistics, or when they are off (a
+        deprecated feature in RabbitMQ 4; ``/api/consumers`` then answers 400) from every
+        node's rabbitmq_prometheus per-queue metrics. Neither touches a queue."""
+        try:
+            consumers = self._get(f"consumers/{self._vhost}", {"columns": "queue.name"})
+        except StatsDisabled:
+            self.consumers_from = "prometheus"
+            return self._prometheus_consumer_counts()
+        self.consumers_from = "management"
         if not isinstance(consumers, list):
             raise ManagementError(f"unexpected answer listing consumers: {str(consumers)[:200]}")
         counts: dict[str, int] = {}
@@ -96,10 +132,34 @@ class BrokerAPI:
             name = str((consumer.get("queue") or {}).get("name", ""))
             if name.startswith("jobs."):
                 counts[name] = counts.get(name, 0) + 1
-        jobs = [q for q in data if isinstance(q, dict) and str(q.get("name", "")).startswith("jobs.")]
-        for queue in jobs:
-            queue["consumers"] = counts.get(queue["name"], 0)
-        return jobs
+        return counts
+
+    def _prometheus_consumer_counts(self) -> dict[str, int]:
+        """``rabbitmq_detailed_queue_consumers`` of the vhost from each node (each reports its own
+        queues); a node that does not answer leaves its queues unknown, never zero."""
+        counts: dict[str, int] = {}
+        answered = []
+        for url in self.prometheus_urls:
+            try:
+                response = self._session.get(
+                    f"{url}/metrics/detailed",
+                    params={"family": "queue_consumer_count", "vhost": self.settings.vhost},
+                    timeout=self._timeout,
+                )
+                response.raise_for_status()
+            except requests.RequestException:
+                continue
+            answered.append(url)
+            for match in PROMETHEUS_CONSUMERS.finditer(response.text):
+                if match["vhost"] == self.settings.vhost and match["queue"].startswith("jobs."):
+                    counts[match["queue"]] = int(float(match["value"]))
+        if not answered:
+            raise ManagementError(
+                "the management statistics are off (deprecated in RabbitMQ 4) and rabbitmq_prometheus "
+                f"answers at none of EBB_PROMETHEUS_URL ({';'.join(self.prometheus_urls)}): enable it "
+                "with 'rabbitmq-plugins enable rabbitmq_prometheus' and list every node's URL"
+            )
+        return counts
 
     def policies(self) -> list[Policy]:
         """The vhost's policies and operator policies (the monitoring tag may read both)."""

@@ -29,8 +29,9 @@ import requests
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
-#: Ports of node i (1-based): AMQP 5690+i, management 15690+i, distribution 25690+i; epmd 4390.
-BASE_PORT = 5690
+#: Ports of node i (1-based): AMQP 5680+i, management 15680+i, distribution 25680+i,
+#: Prometheus 15780+i; epmd 4390. (15692 is left to the machine's own Prometheus plugin.)
+BASE_PORT = 5680
 EPMD_PORT = 4390
 DEFAULT_DIR = Path(tempfile.gettempdir()) / "ebb-cluster"
 START_TIMEOUT = 90.0
@@ -58,6 +59,14 @@ class Node:
         return 20000 + BASE_PORT + self.index
 
     @property
+    def prometheus_port(self) -> int:
+        return 10100 + BASE_PORT + self.index
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.prometheus_port}"
+
+    @property
     def directory(self) -> Path:
         return self.base / f"n{self.index}"
 
@@ -77,9 +86,14 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, base: Path = DEFAULT_DIR, size: int = 3) -> None:
+    def __init__(
+        self, base: Path = DEFAULT_DIR, size: int = 3, *, extra_conf: str = "", plugins: tuple[str, ...] = ()
+    ) -> None:
+        """``extra_conf``: lines added to every node's rabbitmq.conf; ``plugins``: beyond management."""
         self.base = base
         self.nodes = [Node(i, base) for i in range(1, size + 1)]
+        self.extra_conf = extra_conf
+        self.plugins = ("rabbitmq_management", *plugins)
 
     def node(self, index: int) -> Node:
         return self.nodes[index - 1]
@@ -129,8 +143,10 @@ class Cluster:
             "loopback_users = none\n"
             # Its own, faster statistics: consumer counts settle in about a second.
             "collect_statistics_interval = 1000\n"
+            f"prometheus.tcp.port = {node.prometheus_port}\n"
+            f"{self.extra_conf}\n"
         )
-        (node.directory / "enabled_plugins").write_text("[rabbitmq_management].\n")
+        (node.directory / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
 
     def start_node(self, index: int) -> None:
         """Start node i (again) and wait until it runs and its management API answers."""

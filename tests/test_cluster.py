@@ -190,7 +190,8 @@ def test_a_worker_survives_the_loss_of_the_node_holding_its_quorum_task_queue(
     assert task_queue["type"] == "quorum"
     all_nodes_up.kill_node(3)  # the worker's node: it fails over to node 1
     with JobClient(settings=settings) as client:
-        assert wait_until(lambda: "Connected to amqp://guest:**@127.0.0.1:5691" in log.read_text(), 60)
+        node_1 = f"Connected to amqp://guest:**@127.0.0.1:{all_nodes_up.node(1).amqp_port}"
+        assert wait_until(lambda: node_1 in log.read_text(), 60)
         job = client.submit_job("demo.sleep", {"seconds": 0.5, "steps": 1})
         assert client.wait(job, timeout=60).status is JobStatus.SUCCEEDED
 

@@ -13,6 +13,7 @@ from ebb.errors import ConfigurationError
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:15672"
+DEFAULT_PROMETHEUS_URL = "http://127.0.0.1:15692"
 
 
 def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
@@ -71,6 +72,9 @@ class Settings:
     management_url: str = DEFAULT_MANAGEMENT_URL
     management_user: str = "guest"
     management_password: str = "guest"
+    #: rabbitmq_prometheus, every node's (a ``;`` list): where the audit reads consumer counts
+    #: when the management statistics are off (deprecated in RabbitMQ 4).
+    prometheus_url: str = DEFAULT_PROMETHEUS_URL
     default_ttl: timedelta = timedelta(hours=48)
     max_ttl: timedelta = timedelta(days=7)
     task_queue: str = "ebb.jobs"
@@ -120,6 +124,7 @@ class Settings:
             management_url=(env.get("EBB_MANAGEMENT_URL") or default.management_url).rstrip("/"),
             management_user=env.get("EBB_MANAGEMENT_USER") or default.management_user,
             management_password=env.get("EBB_MANAGEMENT_PASSWORD") or default.management_password,
+            prometheus_url=env.get("EBB_PROMETHEUS_URL") or default.prometheus_url,
             default_ttl=timedelta(
                 seconds=_seconds(env, "EBB_DEFAULT_TTL", default.default_ttl.total_seconds())
             ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,6 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The RabbitMQ node ``rabbitmqctl`` acts on (``-n``): the one EBB_BROKER_URL points at, when the
 #: suite runs against a second broker or a cluster node. Unset: rabbitmqctl's default node.
 RABBITMQ_NODE_ENV = "EBB_TEST_RABBITMQ_NODE"
+#: The rabbitmqctl command itself (split like a shell would): another broker's own CLI, say
+#: ``chroot /srv/trixie rabbitmqctl`` for a RabbitMQ 4 in a chroot. Unset: ``rabbitmqctl``.
+RABBITMQCTL_ENV = "EBB_TEST_RABBITMQCTL"
 
 
 def amqp_endpoint(settings: Settings) -> tuple[str, int]:
@@ -61,7 +65,8 @@ def broker_url_as(
 def rabbitmqctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``rabbitmqctl`` on the tests' node (EBB_TEST_RABBITMQ_NODE), raising when it fails."""
     node = os.environ.get(RABBITMQ_NODE_ENV)
-    command = ["rabbitmqctl", *(["-n", node] if node else []), *args]
+    ctl = shlex.split(os.environ.get(RABBITMQCTL_ENV) or "rabbitmqctl")
+    command = [*ctl, *(["-n", node] if node else []), *args]
     return subprocess.run(command, check=True, timeout=timeout, capture_output=True, text=True)
 
 

@@ -152,6 +152,25 @@ def test_queues_on_a_lost_node_are_down_not_expired_and_the_result_comes_back_on
     assert all(queue_node(all_nodes_up, queue_name(job.id, k)) is None for k in QueueKind)
 
 
+@pytest.mark.parametrize("cluster_worker", [{"EBB_RESULT_RETRY": "4"}], indirect=True)
+def test_a_result_kept_past_ebb_result_retry_is_recorded_undelivered_never_silently_lost(
+    all_nodes_up: Cluster, cluster_worker: tuple[Settings, Path]
+) -> None:
+    """The node stays down longer than the worker's bound: the registry says what became of it."""
+    settings, log = cluster_worker
+    with JobClient(settings=settings) as client:
+        job = client.submit_job("demo.sleep", {"seconds": 1, "steps": 1}, auto_cleanup_after_ttl=300)
+        client.disconnect_from_submitted_job(job)  # the caller goes away; its queues stay
+    all_nodes_up.kill_node(2)
+    assert wait_until(lambda: "event=result_undeliverable" in log.read_text(), 40), log.read_text()[-3000:]
+    with JobClient(settings=dataclasses.replace(settings, broker_url=all_nodes_up.broker_url(1))) as client:
+        record = client.job_status(job)
+        assert record.lost is not None and "result not delivered" in record.lost
+        assert "ebb-n2@localhost" in record.lost and "EBB_RESULT_RETRY" in record.lost
+        assert not record.result_delivered
+        assert "result not delivered" in record.story()
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_quorum_job_queues_survive_the_loss_of_the_callers_node_with_nothing_lost(
     kind: str, all_nodes_up: Cluster, cluster_worker: tuple[Settings, Path]

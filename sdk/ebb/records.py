@@ -119,6 +119,8 @@ class JobRecord:
                 f"and its queues were removed by the broker at about {_when(self.queues_removed_at)}"
                 + (f" ({self.lost})" if self.lost else "")
             )
+        elif self.lost:  # the worker said what became of the result (expired queue, node down)
+            parts.append(f"but {self.lost}")
         elif self.queues_expire_at and self.queues_expire_at < time.time():
             parts.append(
                 f"and its result was never delivered; its queues expired at about "

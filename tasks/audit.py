@@ -282,6 +282,7 @@ class Auditor:
         # same, found and removed at once. Whoever deletes the suspect memo reports it.
         gone_suspects = [q for q in suspects if q not in present or q in in_use]
         expired_unconfirmed: list[tuple[str, str]] = []
+        known: dict[uuid.UUID, JobRecord] = {}  # registry records read this run, by job
         for batch in _batches(gone_suspects):
             for queue, won in zip(batch, self._hdel_each(keys=[self.suspects_key], args=batch), strict=True):
                 if won and queue not in present and queue not in orphans:
@@ -309,9 +310,9 @@ class Auditor:
                 else:
                     removed.append((queue, orphans[queue]))
         if expired_unconfirmed:
-            removed += self._removed_by_broker(expired_unconfirmed)
+            removed += self._removed_by_broker(expired_unconfirmed, known)
         if removed:
-            self._report_removed(report, removed, now)
+            self._report_removed(report, removed, now, known)
 
         self._handle_unexpiring(report, memory.unexpiring, delete)
         if in_use_jobs:
@@ -330,14 +331,13 @@ class Auditor:
                 detail="its job queues are out of reach, not orphaned: they come back with the node",
             )
 
-    def _removed_by_broker(self, gone: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    def _removed_by_broker(
+        self, gone: list[tuple[str, str]], records: dict[uuid.UUID, JobRecord]
+    ) -> list[tuple[str, str]]:
         """Of suspects gone before they were confirmed, those their caller did not delete:
-        logged found now (they were orphans), for ``_report_removed`` to log removed."""
-        job_ids = sorted({parsed[0] for q, _ in gone if (parsed := parse_queue_name(q))}, key=str)
-        try:
-            records = self.registry.get_many(job_ids)
-        except RegistryUnavailableError:
-            records = {}
+        logged found now (they were orphans), for ``_report_removed`` to log removed.
+        ``records`` gets their jobs' records, read here once for both."""
+        records.update(self._records_of(gone))
         orphans: list[tuple[str, str]] = []
         for queue, memo in gone:
             parsed = parse_queue_name(queue)
@@ -380,14 +380,28 @@ class Auditor:
             ),
         )
 
-    def _report_removed(self, report: AuditReport, removed: list[tuple[str, str]], now: float) -> None:
-        """Log each orphan the broker removed, with what was lost, and mark the jobs' records."""
-        parsed_names = {queue: parse_queue_name(queue) for queue, _ in removed}
-        job_ids = sorted({parsed[0] for parsed in parsed_names.values() if parsed}, key=str)
+    def _records_of(self, queues: list[tuple[str, str]]) -> dict[uuid.UUID, JobRecord]:
+        """The registry records of these queues' jobs ({} when Redis is away)."""
+        job_ids = sorted({parsed[0] for q, _ in queues if (parsed := parse_queue_name(q))}, key=str)
         try:
-            records = self.registry.get_many(job_ids)
+            return self.registry.get_many(job_ids)
         except RegistryUnavailableError:
-            records = {}
+            return {}
+
+    def _report_removed(
+        self,
+        report: AuditReport,
+        removed: list[tuple[str, str]],
+        now: float,
+        known: dict[uuid.UUID, JobRecord],
+    ) -> None:
+        """Log each orphan the broker removed, with what was lost, and mark the jobs' records.
+        ``known``: records already read this run (the rest are read here)."""
+        parsed_names = {queue: parse_queue_name(queue) for queue, _ in removed}
+        records = {
+            **self._records_of([(q, m) for q, m in removed if (p := parsed_names[q]) and p[0] not in known]),
+            **known,
+        }
         updates: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]] = {}
         for queue, memo in removed:
             parsed = parsed_names[queue]

@@ -102,7 +102,12 @@ class _WriteBatch:
 
     async def write(self, job_id: uuid.UUID, ttl: timedelta, fields: dict[str, Any]) -> bool:
         """``Registry.write``, batched: False when Redis could not be written."""
-        self._pending.setdefault(job_id, (ttl, {}))[1].update(fields)
+        return await self.write_many({job_id: (ttl, fields)})
+
+    async def write_many(self, updates: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]]) -> bool:
+        """``Registry.write_many``, batched with every other write of this loop turn."""
+        for job_id, (ttl, fields) in updates.items():
+            self._pending.setdefault(job_id, (ttl, {}))[1].update(fields)
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         if self._runner is None:
@@ -813,7 +818,7 @@ class AsyncJobClient:
                         for tag in plan.singles:
                             await self._consume.basic_ack(tag)
                 if records:
-                    await asyncio.to_thread(self._registry.write_many, records)
+                    await self._writes.write_many(records)
                 for watch in signal:
                     watch.done.set()
                     watch.arrived.set()

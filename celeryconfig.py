@@ -35,13 +35,7 @@ worker_prefetch_multiplier = 1
 
 broker_connection_retry_on_startup = True
 
-# The orphaned-queue audit: `celery -A tasks worker -B` in development, `celery -A tasks beat`
+# The orphaned-queue audit (ebb.audit_queues, every EBB_AUDIT_INTERVAL s) is put on the beat
+# schedule by tasks.install: `celery -A tasks worker -B` in development, `celery -A tasks beat`
 # in production (one beat per deployment; several auditors would still not double-report).
-beat_schedule = {
-    "ebb-audit-queues": {
-        "task": "ebb.audit_queues",
-        "schedule": _settings.audit_interval,
-        "options": {"expires": _settings.audit_interval},
-    },
-}
 worker_hijack_root_logger = True

@@ -13,7 +13,6 @@ job this process does not know is connected to first (it then gets everything th
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +24,7 @@ from pydantic import BaseModel
 
 from ebb import JobQueuesExpiredError, JobResult, ProgressUpdate, StatusUpdate, UnavailableError
 from ebb.aio import AsyncJobClient
+from ebb.contract import encode_message
 
 
 @asynccontextmanager
@@ -58,8 +58,8 @@ async def submit(body: JobRequest, request: Request) -> dict[str, str]:
 
 def sse(event: StatusUpdate | ProgressUpdate | JobResult) -> str:
     """One Server-Sent Event: ``event: status|progress|result`` and the message as JSON."""
-    data = event.to_dict()
-    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n"
+    kind = type(event).__struct_config__.tag
+    return f"event: {kind}\ndata: {encode_message(event).decode()}\n\n"
 
 
 @app.get("/jobs/{job_id}/events")

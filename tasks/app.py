@@ -1,8 +1,9 @@
-"""The Celery application every worker, beat and Flower process loads.
+"""The Celery application every Ebb worker, beat and Flower process loads (``celery -A tasks``).
 
 Its settings come from the ``celeryconfig.py`` that sits next to this package, loaded by path:
 loading it by module name would pick up whatever ``celeryconfig`` comes first on ``sys.path``,
-such as a user's own from a Celery tutorial.
+such as a user's own from a Celery tutorial. Ebb's tasks are registered on it by
+:func:`tasks.install.install`, the same call that puts them on an app of your own.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 from types import ModuleType
 
 from celery import Celery
+
+from tasks.install import install
 
 CONFIG_FILE = Path(__file__).resolve().parent.parent / "celeryconfig.py"
 
@@ -25,6 +28,8 @@ def _load_config() -> ModuleType:
     return module
 
 
-app = Celery("ebb")
+# Not the process's "current" app: an app of your own that imports ``tasks`` stays current.
+# (A worker started with ``-A tasks`` makes this one current itself.)
+app = Celery("ebb", set_as_current=False)
 app.config_from_object(_load_config())
-app.conf.imports = ("tasks.job",)
+install(app)

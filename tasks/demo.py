@@ -1,4 +1,4 @@
-"""Demo workflows shipped with every worker."""
+"""Demo workflows shipped with every worker; all but demo.echo declare typed params."""
 
 from __future__ import annotations
 
@@ -7,38 +7,52 @@ import logging
 import time
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from tasks.workflows import Progress, workflow
 
 logger = logging.getLogger("ebb.demo")
 
 
-@workflow("demo.sleep", params=("seconds", "steps"))
-def sleep(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+class DemoParams(BaseModel):
+    """Unknown params are refused (at submit, from the schema), so typos do not go unnoticed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SleepParams(DemoParams):
+    seconds: float = Field(1.0, ge=0, description="How long to sleep in all")
+    steps: int = Field(1, ge=1, le=10_000, description="Progress reports, evenly spaced")
+
+
+@workflow("demo.sleep", params=SleepParams)
+def sleep(params: SleepParams, progress: Progress) -> dict[str, Any]:
     """Sleep ``seconds`` in ``steps`` equal steps, reporting progress after each."""
-    seconds = float(params.get("seconds", 1.0))
-    steps = int(params.get("steps", 1))
-    if seconds < 0 or steps < 1:
-        raise ValueError(f"demo.sleep needs seconds >= 0 and steps >= 1, got {seconds}, {steps}")
-    for step in range(1, steps + 1):
-        time.sleep(seconds / steps)
-        progress(step / steps, f"step {step}/{steps}")
-    return {"slept": params.get("seconds", 1.0)}
+    for step in range(1, params.steps + 1):
+        time.sleep(params.seconds / params.steps)
+        progress(step / params.steps, f"step {step}/{params.steps}")
+    return {"slept": params.seconds}
 
 
-@workflow("demo.blob", params=("bytes",))
-def blob(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+class BlobParams(DemoParams):
+    bytes: int = Field(1024, ge=0, description="Length of the returned string")
+
+
+@workflow("demo.blob", params=BlobParams)
+def blob(params: BlobParams, progress: Progress) -> dict[str, Any]:
     """Return a string of ``bytes`` characters: a large result from small params, to try limits."""
-    size = int(params.get("bytes", 1024))
-    if size < 0:
-        raise ValueError(f"demo.blob needs bytes >= 0, got {size}")
-    return {"blob": "x" * size}
+    return {"blob": "x" * params.bytes}
 
 
-@workflow("demo.fail", params=("message",))
-def fail(params: dict[str, Any], progress: Progress) -> None:
+class FailParams(DemoParams):
+    message: str = Field("demo.fail was asked to fail", description="The error's message")
+
+
+@workflow("demo.fail", params=FailParams)
+def fail(params: FailParams, progress: Progress) -> None:
     """Always raise, with the given message: for trying out ERROR results."""
     logger.warning("about to fail on purpose")
-    raise RuntimeError(str(params.get("message", "demo.fail was asked to fail")))
+    raise RuntimeError(params.message)
 
 
 @workflow("demo.echo", params=("*",))
@@ -48,10 +62,14 @@ def echo(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
     return params
 
 
-@workflow("demo.stubborn", params=("seconds",))
-def stubborn(params: dict[str, Any], progress: Progress) -> str:
+class StubbornParams(DemoParams):
+    seconds: float = Field(30.0, ge=0, description="How long to ignore every exception")
+
+
+@workflow("demo.stubborn", params=StubbornParams)
+def stubborn(params: StubbornParams, progress: Progress) -> str:
     """Sleep without reporting and swallow every ``Exception``: cancel and timeout must still work."""
-    deadline = time.monotonic() + float(params.get("seconds", 30))
+    deadline = time.monotonic() + params.seconds
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
             time.sleep(0.1)

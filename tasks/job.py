@@ -12,16 +12,16 @@ from typing import Any
 
 import redis
 from celery import Task
+from pydantic import BaseModel
 
 from ebb import contract
 from ebb.config import Settings
 from ebb.contract import JobError, JobStatus, QueueKind, TaskRequest
-from ebb.errors import MalformedMessageError
+from ebb.errors import InvalidParamsError, MalformedMessageError, UnknownWorkflowError
 from ebb.logfmt import log_event
 from ebb.records import JobRecord
 from ebb.registry import Registry
 from tasks import watching, workflows
-from tasks.app import app
 from tasks.interrupt import Interrupter, JobInterrupted
 from tasks.publisher import PublishRefused, ReplyPublisher, ResultUndeliverable
 
@@ -55,7 +55,7 @@ class JobReporter:
         message = build(seq)
         self.publisher.publish(
             contract.queue_name(self.request.job_id, kind),
-            message.to_dict(),
+            message,
             persistent=contract.is_persistent(message),
         )
 
@@ -101,7 +101,7 @@ class JobReporter:
         """
         # Measured before the final status goes out; the result itself is made after it, so that
         # its last_seq counts that status (the caller waits for every message it names).
-        size = len(contract.encode(self._result(status, output, error).to_dict()))
+        size = len(contract.encode_message(self._result(status, output, error)))
         if size > settings.max_result_bytes:
             status, output = JobStatus.ERROR, None
             error = JobError(
@@ -148,7 +148,7 @@ class JobReporter:
         lost: str | None = None
         retry = settings.result_retry
         try:
-            delivered = self.publisher.publish(queue, result.to_dict(), keep_trying_for=retry)
+            delivered = self.publisher.publish(queue, result, keep_trying_for=retry)
         except ResultUndeliverable as undeliverable:
             delivered, lost = False, f"result not delivered: {undeliverable}"
             log_event(
@@ -170,7 +170,7 @@ class JobReporter:
             )
             result = self._result(JobStatus.ERROR, None, JobError("ResultRefused", str(refused)))
             try:
-                delivered = self.publisher.publish(queue, result.to_dict(), keep_trying_for=retry)
+                delivered = self.publisher.publish(queue, result, keep_trying_for=retry)
             except (PublishRefused, ResultUndeliverable) as again:
                 delivered, lost = False, f"result not published: {again}"
         if not delivered and lost is None:
@@ -239,11 +239,13 @@ class JobEnded(Exception):
     """How Celery hears that a job ended ERROR, TIMEOUT or CANCELLED (after its result was published)."""
 
 
-@app.task(name=contract.TASK_NAME, bind=True, ignore_result=True, throws=(JobEnded,))  # type: ignore[untyped-decorator]
 def run_job(self: Task, request: dict[str, Any]) -> str:
-    """Run the requested workflow; every outcome, failure included, goes to the result queue."""
+    """Run the requested workflow; every outcome, failure included, goes to the result queue.
+
+    Registered as ``ebb.run_job`` on a Celery app by :func:`tasks.install.install`.
+    """
     try:
-        parsed = TaskRequest.from_dict(request)
+        parsed = TaskRequest.from_celery_arg(request)
     except MalformedMessageError as exc:
         log_event(logger, logging.ERROR, "task_malformed", task_id=self.request.id, error=exc)
         return "MALFORMED"
@@ -263,6 +265,20 @@ def run_job(self: Task, request: dict[str, Any]) -> str:
         return reporter.finish(
             JobStatus.CANCELLED, error=JobError("JobCancelled", "cancelled before it started")
         )
+    try:
+        entry = workflows.get(parsed.workflow)
+        params = entry.params(parsed.workflow, parsed.params)
+    except (UnknownWorkflowError, InvalidParamsError) as refused:
+        # Adverts can be stale: the worker's own model has the last word, and the job never runs.
+        log_event(
+            logger,
+            logging.WARNING,
+            "job_refused",
+            job_id=parsed.job_id,
+            workflow=parsed.workflow,
+            error=refused,
+        )
+        return reporter.finish(JobStatus.ERROR, error=JobError(type(refused).__name__, str(refused)))
     registry.write(
         parsed.job_id,
         parsed.ttl,
@@ -275,9 +291,10 @@ def run_job(self: Task, request: dict[str, Any]) -> str:
     interrupter = Interrupter.for_process(registry)
     with _LogCapture().attached() as captured:
         try:
-            fn = workflows.get(parsed.workflow)
             with interrupter.running(parsed.job_id, parsed.timeout):
-                output = fn(parsed.params, reporter.progress)
+                output = entry.fn(params, reporter.progress)
+            if isinstance(output, BaseModel):  # a typed workflow may return a model too
+                output = output.model_dump(mode="json")
             contract.encode({"output": output})  # refuse what cannot travel as JSON, as an ERROR
         except JobInterrupted as stop:
             return reporter.finish(stop.status, error=JobError(stop.status.value, stop.detail))

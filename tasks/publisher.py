@@ -72,7 +72,7 @@ class ReplyPublisher:
     def publish(
         self,
         queue: str,
-        payload: dict[str, Any],
+        message: contract.Message,
         *,
         persistent: bool = True,
         keep_trying_for: float = 0.0,
@@ -85,7 +85,7 @@ class ReplyPublisher:
         :class:`ResultUndeliverable`; a queue that is really gone is not waited for. A message
         refused for good (a 406: too large, say) raises :class:`PublishRefused`.
         """
-        body = contract.encode(payload)
+        body = contract.encode_message(message)
         parsed = contract.parse_queue_name(queue)
         job_id = parsed[0] if parsed else None
         deadline = time.monotonic() + keep_trying_for
@@ -113,7 +113,7 @@ class ReplyPublisher:
                     "message_dropped",
                     job_id=job_id,
                     queue=queue,
-                    type=payload.get("type"),
+                    type=type(message).__name__,
                     reason=reason,
                 )
                 return False

@@ -1,55 +1,96 @@
-"""Workflows are plain functions registered by name: ``fn(params, progress) -> output``."""
+"""Workflows are plain functions registered by name: ``fn(params, progress) -> output``.
+
+A workflow declares its params either as a pydantic model (typed: validated when the job
+starts, advertised as JSON Schema so callers check them at submit) or as a tuple of names
+(untyped: it receives the plain dict, as before).
+"""
 
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ebb.errors import UnknownWorkflowError
+from pydantic import BaseModel, ValidationError
+
+from ebb.errors import InvalidParamsError, UnknownWorkflowError
 
 
 class Progress(Protocol):
     def __call__(self, fraction: float, message: str = "") -> None: ...
 
 
-Workflow = Callable[[dict[str, Any], Progress], Any]
-
-_registry: dict[str, Workflow] = {}
-_params: dict[str, tuple[str, ...]] = {}
+Workflow = Callable[[Any, Progress], Any]
 
 
-def workflow(name: str, params: Iterable[str] = ()) -> Callable[[Workflow], Workflow]:
-    """Register ``fn`` under ``name``; ``params`` names its parameters for callers to discover.
+@dataclass(frozen=True)
+class Registered:
+    fn: Workflow
+    model: type[BaseModel] | None
+    names: tuple[str, ...]
+
+    def params(self, name: str, raw: dict[str, Any]) -> Any:
+        """What ``fn`` receives: the validated model, or the dict as given for an untyped workflow."""
+        if self.model is None:
+            return raw
+        try:
+            # Strict, and from JSON: the same rules as the JSON Schema callers check against
+            # (no "3" for an integer), while dates and durations are read from their ISO text.
+            return self.model.model_validate_json(json.dumps(raw), strict=True)
+        except ValidationError as exc:
+            raise invalid_params(name, raw, exc) from None
+
+
+_registry: dict[str, Registered] = {}
+
+
+def workflow(name: str, params: type[BaseModel] | Iterable[str] = ()) -> Callable[[Workflow], Workflow]:
+    """Register ``fn`` under ``name``; ``params`` is its pydantic model, or the names it reads.
 
     The first line of the function's docstring is its advertised description. A second
     registration under the same name is a mistake.
     """
+    model = params if isinstance(params, type) and issubclass(params, BaseModel) else None
+    names = tuple(model.model_fields) if model is not None else tuple(params)  # type: ignore[arg-type]
 
     def register(fn: Workflow) -> Workflow:
         existing = _registry.get(name)
-        if existing is not None and existing is not fn:
-            raise ValueError(f"workflow {name!r} is already registered by {existing.__module__}")
-        _registry[name] = fn
-        _params[name] = tuple(params)
+        if existing is not None and existing.fn is not fn:
+            raise ValueError(f"workflow {name!r} is already registered by {existing.fn.__module__}")
+        _registry[name] = Registered(fn, model, names)
         return fn
 
     return register
 
 
+def invalid_params(name: str, raw: dict[str, Any], exc: ValidationError) -> InvalidParamsError:
+    """The first of pydantic's complaints, worded as the caller's submit-time check words it."""
+    first = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in first["loc"]) or None
+    if first["type"] == "missing":
+        return InvalidParamsError(name, field, InvalidParamsError.MISSING, "a value (it has no default)")
+    if first["type"] == "extra_forbidden" and field is not None:
+        known = sorted(_registry[name].names) if name in _registry else []
+        return InvalidParamsError.unknown(name, field, first["input"], known)
+    return InvalidParamsError(name, field, first["input"], first["msg"].lower())
+
+
 def describe() -> list[dict[str, Any]]:
-    """What this worker advertises: name, description and parameter names of each workflow."""
+    """What this worker advertises: each workflow's name, description, param names and schema."""
     return [
         {
             "name": name,
-            "description": (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
-            "params": list(_params.get(name, ())),
+            "description": (entry.fn.__doc__ or "").strip().splitlines()[0] if entry.fn.__doc__ else "",
+            "params": list(entry.names),
+            "schema": entry.model.model_json_schema() if entry.model is not None else None,
         }
-        for name, fn in sorted(_registry.items())
+        for name, entry in sorted(_registry.items())
     ]
 
 
-def get(name: str) -> Workflow:
+def get(name: str) -> Registered:
     try:
         return _registry[name]
     except KeyError:

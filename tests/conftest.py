@@ -51,6 +51,20 @@ def _check_servers(settings: Settings) -> None:
         pytest.fail("integration servers missing:\n  " + "\n  ".join(problems), pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def published_contract_holds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every message a test worker sent is checked against docs/contract/ (tests/contract_probe.py)."""
+    log = tmp_path_factory.mktemp("contract") / "messages.log"
+    log.touch()
+    os.environ["EBB_TEST_CONTRACT_LOG"] = str(log)
+    yield log
+    lines = log.read_text().splitlines()
+    violations = [line for line in lines if not line.startswith("ok ")]
+    assert not violations, f"{len(violations)} of {len(lines)} published messages break the contract:\n" + (
+        "\n".join(violations[:10])
+    )
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     current = Settings.from_env()

@@ -161,14 +161,33 @@ class ClientProcess:
 
 
 def start_worker(log: Path, *extra_args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``celery -A tasks worker`` and return once it says it is ready."""
+    """Start ``celery -A tasks worker`` and return once it says it is ready.
+
+    Every test worker also loads ``tests.contract_probe``, which checks each message it
+    publishes against the published contract (docs/contract/).
+    """
+    return start_celery_worker("tasks", log, *extra_args, env=env)
+
+
+def probed(env: dict[str, str] | None) -> dict[str, str]:
+    """``env`` for a worker that also loads the contract probe."""
+    merged = {**os.environ, **(env or {})}
+    modules = [m for m in merged.get("EBB_WORKFLOW_MODULES", "").split(",") if m.strip()]
+    merged["EBB_WORKFLOW_MODULES"] = ",".join([*modules, "tests.contract_probe"])
+    return merged
+
+
+def start_celery_worker(
+    app: str, log: Path, *extra_args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``celery -A app worker`` (Ebb's app or one of yours) once it says it is ready."""
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "celery",
             "-A",
-            "tasks",
+            app,
             "worker",
             "-l",
             "INFO",
@@ -185,7 +204,7 @@ def start_worker(log: Path, *extra_args: str, env: dict[str, str] | None = None)
             *extra_args,
         ],
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        env=probed(env),
         start_new_session=True,  # its own process group: a test can SIGKILL it with its children
     )
     if not wait_until(lambda: log.exists() and " ready." in log.read_text(), 60):

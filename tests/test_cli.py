@@ -35,7 +35,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 
 def test_submit_follows_the_job_to_its_result(worker: Path, management: Management) -> None:
-    out = ebb("submit", "demo.sleep", "--param", "seconds=0.4", "-p", "steps=2", "--ttl", "10m", "--json")
+    out = ebb("submit", "demo.sleep", "--param", "seconds=.4", "-p", "steps=2", "--ttl", "10m", "--json")
     assert out.returncode == 0, out.stderr
     events = json_lines(out.stdout)
     assert [e["event"] for e in events] == ["submitted", "status", "progress", "progress", "status", "result"]
@@ -58,6 +58,13 @@ def test_exit_codes(worker: Path, tmp_path: Path) -> None:
     assert ebb("status", "not-a-uuid").returncode == 2
     down = ebb("submit", "demo.echo", env={"EBB_BROKER_URL": "amqp://guest:guest@127.0.0.1:5999//"})
     assert down.returncode == 4 and "EBB_BROKER_URL" in down.stderr
+    # Typed params: -p values take the schema's types, and a bad one is bad input naming its field.
+    bad = ebb("submit", "demo.sleep", "-p", "seconds=abc", "--json")
+    assert bad.returncode == 2 and "parameter 'seconds' = 'abc': expected number" in bad.stderr
+    assert json.loads(bad.stdout)["exit_code"] == 2
+    assert "'steps' = '2.5': expected integer" in ebb("submit", "demo.sleep", "-p", "steps=2.5").stderr
+    typo = ebb("submit", "demo.sleep", "-p", "secnds=1")
+    assert typo.returncode == 2 and "no parameter 'secnds' (it takes: seconds, steps)" in typo.stderr
     params = tmp_path / "params.json"
     params.write_text('{"seconds": 0.1, "steps": 1}')
     assert ebb("submit", "demo.sleep", "--params-file", str(params)).returncode == 0
@@ -97,8 +104,17 @@ def test_detach_status_cancel_and_workflows(worker: Path) -> None:
     assert watched.returncode == 1 and json_lines(watched.stdout)[-1]["status"] == "CANCELLED"
     listed = json.loads(ebb("workflows", "--json").stdout)
     assert {"demo.sleep", "demo.fail", "demo.echo"} <= {w["name"] for w in listed}
-    table = ebb("workflows").stdout
-    assert "demo.sleep" in table and "seconds, steps" in table
+    sleep = next(w for w in listed if w["name"] == "demo.sleep")
+    assert sleep["schema"]["properties"]["seconds"]["type"] == "number"  # --json: the JSON Schema
+    table = ebb("workflows").stdout.splitlines()
+    at = table.index(next(line for line in table if line.startswith("demo.sleep ")))
+    assert table[at + 1].split()[:4] == ["seconds", "number", ">=", "0"]
+    assert "default 1.0" in table[at + 1] and "How long to sleep in all" in table[at + 1]
+    assert table[at + 2].split()[:2] == ["steps", "integer"] and "default 1" in table[at + 2]
+    assert "params: any (untyped)" in next(
+        line
+        for line in table[table.index(next(line for line in table if line.startswith("demo.echo "))) + 1 :]
+    )
     started = time.monotonic()
     assert ebb("status", job_id).stdout.startswith(f"job {job_id} (demo.sleep) finished CANCELLED")
     assert time.monotonic() - started < 10

@@ -34,7 +34,7 @@ from ebb import (
     UnknownWorkflowError,
 )
 from ebb.config import Settings
-from ebb.contract import QueueKind, encode
+from ebb.contract import QueueKind, encode_message
 from tests.conftest import AnyClient
 from tests.support import ClientProcess, Management, wait_until
 
@@ -294,14 +294,18 @@ def _play_worker(settings: Settings, job: Job, messages: list[tuple[QueueKind, b
 
 def _result_body(job: Job, last_progress: int) -> bytes:
     result = JobResult(
-        job.id, JobStatus.SUCCEEDED, {"ok": True}, None, {"progress": last_progress}, time.time()
+        job_id=job.id,
+        status=JobStatus.SUCCEEDED,
+        output={"ok": True},
+        last_seq={"progress": last_progress},
+        at=time.time(),
     )
-    return encode(result.to_dict())
+    return encode_message(result)
 
 
 def _progress_body(job: Job, seq: int) -> bytes:
     update = ProgressUpdate(job.id, seq / 2, f"step {seq}", seq, time.time())
-    return encode(update.to_dict())
+    return encode_message(update)
 
 
 def test_result_that_overtakes_progress_waits_for_it(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import uuid
 from datetime import timedelta
@@ -12,10 +13,12 @@ from ebb.config import Settings
 from ebb.contract import (
     JobResult,
     JobStatus,
+    ProgressUpdate,
     QueueKind,
     TaskRequest,
     decode,
     encode,
+    encode_message,
     job_queue,
     parse_queue_name,
     queue_name,
@@ -51,7 +54,7 @@ def test_pickle_is_refused() -> None:
         (b"[]", "JSON object"),
         (b'{"v": 2, "type": "result"}', "schema version 2"),
         (b'{"v": 1, "type": "progress"}', "expected a result"),
-        (b'{"v": 1, "type": "result", "job_id": "x", "status": "SUCCEEDED", "at": 1}', "not a UUID"),
+        (b'{"v": 1, "type": "result", "job_id": "x", "status": "SUCCEEDED", "at": 1}', "Invalid UUID"),
         (
             b'{"v": 1, "type": "result", "job_id": "'
             + str(uuid.uuid4()).encode()
@@ -66,17 +69,59 @@ def test_malformed_results_are_named(body: bytes, match: str) -> None:
         decode(QueueKind.RESULT, body, "application/json")
 
 
+def _progress(**fields: object) -> bytes:
+    base = {"v": 1, "type": "progress", "job_id": str(uuid.uuid4()), "progress": 0.5}
+    return json.dumps({**base, "message": "half", "seq": 1, "at": 1.5, **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"progress": 1.5}, r"<= 1.0 - at `\$.progress`"),
+        ({"progress": -0.1}, r">= 0.0 - at `\$.progress`"),
+        ({"seq": True}, r"Expected `int`, got `bool` - at `\$.seq`"),
+        ({"seq": "1"}, r"Expected `int`, got `str` - at `\$.seq`"),
+        ({"seq": 0}, r">= 1 - at `\$.seq`"),
+        ({"message": None}, r"Expected `str`, got `null` - at `\$.message`"),
+        ({"attempt": 0}, r">= 1 - at `\$.attempt`"),
+        ({"v": 2, "progress": "anything"}, "schema version 2"),
+    ],
+)
+def test_wrong_types_and_ranges_are_named_with_their_field(fields: dict[str, object], match: str) -> None:
+    with pytest.raises(MalformedMessageError, match=match):
+        decode(QueueKind.PROGRESS, _progress(**fields), "application/json")
+
+
+def test_unknown_fields_are_ignored_so_a_newer_worker_may_add_some() -> None:
+    update = decode(QueueKind.PROGRESS, _progress(eta=12), None)
+    assert isinstance(update, ProgressUpdate) and update.progress == 0.5 and update.attempt == 1
+
+
 def test_result_round_trip() -> None:
-    result = JobResult(uuid.uuid4(), JobStatus.SUCCEEDED, {"x": [1, 2]}, None, {"progress": 3}, 12.5)
-    assert decode(QueueKind.RESULT, encode(result.to_dict()), "application/json") == result
+    result = JobResult(
+        job_id=uuid.uuid4(),
+        status=JobStatus.SUCCEEDED,
+        output={"x": [1, 2]},
+        last_seq={"progress": 3},
+        at=12.5,
+    )
+    body = encode_message(result)
+    assert json.loads(body)["type"] == "result" and json.loads(body)["v"] == 1
+    assert decode(QueueKind.RESULT, body, "application/json") == result
 
 
 def test_task_request_requires_result_queue() -> None:
-    request = TaskRequest(uuid.uuid4(), "demo.echo", {}, frozenset({QueueKind.RESULT}))
-    assert TaskRequest.from_dict(request.to_dict()) == request
-    broken = {**request.to_dict(), "queues": ["progress"]}
+    request = TaskRequest(uuid.uuid4(), "demo.echo", {}, frozenset({QueueKind.RESULT}), 30.0)
+    arg = request.to_celery_arg()
+    assert arg["ttl"] == 30.0 and arg["queues"] == ["result"] and arg["type"] == "task"
+    assert TaskRequest.from_celery_arg(arg) == request
+    assert request.ttl == timedelta(seconds=30)
     with pytest.raises(MalformedMessageError, match="result queue"):
-        TaskRequest.from_dict(broken)
+        TaskRequest.from_celery_arg({**arg, "queues": ["progress"]})
+    with pytest.raises(MalformedMessageError, match=r"> 0.0 - at `\$.ttl`"):
+        TaskRequest.from_celery_arg({**arg, "ttl": 0})
+    with pytest.raises(MalformedMessageError, match="schema version 3"):
+        TaskRequest.from_celery_arg({**arg, "v": 3})
 
 
 def test_encode_refuses_nan() -> None:

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 from uuid import uuid4
 
+import msgspec
 import pytest
 
 from ebb.contract import (
@@ -24,6 +25,7 @@ from ebb.contract import (
     QueueKind,
     StatusUpdate,
     encode,
+    encode_message,
 )
 from ebb.core import (
     Ack,
@@ -118,7 +120,14 @@ class Driver:
         if match["kind"] == "p":
             return ProgressUpdate(self.job.id, 0.5, f"step {seq}", seq, self.now, attempt)
         last = {KIND[item[0]].value: int(item[1:]) for item in (match["last"] or "").split(",") if item}
-        return JobResult(self.job.id, JobStatus.SUCCEEDED, {"n": 42}, None, last, self.now, attempt)
+        return JobResult(
+            job_id=self.job.id,
+            status=JobStatus.SUCCEEDED,
+            output={"n": 42},
+            last_seq=last,
+            at=self.now,
+            attempt=attempt,
+        )
 
     def send(self, *texts: str, at: float | None = None) -> None:
         for text in texts:
@@ -127,7 +136,7 @@ class Driver:
             token = base + "'" * self._times_sent[base]
             self._times_sent[base] += 1
             self.sent[token] = payload
-            self.send_raw(KIND[text[0]], encode(payload.to_dict()), token=token, at=at)
+            self.send_raw(KIND[text[0]], encode_message(payload), token=token, at=at)
 
     def send_raw(
         self,
@@ -245,7 +254,7 @@ def test_each_message_goes_to_its_callback() -> None:
 
 def test_a_message_without_a_content_type_is_accepted() -> None:
     d = Driver()
-    d.send_raw(QueueKind.PROGRESS, encode(d.message("p1").to_dict()), token="p1", content_type=None)
+    d.send_raw(QueueKind.PROGRESS, encode_message(d.message("p1")), token="p1", content_type=None)
     assert d.delivered == ["p1"]
     assert d.acked == ["p1"]
 
@@ -416,7 +425,8 @@ Malformed = Callable[[Driver, QueueKind], tuple[bytes, str | None]]
 
 
 def good(d: Driver, kind: QueueKind) -> dict[str, Any]:
-    return d.message("r" if kind is QueueKind.RESULT else "p1").to_dict()
+    data: dict[str, Any] = msgspec.to_builtins(d.message("r" if kind is QueueKind.RESULT else "p1"))
+    return data
 
 
 MALFORMED: dict[str, Malformed] = {

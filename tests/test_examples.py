@@ -8,7 +8,9 @@ import sys
 import uuid
 from pathlib import Path
 
-from ebb import JobClient, JobStatus
+import pytest
+
+from ebb import InvalidParamsError, JobClient, JobStatus
 from ebb.config import Settings
 from tests.support import ROOT, start_worker, stop_worker
 
@@ -30,7 +32,7 @@ def test_submit_with_callbacks(worker: Path) -> None:
     lines = out.stdout.splitlines()
     assert lines[0] == "status RUNNING"
     assert "progress 100% step 4/4" in lines
-    assert lines[-1] == "output {'slept': 1}"
+    assert lines[-1] == "output {'slept': 1.0}"
 
 
 def test_reconnect_after_crash(worker: Path, tmp_path: Path) -> None:
@@ -39,7 +41,7 @@ def test_reconnect_after_crash(worker: Path, tmp_path: Path) -> None:
     assert first.returncode == 0 and first.stdout.startswith("submitted")
     second = run_example("examples/reconnect_after_crash.py", "reconnect", str(saved))
     assert second.returncode == 0, second.stderr
-    assert second.stdout.splitlines()[-1] == "finished SUCCEEDED {'slept': 2}"
+    assert second.stdout.splitlines()[-1] == "finished SUCCEEDED {'slept': 2.0}"
 
 
 def test_cancel_job(worker: Path) -> None:
@@ -61,8 +63,18 @@ def test_own_workflow_module(settings: Settings, tmp_path: Path) -> None:
                 "examples.word_count", {"text": "a b\nb c"}, on_progress=lambda j, p: None
             )
             result = client.wait(job, timeout=30)
-        assert result.status is JobStatus.SUCCEEDED
-        assert result.output == {"a": 1, "b": 2, "c": 1}
+            assert result.status is JobStatus.SUCCEEDED
+            assert result.output == {"a": 1, "b": 2, "c": 1}
+            # The typed one: defaults filled in, a model back as JSON, bad input refused up front.
+            report = client.submit_job("reports.build", {"title": "Q3 Sales", "pages": 2, "window": "PT1H"})
+            built = client.wait(report, timeout=30)
+            assert built.output == {"file": "q3-sales.pdf", "pages": 2, "covers_seconds": 3600.0}
+            with pytest.raises(
+                InvalidParamsError, match="'format' = 'doc': expected one of \"pdf\", \"csv\""
+            ):
+                client.submit_job("reports.build", {"title": "Q3", "format": "doc"})
+            with pytest.raises(InvalidParamsError, match="'title' = <missing>"):
+                client.submit_job("reports.build", {})
     finally:
         stop_worker(proc)
         with JobClient(settings=settings) as cleanup:

@@ -48,7 +48,7 @@ def test_pickled_task_is_rejected_not_executed(
     marker = tmp_path / "pwned"
     job_id = uuid.uuid4()
     request = TaskRequest(job_id, "demo.echo", {}, frozenset({QueueKind.RESULT}))
-    body = pickle.dumps(([request.to_dict(), _Exploit(str(marker))], {}, {}))
+    body = pickle.dumps(([request.to_celery_arg(), _Exploit(str(marker))], {}, {}))
     headers = {"lang": "py", "task": "ebb.run_job", "id": str(job_id), "root_id": str(job_id)}
     with Connection(settings.broker_url) as connection:
         channel = connection.channel()

@@ -327,10 +327,13 @@ class AsyncJobClient:
         await self._channel_ready()
         if not self._catalog.knows(workflow):
             await asyncio.to_thread(self._catalog.check, workflow, self._consumers_from_thread)
+        params_dict = self._catalog.params_for(workflow, params_dict)
         kinds = checks.wanted_queues(on_progress, on_status, updates=updates)
         job = Job(id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=kinds, reference=reference)
         watch = self._watch(job, ttl, auto_disconnect_on_result, on_finished, on_progress, on_status)
-        request = contract.TaskRequest(job.id, workflow, params_dict, job.queues, ttl, timeout)
+        request = contract.TaskRequest(
+            job.id, workflow, params_dict, job.queues, ttl.total_seconds(), timeout
+        )
         now = time.time()
         await self._writes.write(
             job.id,

@@ -38,7 +38,7 @@ class TaskMessages:
         built = self._app.amqp.as_task_v2(
             job_id,
             contract.TASK_NAME,
-            args=[request.to_dict()],
+            args=[request.to_celery_arg()],
             kwargs={},
             create_sent_event=True,
             argsrepr=repr((request.workflow, job_id)),

@@ -220,6 +220,9 @@ class JobClient:
     ) -> Job:
         """Declare the job's queues, then publish it; return once the broker has confirmed both.
 
+        ``params`` are checked against the JSON Schema the workflow's workers advertise (typed
+        workflows), with its defaults filled in: a bad value raises :class:`ebb.InvalidParamsError`
+        (a ``ValueError``) naming the field, before anything is declared.
         Only the queues you asked callbacks for are created (the result queue always is), or
         all three with ``updates=True``, so that a later reconnect can read status and progress.
         ``job_timeout`` limits the job's running time (time spent queued does not count); a job
@@ -233,10 +236,13 @@ class JobClient:
         )
         timeout = checks.job_timeout_seconds(job_timeout)
         self._catalog.check(workflow, self._task_queue_consumers)
+        params_dict = self._catalog.params_for(workflow, params_dict)
         kinds = checks.wanted_queues(on_progress, on_status, updates=updates)
         job = Job(id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=kinds, reference=reference)
         watch = self._watch(job, ttl, auto_disconnect_on_result, on_finished, on_progress, on_status)
-        request = contract.TaskRequest(job.id, workflow, params_dict, job.queues, ttl, timeout)
+        request = contract.TaskRequest(
+            job.id, workflow, params_dict, job.queues, ttl.total_seconds(), timeout
+        )
         now = time.time()
         # Written before the task exists, so the worker's RUNNING can never be overwritten.
         self._registry.write(

@@ -8,16 +8,18 @@ Everything on the wire is JSON; a message that does not match this schema raises
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
 
+import msgspec
 from kombu.entity import Queue
+from msgspec import Meta, Struct
 
 from ebb.errors import InvalidArgumentError, JobFailedError, MalformedMessageError
 
@@ -115,7 +117,8 @@ def job_queue_arguments(ttl: timedelta, queue_type: str = "classic") -> dict[str
     """The arguments every job queue is declared with (by its submitting client only, once)."""
     if queue_type not in QUEUE_TYPES:
         raise ValueError(f"job queue type {queue_type!r}: use one of {', '.join(QUEUE_TYPES)}")
-    return {"x-expires": ttl_to_ms(ttl), "x-queue-type": queue_type}
+    arguments: dict[str, Any] = msgspec.to_builtins(JobQueueArguments(ttl_to_ms(ttl), queue_type))  # type: ignore[arg-type]
+    return arguments
 
 
 #: Task queue types a deployment may choose (EBB_TASK_QUEUE_TYPE). On a cluster, "quorum"
@@ -132,105 +135,47 @@ def task_queue(name: str, queue_type: str = "classic") -> Queue:
 
 
 # --- messages -------------------------------------------------------------------------------
+#
+# Each message is a msgspec Struct: the type is the schema. msgspec checks types, ranges and
+# the ``type`` tag while it parses (bench/bench_contract.py: a progress message in 0.55 us,
+# 3.5x faster than pydantic and 12x faster than the hand-written checks it replaced), and
+# docs/contract/ is generated from these types.
+
+#: A message's schema version; a reader refuses any other (see :func:`decode`).
+Version = Literal[1]
+Seq = Annotated[int, Meta(ge=1, description="1, 2, 3... per queue and attempt, in publishing order")]
+Attempt = Annotated[int, Meta(ge=1, description="Which run of the job sent this; 1 unless a worker died")]
+Timestamp = Annotated[float, Meta(description="Seconds since the Unix epoch, when the worker sent it")]
+FinalStatus = Annotated[
+    JobStatus,
+    Meta(extra_json_schema={"enum": sorted(s.value for s in JobStatus if s is not JobStatus.RUNNING)}),
+]
 
 
-def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
-    if key not in data:
-        raise MalformedMessageError(f"{what} lacks the field {key!r}")
-    value = data[key]
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise MalformedMessageError(f"{what} field {key!r} has the wrong type {type(value).__name__}")
-    return value
-
-
-def _check_header(data: object, expected_type: str) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise MalformedMessageError(f"a {expected_type} message must be a JSON object")
-    version = data.get("v")
-    if version != SCHEMA_VERSION:
-        raise MalformedMessageError(
-            f"{expected_type} message has schema version {version!r}; this SDK reads version "
-            f"{SCHEMA_VERSION} (upgrade the older side)"
-        )
-    if data.get("type") != expected_type:
-        raise MalformedMessageError(f"expected a {expected_type} message, got type {data.get('type')!r}")
-    return data
-
-
-@dataclass(frozen=True)
-class StatusUpdate:
+class StatusUpdate(Struct, frozen=True, tag_field="type", tag="status"):
     """A status change of a running job, as delivered to ``on_status``."""
 
     job_id: uuid.UUID
     status: JobStatus
-    seq: int
-    at: float
-    attempt: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "v": SCHEMA_VERSION,
-            "type": "status",
-            "job_id": str(self.job_id),
-            "status": self.status.value,
-            "seq": self.seq,
-            "at": self.at,
-            "attempt": self.attempt,
-        }
-
-    @classmethod
-    def from_dict(cls, raw: object) -> StatusUpdate:
-        data = _check_header(raw, "status")
-        return cls(
-            job_id=_job_id_field(data, "status message"),
-            status=_status_field(data, "status message"),
-            seq=_require(data, "seq", int, "status message"),
-            at=float(_require(data, "at", (int, float), "status message")),
-            attempt=_attempt(data, "status message"),
-        )
+    seq: Seq
+    at: Timestamp
+    attempt: Attempt = 1
+    v: Version = SCHEMA_VERSION
 
 
-@dataclass(frozen=True)
-class ProgressUpdate:
+class ProgressUpdate(Struct, frozen=True, tag_field="type", tag="progress"):
     """How far a job is, 0.0 to 1.0, with a human-readable message; delivered to ``on_progress``."""
 
     job_id: uuid.UUID
-    progress: float
+    progress: Annotated[float, Meta(ge=0.0, le=1.0)]
     message: str
-    seq: int
-    at: float
-    attempt: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "v": SCHEMA_VERSION,
-            "type": "progress",
-            "job_id": str(self.job_id),
-            "progress": self.progress,
-            "message": self.message,
-            "seq": self.seq,
-            "at": self.at,
-            "attempt": self.attempt,
-        }
-
-    @classmethod
-    def from_dict(cls, raw: object) -> ProgressUpdate:
-        data = _check_header(raw, "progress")
-        progress = float(_require(data, "progress", (int, float), "progress message"))
-        if not 0.0 <= progress <= 1.0:
-            raise MalformedMessageError(f"progress {progress} is outside 0.0..1.0")
-        return cls(
-            job_id=_job_id_field(data, "progress message"),
-            progress=progress,
-            message=_require(data, "message", str, "progress message"),
-            seq=_require(data, "seq", int, "progress message"),
-            at=float(_require(data, "at", (int, float), "progress message")),
-            attempt=_attempt(data, "progress message"),
-        )
+    seq: Seq
+    at: Timestamp
+    attempt: Attempt = 1
+    v: Version = SCHEMA_VERSION
 
 
-@dataclass(frozen=True)
-class JobError:
+class JobError(Struct, frozen=True):
     """Why a job did not succeed: the exception as the worker saw it, and what the workflow logged."""
 
     type: str
@@ -238,17 +183,8 @@ class JobError:
     traceback: str = ""
     logs: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type,
-            "message": self.message,
-            "traceback": self.traceback,
-            "logs": list(self.logs),
-        }
 
-
-@dataclass(frozen=True)
-class JobResult:
+class JobResult(Struct, frozen=True, kw_only=True, tag_field="type", tag="result"):
     """A job's one and only result, delivered to ``on_finished`` and returned by ``wait``.
 
     ``last_seq`` holds, per queue kind, the sequence number of the last status/progress
@@ -257,12 +193,17 @@ class JobResult:
     """
 
     job_id: uuid.UUID
-    status: JobStatus
+    status: FinalStatus
     output: Any = None
     error: JobError | None = None
-    last_seq: dict[str, int] = field(default_factory=dict)
-    at: float = 0.0
-    attempt: int = 1
+    last_seq: dict[str, int] = msgspec.field(default_factory=dict)
+    at: Timestamp
+    attempt: Attempt = 1
+    v: Version = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.status not in TERMINAL_STATUSES:
+            raise ValueError(f"result status {self.status.value!r} is not a final status")
 
     @property
     def succeeded(self) -> bool:
@@ -274,130 +215,49 @@ class JobResult:
             raise JobFailedError(self)
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "v": SCHEMA_VERSION,
-            "type": "result",
-            "job_id": str(self.job_id),
-            "status": self.status.value,
-            "output": self.output,
-            "error": None if self.error is None else self.error.to_dict(),
-            "last_seq": dict(self.last_seq),
-            "at": self.at,
-            "attempt": self.attempt,
-        }
 
-    @classmethod
-    def from_dict(cls, raw: object) -> JobResult:
-        data = _check_header(raw, "result")
-        parsed = _status_field(data, "result message")
-        if parsed not in TERMINAL_STATUSES:
-            raise MalformedMessageError(f"result status {parsed.value!r} is not a final status")
-        error_raw = data.get("error")
-        error = None
-        if error_raw is not None:
-            if not isinstance(error_raw, dict):
-                raise MalformedMessageError("result message field 'error' must be an object")
-            logs = error_raw.get("logs", [])
-            if not isinstance(logs, list) or not all(isinstance(line, str) for line in logs):
-                raise MalformedMessageError("result error field 'logs' must be a list of strings")
-            traceback = error_raw.get("traceback", "")
-            error = JobError(
-                type=str(_require(error_raw, "type", str, "result error")),
-                message=str(_require(error_raw, "message", str, "result error")),
-                traceback=traceback if isinstance(traceback, str) else "",
-                logs=tuple(logs),
-            )
-        last_seq_raw = data.get("last_seq", {})
-        if not isinstance(last_seq_raw, dict) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in last_seq_raw.values()
-        ):
-            raise MalformedMessageError("result message field 'last_seq' must map kinds to ints")
-        return cls(
-            job_id=_job_id_field(data, "result message"),
-            status=parsed,
-            output=data.get("output"),
-            error=error,
-            last_seq={str(k): int(v) for k, v in last_seq_raw.items()},
-            at=float(_require(data, "at", (int, float), "result message")),
-            attempt=_attempt(data, "result message"),
-        )
-
-
-def _status_field(data: dict[str, Any], what: str) -> JobStatus:
-    status = _require(data, "status", str, what)
-    try:
-        return JobStatus(status)
-    except ValueError:
-        raise MalformedMessageError(f"{what} has an unknown job status {status!r}") from None
-
-
-def _attempt(data: dict[str, Any], what: str) -> int:
-    """Which run of the job sent this (a job is re-run when its worker dies); 1 if absent."""
-    value = data.get("attempt", 1)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MalformedMessageError(f"{what} field 'attempt' must be a positive integer")
-    return value
-
-
-def _job_id_field(data: dict[str, Any], what: str) -> uuid.UUID:
-    raw = _require(data, "job_id", str, what)
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise MalformedMessageError(f"{what} has a job_id that is not a UUID: {raw!r}") from None
-
-
-@dataclass(frozen=True)
-class TaskRequest:
+class TaskRequest(Struct, frozen=True, tag_field="type", tag="task"):
     """The single argument of the ``ebb.run_job`` Celery task."""
 
     job_id: uuid.UUID
     workflow: str
     params: dict[str, Any]
     queues: frozenset[QueueKind]
-    ttl: timedelta = timedelta(hours=48)
-    #: Longest running time (queued time does not count); ``None`` for no limit.
-    timeout: float | None = None
+    #: How long the job's unused queues survive, in seconds (``x-expires`` / 1000).
+    ttl_seconds: Annotated[float, Meta(gt=0)] = msgspec.field(default=172_800.0, name="ttl")
+    #: Longest running time in seconds (queued time does not count); ``None`` for no limit.
+    timeout: Annotated[float, Meta(gt=0)] | None = None
+    v: Version = SCHEMA_VERSION
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "v": SCHEMA_VERSION,
-            "type": "task",
-            "job_id": str(self.job_id),
-            "workflow": self.workflow,
-            "params": self.params,
-            "queues": sorted(k.value for k in self.queues),
-            "ttl": self.ttl.total_seconds(),
-            "timeout": self.timeout,
-        }
+    def __post_init__(self) -> None:
+        if QueueKind.RESULT not in self.queues:
+            raise ValueError("task request lacks the result queue")
+
+    @property
+    def ttl(self) -> timedelta:
+        return timedelta(seconds=self.ttl_seconds)
+
+    def to_celery_arg(self) -> dict[str, Any]:
+        """The plain-JSON form Celery carries as the task's one argument."""
+        arg: dict[str, Any] = msgspec.to_builtins(self, order="deterministic")
+        return arg
 
     @classmethod
-    def from_dict(cls, raw: object) -> TaskRequest:
-        data = _check_header(raw, "task")
-        queues_raw = _require(data, "queues", list, "task request")
+    def from_celery_arg(cls, raw: object) -> TaskRequest:
+        """Read the task's argument; :class:`MalformedMessageError` if it does not fit the contract."""
         try:
-            queues = frozenset(QueueKind(k) for k in queues_raw)
-        except ValueError:
-            raise MalformedMessageError(f"task request names unknown queues {queues_raw!r}") from None
-        if QueueKind.RESULT not in queues:
-            raise MalformedMessageError("task request lacks the result queue")
-        ttl = float(_require(data, "ttl", (int, float), "task request"))
-        if not ttl > 0:
-            raise MalformedMessageError(f"task request has a TTL of {ttl} s")
-        timeout = data.get("timeout")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
-        ):
-            raise MalformedMessageError(f"task request has an invalid timeout {timeout!r}")
-        return cls(
-            job_id=_job_id_field(data, "task request"),
-            workflow=_require(data, "workflow", str, "task request"),
-            params=_require(data, "params", dict, "task request"),
-            queues=queues,
-            ttl=timedelta(seconds=ttl),
-            timeout=float(timeout) if timeout is not None else None,
-        )
+            return msgspec.convert(raw, cls)
+        except msgspec.ValidationError as exc:
+            raise MalformedMessageError(_explain(exc, raw, "task")) from None
+
+
+class JobQueueArguments(Struct, frozen=True):
+    """The arguments of every job queue, as its submitting client declares it (once)."""
+
+    expires_ms: Annotated[int, Meta(ge=1, description="The job's TTL in ms")] = msgspec.field(
+        name="x-expires"
+    )
+    queue_type: Literal["classic", "quorum"] = msgspec.field(default="classic", name="x-queue-type")
 
 
 Message = StatusUpdate | ProgressUpdate | JobResult
@@ -406,6 +266,9 @@ MESSAGE_TYPES: Final[dict[QueueKind, type[StatusUpdate] | type[ProgressUpdate] |
     QueueKind.PROGRESS: ProgressUpdate,
     QueueKind.RESULT: JobResult,
 }
+#: One decoder for the tagged union: a message without its ``type`` tag is refused, as before.
+_DECODER: Final = msgspec.json.Decoder(Message)
+_ENCODER: Final = msgspec.json.Encoder()
 
 
 def is_persistent(message: Message) -> bool:
@@ -419,9 +282,18 @@ def is_persistent(message: Message) -> bool:
     return isinstance(message, JobResult)
 
 
-def encode(payload: dict[str, Any]) -> bytes:
-    """JSON only, no NaN: what cannot be encoded is a ``TypeError``/``ValueError`` here, not later."""
+def encode(payload: Any) -> bytes:
+    """Plain JSON, no NaN: what cannot be encoded is a ``TypeError``/``ValueError`` here, not later.
+
+    For payloads the workflow made (params, outputs): the standard library refuses every
+    non-JSON type, where msgspec would quietly turn NaN into null or a datetime into a string.
+    """
     return json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
+
+
+def encode_message(message: Message) -> bytes:
+    """A reply message as its wire JSON (its output was checked by :func:`encode` already)."""
+    return _ENCODER.encode(message)
 
 
 def decode(kind: QueueKind, body: bytes | str, content_type: str | None) -> Message:
@@ -431,10 +303,34 @@ def decode(kind: QueueKind, body: bytes | str, content_type: str | None) -> Mess
             f"content type {content_type!r} refused; job queues carry {CONTENT_TYPE} only"
         )
     try:
-        raw = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        message: Message = _DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        raise MalformedMessageError(_explain(exc, body, kind.value)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MalformedMessageError(f"message body is not JSON: {exc}") from None
-    return MESSAGE_TYPES[kind].from_dict(raw)
+    if type(message) is not MESSAGE_TYPES[kind]:
+        tag = type(message).__struct_config__.tag
+        raise MalformedMessageError(f"expected a {kind.value} message, got type {tag!r}")
+    return message
+
+
+def _explain(exc: msgspec.ValidationError, raw: object, expected_type: str) -> str:
+    """Say why a message was refused, version and type first (only on this, the rare path)."""
+    data = raw
+    if isinstance(raw, bytes | str):
+        with contextlib.suppress(ValueError):
+            data = json.loads(raw)
+    if not isinstance(data, dict):
+        return f"a {expected_type} message must be a JSON object ({exc})"
+    version = data.get("v", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        return (
+            f"{expected_type} message has schema version {version!r}; this SDK reads version "
+            f"{SCHEMA_VERSION} (upgrade the older side)"
+        )
+    if data.get("type") != expected_type:
+        return f"expected a {expected_type} message, got type {data.get('type')!r}"
+    return f"{expected_type} message refused: {exc}"
 
 
 def now() -> float:

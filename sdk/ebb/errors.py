@@ -7,7 +7,7 @@ these, keeping the original as ``__cause__``.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from ebb.contract import JobResult
@@ -170,3 +170,39 @@ class UnknownWorkflowError(EbbError, ValueError):
 
 class ClientClosedError(EbbError):
     """The client was closed, or lost its broker connection; its jobs keep their queues until TTL."""
+
+
+class InvalidParamsError(InvalidArgumentError):
+    """A job's params do not fit its workflow's schema; nothing was declared or sent.
+
+    ``field`` is the parameter at fault (``None`` when the params as a whole are), ``value``
+    what was given (``MISSING`` when absent) and ``expected`` what the schema wants there. A
+    worker refuses params the same way when the job starts: the job ends ERROR, error type
+    ``InvalidParamsError``.
+    """
+
+    MISSING: Final = "<missing>"
+
+    def __init__(self, workflow: str, field: str | None, value: object, expected: str) -> None:
+        self.workflow = workflow
+        self.field = field
+        self.value = value
+        self.expected = expected
+        shown = value if value == self.MISSING else _short_repr(value)
+        where = f"parameter {field!r}" if field else "its params"
+        super().__init__(f"workflow {workflow!r}: {where} = {shown}: expected {expected}")
+
+    @classmethod
+    def unknown(cls, workflow: str, field: str, value: object, known: list[str]) -> InvalidParamsError:
+        """A parameter the workflow does not take (a typo, usually)."""
+        error = cls(workflow, field, value, "no such parameter")
+        takes = ", ".join(known) or "none"
+        error.args = (
+            f"workflow {workflow!r} has no parameter {field!r} (it takes: {takes}); drop it or fix its name",
+        )
+        return error
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ import redis
 
 from ebb.errors import RegistryUnavailableError, UnknownWorkflowError
 from ebb.logfmt import log_event
+from ebb.params import ParamInfo, apply, describe
 from ebb.records import WORKERS_KEY_PREFIX
 
 logger = logging.getLogger("ebb.client")
@@ -27,10 +28,23 @@ ADVERTISE_EXPIRY = 30
 
 @dataclass(frozen=True)
 class WorkflowInfo:
+    """A workflow as its live workers advertise it."""
+
     name: str
     description: str
+    #: Its parameters' names (``("*",)``: any).
     params: tuple[str, ...]
     workers: int
+    #: The JSON Schema of its params, from its pydantic model; ``None`` for an untyped workflow.
+    schema: dict[str, Any] | None = None
+
+    def parameters(self) -> list[ParamInfo]:
+        """Each parameter's type, default and whether it is required (empty when untyped)."""
+        return describe(self.schema)
+
+    def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` with defaults filled in; :class:`ebb.InvalidParamsError` if they do not fit."""
+        return dict(params) if self.schema is None else apply(self.name, self.schema, params)
 
 
 def advertisement(hostname: str, queue: str, workflows: list[dict[str, Any]]) -> str:
@@ -55,11 +69,13 @@ def list_workflows(client: redis.Redis, queue: str) -> list[WorkflowInfo]:
             if not name:
                 continue
             seen = found.get(name)
+            schema = item.get("schema")
             found[name] = WorkflowInfo(
                 name=name,
                 description=str(item.get("description", "")),
                 params=tuple(str(p) for p in item.get("params", [])),
                 workers=(seen.workers if seen else 0) + 1,
+                schema=schema if isinstance(schema, dict) else None,
             )
     return sorted(found.values(), key=lambda w: w.name)
 
@@ -76,19 +92,32 @@ class WorkflowCatalog:
         self._client = client
         self._queue = queue
         self._enabled = enabled
-        self._known: set[str] = set()
+        self._known: dict[str, WorkflowInfo] = {}
+        self._listed_at = 0.0
 
     def knows(self, workflow: str) -> bool:
-        """Known to be runnable (or not checked at all): ``check`` would return at once."""
-        return not self._enabled or workflow in self._known
+        """Known to be runnable, from a recent list (or not checked at all): ``check`` returns at once."""
+        if not self._enabled:
+            return True
+        return workflow in self._known and time.monotonic() - self._listed_at < ADVERTISE_EXPIRY
 
     def list(self) -> list[WorkflowInfo]:
         try:
             found = list_workflows(self._client, self._queue)
         except redis.RedisError as exc:
             raise RegistryUnavailableError(f"cannot list workflows: Redis unreachable ({exc})") from exc
-        self._known = {w.name for w in found}
+        self._known = {w.name: w for w in found}
+        self._listed_at = time.monotonic()
         return found
+
+    def params_for(self, workflow: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Check ``params`` against the schema last advertised for ``workflow``, filling defaults.
+
+        Call after :meth:`check`. Without a schema (untyped workflow, checks off, or no adverts)
+        they go as given, and the worker judges them.
+        """
+        info = self._known.get(workflow) if self._enabled else None
+        return info.check(params) if info is not None else dict(params)
 
     def check(self, workflow: str, task_queue_consumers: Callable[[], int]) -> None:
         if self.knows(workflow):

@@ -28,6 +28,8 @@ from ebb.errors import (
     UnknownJobError,
     UnknownWorkflowError,
 )
+from ebb.params import coerce
+from ebb.workers import WorkflowInfo
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -162,8 +164,15 @@ class Duration(click.ParamType[timedelta]):
         return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
 
 
-def parse_params(pairs: tuple[str, ...], params_file: str | None) -> dict[str, Any]:
-    """``--params-file`` (a JSON object) first, then each ``--param k=v`` (v read as JSON if it is)."""
+def parse_params(
+    pairs: tuple[str, ...], params_file: str | None, workflow: WorkflowInfo | None = None
+) -> dict[str, Any]:
+    """``--params-file`` (a JSON object) first, then each ``--param k=v``.
+
+    With the workflow's advertised schema, each ``v`` becomes the type its field wants
+    (:func:`ebb.params.coerce`; a value that cannot be read is an ``InvalidParamsError``, exit
+    2); without one, ``v`` is read as JSON if it parses and kept as text otherwise.
+    """
     params: dict[str, Any] = {}
     if params_file:
         try:
@@ -176,12 +185,12 @@ def parse_params(pairs: tuple[str, ...], params_file: str | None) -> dict[str, A
         if not isinstance(loaded, dict):
             raise click.BadParameter("must hold a JSON object", param_hint="--params-file")
         params.update(loaded)
+    texts: dict[str, str] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--param")
-        try:
-            params[key] = json.loads(raw)
-        except ValueError:
-            params[key] = raw
+        texts[key] = raw
+    schema = workflow.schema if workflow is not None and workflow.schema is not None else {}
+    params.update(coerce(workflow.name if workflow else "", schema, texts))
     return params

@@ -24,9 +24,9 @@ from ebb.cli.base import (
 )
 from ebb.cli.view import JobView
 from ebb.contract import parse_job_id
-from ebb.errors import UnknownJobError
+from ebb.errors import RegistryUnavailableError, UnknownJobError
 from ebb.registry import Registry
-from ebb.workers import list_workflows
+from ebb.workers import WorkflowInfo, list_workflows
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 
@@ -51,6 +51,14 @@ def _follow(client: JobClient, job: Job, view: JobView) -> None:
     _exit_for(result)
 
 
+def _advertised(client: JobClient, workflow: str) -> WorkflowInfo | None:
+    """The workflow as workers advertise it, for its schema; ``None`` if Redis cannot say."""
+    try:
+        return next((w for w in client.list_workflows() if w.name == workflow), None)
+    except RegistryUnavailableError:
+        return None  # submit_job warns and lets the worker judge
+
+
 def _exit_for(result: JobResult) -> None:
     sys.exit(EXIT_OK if result.succeeded else EXIT_JOB_FAILED)
 
@@ -63,7 +71,7 @@ def _exit_for(result: JobResult) -> None:
     "pairs",
     multiple=True,
     metavar="KEY=VALUE",
-    help="A parameter (value as JSON if it parses).",
+    help="A parameter, read as the type the workflow's schema gives it (else as JSON if it parses).",
 )
 @click.option("--params-file", type=click.Path(dir_okay=False), help="A JSON object of parameters.")
 @click.option("--ttl", type=Duration(), help="How long unused queues survive (default EBB_DEFAULT_TTL).")
@@ -81,9 +89,9 @@ def submit(
     as_json: bool,
 ) -> None:
     """Submit WORKFLOW and follow it live (Ctrl-C detaches; the job goes on)."""
-    params = parse_params(pairs, params_file)
     view = JobView(as_json=as_json)
     with JobClient() as client, view if not detach else contextlib.nullcontext():
+        params = parse_params(pairs, params_file, _advertised(client, workflow))
         callbacks = (
             {}
             if detach
@@ -178,5 +186,16 @@ def workflows(as_json: bool) -> None:
     if not found:
         click.echo(f"no live worker on {settings.task_queue}; start one: celery -A tasks worker")
     for w in found:
-        params = ", ".join(w.params) or "-"
-        click.echo(f"{w.name:<24} params: {params:<24} workers: {w.workers}  {w.description}")
+        click.echo(f"{w.name}  ({w.workers} worker{'s' if w.workers != 1 else ''})  {w.description}")
+        parameters = w.parameters()
+        if not parameters:
+            names = ", ".join(w.params) if w.params and w.params != ("*",) else "any"
+            click.echo(f"    params: {names} (untyped)")
+        for p in parameters:
+            default = (
+                "required"
+                if p.required
+                else (f"default {json.dumps(p.default)}" if p.has_default else "optional")
+            )
+            about = f"  {p.description}" if p.description else ""
+            click.echo(f"    {p.name:<14} {p.type:<28} {default}{about}")

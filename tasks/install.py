@@ -20,8 +20,9 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.worker.request import Request
+from celery.worker import strategy
 from kombu.entity import Queue
+from kombu.exceptions import ContentDisallowed
 
 from ebb import contract
 from ebb.config import Settings
@@ -35,22 +36,31 @@ logger = logging.getLogger("ebb.worker")
 AUDIT_SCHEDULE_ENTRY = "ebb-audit-queues"
 
 
-class JsonOnlyRequest(Request):  # type: ignore[misc]
-    """Refuses a job message that is not JSON before the pool decodes it (pickle would run code)."""
+def json_only_strategy(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Any:
+    """Celery's own strategy for Ebb's task, behind a content-type check made before any decoding.
 
-    def execute_using_pool(self, pool: Any, **kwargs: Any) -> Any:
-        if self.content_type != contract.CONTENT_TYPE:
+    Celery's default strategy reads ``message.payload`` first, which deserializes the body with
+    whatever the app accepts: pickle would run code right there. This refuses a job message
+    that is not JSON from its properties alone; raising ``ContentDisallowed`` makes Celery log
+    it undecoded and reject it, as for content the app does not accept at all.
+    """
+    handle = strategy.default(task, app, consumer, **kwargs)
+
+    def handle_json_only(message: Any, body: Any, *args: Any, **options: Any) -> Any:
+        if message.content_type != contract.CONTENT_TYPE:
+            reason = f"Ebb's task takes {contract.CONTENT_TYPE} only, not {message.content_type!r}"
             log_event(
                 logger,
                 logging.ERROR,
                 "task_refused",
-                task_id=self.id,
-                content_type=self.content_type,
-                reason=f"Ebb's task takes {contract.CONTENT_TYPE} only",
+                task_id=(message.headers or {}).get("id"),
+                content_type=message.content_type,
+                reason=reason,
             )
-            self.reject(requeue=False)
-            return None
-        return super().execute_using_pool(pool, **kwargs)
+            raise ContentDisallowed(reason)
+        return handle(message, body, *args, **options)
+
+    return handle_json_only
 
 
 def install(app: Celery, settings: Settings | None = None, *, audit: bool = True) -> None:
@@ -69,7 +79,7 @@ def install(app: Celery, settings: Settings | None = None, *, audit: bool = True
         reject_on_worker_lost=True,
         track_started=True,
         serializer="json",
-        Request=JsonOnlyRequest,
+        Strategy="tasks.install:json_only_strategy",
     )(run_job)
     _consume(app, contract.task_queue(settings.task_queue, settings.task_queue_type))
     routes = {contract.TASK_NAME: {"queue": settings.task_queue}}

@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 from celery import Task
+from celery.exceptions import Ignore
 from pydantic import BaseModel
 
 from ebb import contract
@@ -46,6 +47,7 @@ class JobReporter:
         self.task = task
         self.last_seq: dict[str, int] = {}
         self._flower_sent_at = 0.0
+        self._started = time.monotonic()
 
     def _send(self, kind: QueueKind, build: Any) -> None:
         if kind not in self.request.queues:
@@ -81,23 +83,28 @@ class JobReporter:
     def _tell_flower(self, fraction: float, message: str) -> None:
         """A ``task-progress`` event: Flower shows the task in state PROGRESS with these fields."""
         now = time.monotonic()
-        if self.task is None or not watching.watched():
-            return
         if now - self._flower_sent_at < self.FLOWER_PROGRESS_EVERY and fraction < 1.0:
             return
         self._flower_sent_at = now
+        self._send_event("task-progress", progress=round(fraction, 4), message=message[:200])
+
+    def _send_event(self, kind: str, **fields: Any) -> None:
+        """A task event of Ebb's own, sent only while someone watches (Flower)."""
+        if self.task is None or not watching.watched():
+            return
         try:
-            self.task.send_event("task-progress", progress=round(fraction, 4), message=message[:200])
+            self.task.send_event(kind, **fields)
         except Exception as exc:  # monitoring must never break a job
-            log_event(
-                logger, logging.DEBUG, "progress_event_failed", job_id=self.request.job_id, error=repr(exc)
-            )
+            log_event(logger, logging.DEBUG, "task_event_failed", job_id=self.request.job_id, error=repr(exc))
 
     def finish(self, status: JobStatus, output: Any = None, error: JobError | None = None) -> str:
         """The final status, then the one result; then tell Celery (and so Flower) how it ended.
 
-        SUCCEEDED returns (Celery SUCCESS); ERROR, TIMEOUT and CANCELLED raise :class:`JobEnded`
-        (Celery FAILURE, its message naming the status, logged without a traceback).
+        SUCCEEDED returns (Celery SUCCESS); ERROR raises :class:`JobEnded` (Celery FAILURE, its
+        message naming the status, logged without a traceback). CANCELLED and TIMEOUT are not
+        failures: the task's last event is ``task-cancelled`` or ``task-timeout``, which Flower
+        shows as a state of that name, and Celery's ``Ignore`` acks the task without a
+        ``task-failed`` event to overwrite it.
         """
         # Measured before the final status goes out; the result itself is made after it, so that
         # its last_seq counts that status (the caller waits for every message it names).
@@ -123,7 +130,14 @@ class JobReporter:
         if status is JobStatus.SUCCEEDED:
             return status.value
         detail = f"{error.type}: {error.message}" if error else "no details"
-        raise JobEnded(f"job {self.request.job_id} ended {status.value}: {detail}")
+        ended = f"job {self.request.job_id} ended {status.value}: {detail}"
+        if status in (JobStatus.CANCELLED, JobStatus.TIMEOUT) and self.task is not None:
+            self._send_event(f"task-{status.value.lower()}", exception=ended[:300], runtime=self._runtime())
+            raise Ignore()
+        raise JobEnded(ended)
+
+    def _runtime(self) -> float:
+        return round(time.monotonic() - self._started, 3)
 
     def _result(self, status: JobStatus, output: Any, error: JobError | None) -> contract.JobResult:
         return contract.JobResult(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shlex
 import signal
 import subprocess
@@ -12,14 +13,17 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import amqp
 import requests
+from kombu.connection import Connection
 
 from ebb.config import Settings
-from ebb.contract import QueueKind, queue_name
+from ebb.contract import QueueKind, TaskRequest, job_queue, queue_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The RabbitMQ node ``rabbitmqctl`` acts on (``-n``): the one EBB_BROKER_URL points at, when the
@@ -226,3 +230,29 @@ def kill_worker(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL the worker and its pool processes at once, like a machine dying under it."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
+
+
+class _Exploit:
+    """Unpickling this runs code: exactly what a worker must never do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def publish_pickled_job(settings: Settings, job_id: uuid.UUID, marker: Path) -> None:
+    """An ``ebb.run_job`` message in pickle whose unpickling would create ``marker``."""
+    request = TaskRequest(job_id, "demo.echo", {}, frozenset({QueueKind.RESULT}), 30.0)
+    body = pickle.dumps(([request.to_celery_arg(), _Exploit(str(marker))], {}, {}))
+    headers = {"lang": "py", "task": "ebb.run_job", "id": str(job_id), "root_id": str(job_id)}
+    with Connection(settings.broker_url) as connection:
+        channel = connection.channel()
+        job_queue(job_id, QueueKind.RESULT, timedelta(seconds=30)).queue_declare(channel=channel)
+        channel.basic_publish(
+            amqp.Message(body, content_type="application/x-python-serialize", application_headers=headers),
+            exchange="",
+            routing_key=settings.task_queue,
+        )
+        channel.close()

@@ -87,6 +87,7 @@ def test_flower_shows_jobs_with_their_states(
     ok = client.submit_job("demo.echo", {"blob": "x" * 100_000})  # large input: never in Flower
     failed = client.submit_job("demo.fail", {"message": "shown in Flower"})
     running = client.submit_job("demo.sleep", {"seconds": 20, "steps": 20}, on_progress=lambda j, p: None)
+    late = client.submit_job("demo.stubborn", {"seconds": 30}, job_timeout=1)
     assert client.wait(ok, timeout=30).succeeded
     assert client.wait(failed, timeout=30).status is JobStatus.ERROR
 
@@ -98,15 +99,28 @@ def test_flower_shows_jobs_with_their_states(
         lambda: states().get(str(ok.id)) == "SUCCESS" and states().get(str(failed.id)) == "FAILURE", 20
     ), states()
     tasks = _tasks(url, auth)
-    assert tasks[str(ok.id)]["name"] == "ebb.run_job"
+    # Each job is listed under its workflow's name (the task's shadow name), not as ebb.run_job.
+    assert tasks[str(ok.id)]["name"] == "demo.echo"
+    assert tasks[str(failed.id)]["name"] == "demo.fail" and tasks[str(running.id)]["name"] == "demo.sleep"
     assert tasks[str(ok.id)]["args"] == repr(("demo.echo", str(ok.id)))
     assert "xxxx" not in str(tasks[str(ok.id)])
     assert "ended ERROR" in tasks[str(failed.id)]["exception"]
+    # CANCELLED and TIMEOUT are states of their own in Flower, not FAILURE.
     client.cancel_job(running)
     assert client.wait(running, timeout=15).status is JobStatus.CANCELLED
+    assert client.wait(late, timeout=20).status is JobStatus.TIMEOUT
     assert wait_until(
-        lambda: "ended CANCELLED" in str(_tasks(url, auth)[str(running.id)].get("exception")), 15
+        lambda: states().get(str(running.id)) == "CANCELLED" and states().get(str(late.id)) == "TIMEOUT", 15
+    ), states()
+    tasks = _tasks(url, auth)
+    assert "ended CANCELLED" in tasks[str(running.id)]["exception"]
+    assert (
+        "ended TIMEOUT" in tasks[str(late.id)]["exception"] and tasks[str(late.id)]["name"] == "demo.stubborn"
     )
+    cancelled = requests.get(f"{url}/api/tasks", params={"state": "CANCELLED"}, auth=auth, timeout=10).json()
+    assert str(running.id) in cancelled and str(late.id) not in cancelled
+    by_workflow = requests.get(f"{url}/api/tasks", params={"taskname": "demo.fail"}, auth=auth, timeout=10)
+    assert list(by_workflow.json()) == [str(failed.id)]
 
     # The audit runs as a Celery task too, so Flower lists its runs.
     from tasks.app import app
@@ -116,7 +130,12 @@ def test_flower_shows_jobs_with_their_states(
     assert wait_until(lambda: states().get(audit_id) == "SUCCESS", 30)
     assert _tasks(url, auth)[audit_id]["name"] == "ebb.audit_queues"
 
-    _check_tasks_page_in_chromium(url, auth, [str(ok.id), str(failed.id), str(running.id)])
+    _check_tasks_page_in_chromium(
+        url,
+        auth,
+        {str(ok.id): ("demo.echo", "SUCCESS"), str(failed.id): ("demo.fail", "FAILURE")}
+        | {str(running.id): ("demo.sleep", "CANCELLED"), str(late.id): ("demo.stubborn", "TIMEOUT")},
+    )
 
 
 def _chromium() -> str:
@@ -125,7 +144,8 @@ def _chromium() -> str:
     return found
 
 
-def _check_tasks_page_in_chromium(url: str, auth: tuple[str, str], job_ids: list[str]) -> None:
+def _check_tasks_page_in_chromium(url: str, auth: tuple[str, str], jobs: dict[str, tuple[str, str]]) -> None:
+    """Flower's tasks page, rendered by headless Chromium: each job's row shows workflow and state."""
     page = url.replace("http://", f"http://{auth[0]}:{auth[1]}@") + "/tasks"
     flags = [
         "--headless",
@@ -159,8 +179,12 @@ def _check_tasks_page_in_chromium(url: str, auth: tuple[str, str], job_ids: list
             timeout=90,
         )
     assert "Tasks" in dom
-    missing = [job_id for job_id in job_ids if job_id not in dom]
+    missing = [job_id for job_id in jobs if job_id not in dom]
     assert not missing, f"job ids not on Flower's tasks page: {missing}"
+    rows = {row.split("</tr>")[0] for row in dom.split("<tr")[1:]}
+    for job_id, (workflow, state) in jobs.items():
+        row = next(r for r in rows if job_id in r)
+        assert workflow in row and state in row, f"row of {job_id} lacks {workflow}/{state}: {row[:400]}"
     assert (ARTIFACTS / "flower-tasks.png").stat().st_size > 10_000
 
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import pickle
 import secrets
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -15,13 +12,19 @@ from urllib.parse import quote
 import amqp.exceptions
 import pytest
 import requests
-from amqp import Message
 from kombu.connection import Connection
 
 from ebb import JobClient, JobStatus
 from ebb.config import Settings
-from ebb.contract import QueueKind, TaskRequest, job_queue, queue_name
-from tests.support import Management, broker_url_as, start_worker, stop_worker, wait_until
+from ebb.contract import QueueKind, queue_name
+from tests.support import (
+    Management,
+    broker_url_as,
+    publish_pickled_job,
+    start_worker,
+    stop_worker,
+    wait_until,
+)
 
 #: The permissions the README and docker-compose.yml give each role (configure, write, read).
 CALLER_PERMISSIONS = {
@@ -32,33 +35,12 @@ CALLER_PERMISSIONS = {
 WORKER_PERMISSIONS = {"configure": r"^(?!jobs\.).*", "write": ".*", "read": r"^(?!jobs\.).*"}
 
 
-class _Exploit:
-    """Unpickling this runs code: exactly what a worker must never do."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickled_task_is_rejected_not_executed(
     settings: Settings, worker: Path, management: Management, tmp_path: Path
 ) -> None:
     marker = tmp_path / "pwned"
     job_id = uuid.uuid4()
-    request = TaskRequest(job_id, "demo.echo", {}, frozenset({QueueKind.RESULT}))
-    body = pickle.dumps(([request.to_celery_arg(), _Exploit(str(marker))], {}, {}))
-    headers = {"lang": "py", "task": "ebb.run_job", "id": str(job_id), "root_id": str(job_id)}
-    with Connection(settings.broker_url) as connection:
-        channel = connection.channel()
-        job_queue(job_id, QueueKind.RESULT, timedelta(seconds=30)).queue_declare(channel=channel)
-        channel.basic_publish(
-            Message(body, content_type="application/x-python-serialize", application_headers=headers),
-            exchange="",
-            routing_key=settings.task_queue,
-        )
-        channel.close()
+    publish_pickled_job(settings, job_id, marker)
     assert wait_until(
         lambda: "ContentDisallowed" in worker.read_text() and str(job_id) in worker.read_text(), 15
     ) or (wait_until(lambda: "disallowed" in worker.read_text().lower(), 5))

@@ -33,7 +33,12 @@ class TaskMessages:
         self.hostname = anon_nodename()
 
     def task(self, request: contract.TaskRequest) -> tuple[amqp.Message, dict[str, Any]]:
-        """The task message (persistent, ``correlation_id`` = job id) and its sent-event fields."""
+        """The task message (persistent, ``correlation_id`` = job id) and its sent-event fields.
+
+        The workflow is the task's *shadow name*, Celery's own "name in logs and monitoring":
+        the worker still runs ``ebb.run_job``, but its log lines, its events and so Flower's
+        task list name the workflow.
+        """
         job_id = str(request.job_id)
         built = self._app.amqp.as_task_v2(
             job_id,
@@ -45,6 +50,7 @@ class TaskMessages:
             kwargsrepr="{}",
             origin=self.hostname,
             ignore_result=True,
+            shadow=request.workflow,
         )
         message = amqp.Message(
             json.dumps(built.body, separators=(",", ":")),
@@ -54,7 +60,7 @@ class TaskMessages:
             delivery_mode=2,
             **built.properties,
         )
-        return message, dict(built.sent_event or {})
+        return message, {**(built.sent_event or {}), "name": request.workflow}
 
     def sent_event(self, fields: dict[str, Any], queue: str) -> amqp.Message:
         """The ``task-sent`` event Celery's own ``send_task`` would publish (transient, like Celery's)."""

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from ebb.errors import InvalidParamsError
-from ebb.params import apply, coerce, describe
+from ebb.params import apply, coerce, describe, usable
 from examples.my_workflows import BuildParams
 from tasks.workflows import Registered
 
@@ -114,3 +114,9 @@ def test_without_a_schema_values_are_read_as_json_when_they_parse() -> None:
         "word": "abc",
         "list": [1, 2],
     }
+
+
+def test_a_broken_schema_never_blocks_a_submit() -> None:
+    dangling = {"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}}
+    assert apply("w", dangling, {"a": 1}) == {"a": 1}  # logged, left to the worker's model
+    assert not usable({"type": 5}) and usable(SCHEMA)

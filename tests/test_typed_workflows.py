@@ -7,10 +7,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from ebb import InvalidParamsError, JobClient, JobStatus
 from ebb.config import Settings
 from ebb.contract import JobStatus as Status
+from ebb.records import WORKERS_KEY_PREFIX
+from ebb.workers import advertisement
 from tests.conftest import AnyClient
 from tests.support import Management
 
@@ -62,3 +65,17 @@ def test_an_untyped_workflow_still_gets_a_plain_dict(any_client: AnyClient) -> N
     marker = str(uuid.uuid4())
     job = any_client.submit_job("demo.echo", {"anything": marker, "n": 2.5})
     assert any_client.wait(job, timeout=30).output == {"anything": marker, "n": 2.5}
+
+
+def test_a_broken_advert_is_listed_untyped_and_blocks_nothing(
+    settings: Settings, any_client: AnyClient
+) -> None:
+    store = redis.Redis.from_url(settings.redis_url)
+    key = f"{WORKERS_KEY_PREFIX}broken-{uuid.uuid4().hex[:6]}"
+    broken = [{"name": "broken.flow", "description": "", "params": ["x"], "schema": {"type": 5}}]
+    store.set(key, advertisement("broken@host", settings.task_queue, broken), ex=30)
+    try:
+        info = next(w for w in any_client.list_workflows() if w.name == "broken.flow")
+        assert info.schema is None and info.params == ("x",) and info.check({"x": 1}) == {"x": 1}
+    finally:
+        store.delete(key)

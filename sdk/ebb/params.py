@@ -9,15 +9,20 @@ The worker validates again with its pydantic model when the job starts; adverts 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final
 
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError, best_match
+from jsonschema.exceptions import SchemaError, ValidationError, best_match
+from referencing.exceptions import Unresolvable
 
 from ebb.errors import InvalidParamsError
+from ebb.logfmt import log_event
+
+logger = logging.getLogger("ebb.client")
 
 _FORMATS: Final = Draft202012Validator.FORMAT_CHECKER
 _NO_DEFAULT: Final = object()
@@ -48,13 +53,30 @@ def validator(schema: Mapping[str, Any]) -> Draft202012Validator:
     return _validator(json.dumps(schema, sort_keys=True))
 
 
+def usable(schema: Mapping[str, Any]) -> bool:
+    """Whether an advertised schema is a valid JSON Schema (a broken advert must not block submits)."""
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError:
+        return False
+    return True
+
+
 def apply(workflow: str, schema: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
-    """``params`` with the schema's defaults filled in; :class:`InvalidParamsError` if they do not fit."""
+    """``params`` with the schema's defaults filled in; :class:`InvalidParamsError` if they do not fit.
+
+    A schema that cannot be applied (a ``$ref`` to nothing) is logged and skipped: the worker's
+    own model still judges the params.
+    """
     filled = dict(params)
     for name, spec in _properties(schema).items():
         if name not in filled and "default" in spec:
             filled[name] = spec["default"]
-    error = best_match(validator(schema).iter_errors(filled))
+    try:
+        error = best_match(validator(schema).iter_errors(filled))
+    except (SchemaError, Unresolvable) as exc:
+        log_event(logger, logging.WARNING, "workflow_schema_unusable", workflow=workflow, error=exc)
+        return dict(params)
     if error is not None:
         raise _explain(workflow, schema, filled, error)
     return filled

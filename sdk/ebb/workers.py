@@ -18,7 +18,7 @@ import redis
 
 from ebb.errors import RegistryUnavailableError, UnknownWorkflowError
 from ebb.logfmt import log_event
-from ebb.params import ParamInfo, apply, describe
+from ebb.params import ParamInfo, apply, describe, usable
 from ebb.records import WORKERS_KEY_PREFIX
 
 logger = logging.getLogger("ebb.client")
@@ -70,6 +70,15 @@ def list_workflows(client: redis.Redis, queue: str) -> list[WorkflowInfo]:
                 continue
             seen = found.get(name)
             schema = item.get("schema")
+            if isinstance(schema, dict) and not usable(schema):
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "workflow_schema_invalid",
+                    workflow=name,
+                    worker=data.get("hostname"),
+                )
+                schema = None
             found[name] = WorkflowInfo(
                 name=name,
                 description=str(item.get("description", "")),

@@ -249,6 +249,36 @@ def _begin(request: TaskRequest, redelivered: bool) -> tuple[int, JobRecord | No
     return attempt, record
 
 
+def _refuse_malformed(request: object, problem: MalformedMessageError) -> None:
+    """Tell the caller why, on its result queue, when the request still names a job.
+
+    A caller of another language that gets the contract wrong then reads an ERROR result
+    saying what is wrong, instead of waiting for its queues to expire. The queue is never
+    created here: a mandatory publish to a queue that does not exist is simply returned.
+    """
+    raw_id = request.get("job_id") if isinstance(request, dict) else None
+    try:
+        job_id = contract.parse_job_id(raw_id)
+    except ValueError:
+        return
+    result = contract.JobResult(
+        job_id=job_id,
+        status=JobStatus.ERROR,
+        error=JobError("MalformedMessageError", f"the task request was refused: {problem}"),
+        at=contract.now(),
+    )
+    queue = contract.queue_name(job_id, QueueKind.RESULT)
+    delivered = ReplyPublisher.for_process(settings).publish(queue, result)
+    log_event(
+        logger,
+        logging.INFO,
+        "job_result_published" if delivered else "job_result_dropped",
+        job_id=job_id,
+        queue=queue,
+        status=result.status.value,
+    )
+
+
 class JobEnded(Exception):
     """How Celery hears that a job ended ERROR, TIMEOUT or CANCELLED (after its result was published)."""
 
@@ -262,6 +292,7 @@ def run_job(self: Task, request: dict[str, Any]) -> str:
         parsed = TaskRequest.from_celery_arg(request)
     except MalformedMessageError as exc:
         log_event(logger, logging.ERROR, "task_malformed", task_id=self.request.id, error=exc)
+        _refuse_malformed(request, exc)
         return "MALFORMED"
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     begun = _begin(parsed, redelivered)

@@ -17,6 +17,7 @@ from celery.signals import task_prerun
 from jsonschema import Draft202012Validator
 
 from ebb import contract
+from ebb.errors import MalformedMessageError
 from tasks.publisher import ReplyPublisher
 
 CONTRACT = Path(__file__).resolve().parent.parent / "docs" / "contract"
@@ -31,7 +32,10 @@ VALIDATORS = {
 
 def record(kind: str, document: Any) -> None:
     errors = sorted(VALIDATORS[kind].iter_errors(document), key=lambda e: list(e.absolute_path))
-    line = f"ok {kind}" if not errors else f"VIOLATION {kind}: {errors[0].message} in {document!r:.300}"
+    _write(f"ok {kind}" if not errors else f"VIOLATION {kind}: {errors[0].message} in {document!r:.300}")
+
+
+def _write(line: str) -> None:
     path = os.environ.get("EBB_TEST_CONTRACT_LOG")
     if path:
         with open(path, "a", encoding="utf-8") as log:
@@ -51,8 +55,22 @@ ReplyPublisher.publish = _checked_publish  # type: ignore[method-assign]
 
 
 def _check_request(sender: Any = None, args: Any = None, **_: Any) -> None:
-    if getattr(sender, "name", None) == contract.TASK_NAME and args:
-        record("task", args[0])
+    """A task request must fit the schema exactly when the worker's own code accepts it.
+
+    Tests send malformed requests on purpose; those must be refused by both, the schema and
+    the code (``ok task-refused``): any disagreement is a VIOLATION.
+    """
+    if getattr(sender, "name", None) != contract.TASK_NAME or not args:
+        return
+    try:
+        contract.TaskRequest.from_celery_arg(args[0])
+    except MalformedMessageError as refused:
+        if VALIDATORS["task"].is_valid(args[0]):
+            _write(f"VIOLATION task: the schema accepts what the code refuses ({refused}): {args[0]!r:.300}")
+        else:
+            _write("ok task-refused")
+        return
+    record("task", args[0])
 
 
 task_prerun.connect(_check_request, weak=False)

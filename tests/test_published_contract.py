@@ -11,12 +11,15 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
+from kombu.connection import Connection
 
 from ebb import JobClient, JobStatus, contract
+from ebb.celery_wire import TaskMessages
+from ebb.config import Settings
 from ebb.contract_schema import files
 from ebb.errors import MalformedMessageError
 from tests import contract_probe
-from tests.support import ROOT
+from tests.support import ROOT, wait_until
 
 CONTRACT = Path(ROOT) / "docs" / "contract"
 
@@ -110,3 +113,30 @@ def test_every_message_a_worker_publishes_is_checked_against_the_published_schem
     # asked for no updates, so it has no status queue to publish to)
     first = ["ok task", "ok status", "ok progress", "ok progress", "ok status", "ok result"]
     assert sorted(lines) == sorted([*first, "ok task", "ok result"])
+
+
+def test_a_task_request_that_breaks_the_contract_gets_an_error_result(
+    settings: Settings, worker: Path
+) -> None:
+    """What a caller of another language sees when it gets the contract wrong: a result saying why."""
+    job_id = uuid.uuid4()
+    request = contract.TaskRequest(job_id, "demo.echo", {}, frozenset({contract.QueueKind.RESULT}), 30.0)
+    message, _event = TaskMessages().task(request)
+    message.body = message.body.replace('"v":1', '"v":2')
+    result_queue = contract.job_queue(job_id, contract.QueueKind.RESULT, timedelta(seconds=30))
+    with Connection(settings.broker_url) as connection:
+        channel = connection.channel()
+        result_queue.queue_declare(channel=channel)
+        channel.basic_publish(message, exchange="", routing_key=settings.task_queue)
+        got: list[Any] = []
+
+        def arrived() -> bool:
+            got.append(channel.basic_get(result_queue.name, no_ack=True))
+            return got[-1] is not None
+
+        assert wait_until(arrived, 20)
+        channel.queue_delete(result_queue.name)
+    result = contract.decode(contract.QueueKind.RESULT, got[-1].body, got[-1].content_type)
+    assert isinstance(result, contract.JobResult) and result.status is JobStatus.ERROR and result.error
+    assert result.error.type == "MalformedMessageError"
+    assert "schema version 2" in result.error.message and "upgrade the older side" in result.error.message

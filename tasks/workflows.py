@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ValidationError
 
 from ebb.errors import InvalidParamsError, UnknownWorkflowError
+from ebb.params import expected
 
 
 class Progress(Protocol):
@@ -40,7 +41,7 @@ class Registered:
             # (no "3" for an integer), while dates and durations are read from their ISO text.
             return self.model.model_validate_json(json.dumps(raw), strict=True)
         except ValidationError as exc:
-            raise invalid_params(name, raw, exc) from None
+            raise invalid_params(name, self.model, exc) from None
 
 
 _registry: dict[str, Registered] = {}
@@ -65,16 +66,36 @@ def workflow(name: str, params: type[BaseModel] | Iterable[str] = ()) -> Callabl
     return register
 
 
-def invalid_params(name: str, raw: dict[str, Any], exc: ValidationError) -> InvalidParamsError:
+#: pydantic's error types, by the JSON Schema keyword they enforce.
+_KEYWORDS = {
+    "greater_than_equal": "minimum",
+    "greater_than": "exclusiveMinimum",
+    "less_than_equal": "maximum",
+    "less_than": "exclusiveMaximum",
+    "literal_error": "enum",
+    "enum": "enum",
+}
+
+
+def _keyword(error_type: str) -> str:
+    if error_type in _KEYWORDS:
+        return _KEYWORDS[error_type]
+    if error_type.startswith(("datetime_", "time_delta_", "date_", "time_")):
+        return "format"
+    return "type"
+
+
+def invalid_params(name: str, model: type[BaseModel], exc: ValidationError) -> InvalidParamsError:
     """The first of pydantic's complaints, worded as the caller's submit-time check words it."""
     first = exc.errors(include_url=False)[0]
     field = ".".join(str(part) for part in first["loc"]) or None
     if first["type"] == "missing":
         return InvalidParamsError(name, field, InvalidParamsError.MISSING, "a value (it has no default)")
     if first["type"] == "extra_forbidden" and field is not None:
-        known = sorted(_registry[name].names) if name in _registry else []
-        return InvalidParamsError.unknown(name, field, first["input"], known)
-    return InvalidParamsError(name, field, first["input"], first["msg"].lower())
+        return InvalidParamsError.unknown(name, field, first["input"], sorted(model.model_fields))
+    schema = model.model_json_schema()
+    wanted = expected(schema, field, _keyword(first["type"])) if field else None
+    return InvalidParamsError(name, field, first["input"], wanted or first["msg"].lower())
 
 
 def describe() -> list[dict[str, Any]]:

@@ -73,10 +73,11 @@ def test_a_bad_value_names_the_field_the_value_and_what_was_expected(
     assert caught.value.field == field and caught.value.value == params[field]
     assert isinstance(caught.value, ValueError)
     assert f"parameter {field!r} = {params[field]!r}" in str(caught.value)
-    # The worker's model refuses the same params, for the same field.
+    # The worker's model refuses the same params, for the same field, in the same words.
     with pytest.raises(InvalidParamsError) as at_start:
         WORKER.params("reports.build", {"title": "Q3", **params})
     assert at_start.value.field == field and at_start.value.value == params[field]
+    assert str(at_start.value) == str(caught.value)
 
 
 def test_missing_and_unknown_parameters() -> None:
@@ -89,6 +90,9 @@ def test_missing_and_unknown_parameters() -> None:
         with pytest.raises(InvalidParamsError) as at_start:
             WORKER.params("reports.build", params)
         assert at_start.value.field == ("title" if not params else "titel")
+        with pytest.raises(InvalidParamsError) as at_submit:
+            apply("reports.build", SCHEMA, params)
+        assert str(at_start.value) == str(at_submit.value)
 
 
 def test_command_line_strings_become_the_schemas_types() -> None:

@@ -263,9 +263,18 @@ def _explain(
 
 
 def _expected(error: ValidationError) -> str:
+    if error.validator in ("anyOf", "oneOf") and isinstance(error.validator_value, list):
+        return " or ".join(_type_text({}, option) for option in error.validator_value)
+    text = _keyword_text(str(error.validator), error.validator_value)
+    if text is not None:
+        return text
     schema = error.schema if isinstance(error.schema, dict) else {}
-    value: Any = error.validator_value
-    match error.validator:
+    return f"{error.message} (schema: {json.dumps(schema)[:120]})"
+
+
+def _keyword_text(keyword: str, value: Any) -> str | None:
+    """What a schema keyword wants, in the words both sides use."""
+    match keyword:
         case "type":
             return " or ".join(value) if isinstance(value, list) else str(value)
         case "minimum":
@@ -280,6 +289,21 @@ def _expected(error: ValidationError) -> str:
             return "one of " + ", ".join(json.dumps(v) for v in value)
         case "format":
             return f"a {value} string ({'ISO 8601, e.g. P1DT2H' if value == 'duration' else 'ISO 8601'})"
-        case "anyOf" | "oneOf":
-            return " or ".join(_type_text({}, option) for option in value)
-    return f"{error.message} (schema: {json.dumps(schema)[:120]})"
+    return None
+
+
+def expected(schema: Mapping[str, Any], field: str, keyword: str) -> str | None:
+    """What ``field``'s schema wants under ``keyword``, worded as the submit-time check words it.
+
+    For the worker, so that its own model's refusals read like the caller's (``None`` when the
+    schema has no such keyword for that field).
+    """
+    spec = _properties(schema).get(field)
+    if spec is None:
+        return None
+    for branch in _branches(schema, spec):
+        if keyword == "type" and branch.get("type") == "null":
+            continue
+        if keyword in branch:
+            return _keyword_text(keyword, branch[keyword])
+    return None

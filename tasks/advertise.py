@@ -42,9 +42,23 @@ def _advertise_forever(hostname: str, settings: Settings) -> None:
 
 def _on_ready(sender: Any = None, **_: Any) -> None:
     hostname = str(getattr(sender, "hostname", "unknown"))
+    settings = Settings.from_env()
+    consumed = {q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", None) or ()}
+    if consumed and settings.task_queue not in consumed:
+        # A worker of an app with Ebb installed but started with -Q elsewhere runs no jobs:
+        # advertising would send callers' jobs to a queue nobody here reads.
+        log_event(
+            logger,
+            logging.WARNING,
+            "workflows_not_advertised",
+            worker=hostname,
+            queue=settings.task_queue,
+            reason="this worker does not consume Ebb's task queue",
+        )
+        return
     _advertised.append(hostname)
     threading.Thread(
-        target=_advertise_forever, args=(hostname, Settings.from_env()), name="ebb-advertise", daemon=True
+        target=_advertise_forever, args=(hostname, settings), name="ebb-advertise", daemon=True
     ).start()
 
 

@@ -78,3 +78,23 @@ def test_a_pickled_job_is_refused_even_where_the_app_accepts_pickle(
     publish_pickled_job(settings, job_id, marker)
     assert wait_until(lambda: "event=task_refused" in log.read_text() and str(job_id) in log.read_text(), 15)
     assert not marker.exists(), "the worker unpickled a job message"
+
+
+def test_a_worker_that_does_not_read_ebbs_queue_advertises_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    queue = f"{settings.task_queue}.shop.{uuid.uuid4().hex[:6]}"
+    log = tmp_path / "shop-only.log"
+    proc = start_celery_worker(
+        "examples.shop_app", log, "-Q", "shop", env={"EBB_TASK_QUEUE": queue, "C_FORCE_ROOT": "1"}
+    )
+    try:
+        assert "event=workflows_not_advertised" in log.read_text() or wait_until(
+            lambda: "event=workflows_not_advertised" in log.read_text(), 10
+        )
+        with JobClient(settings=dataclasses.replace(settings, task_queue=queue)) as client:
+            assert client.list_workflows() == []
+    finally:
+        stop_worker(proc)
+        with JobClient(settings=settings) as cleanup:
+            cleanup._loop.call(lambda: cleanup._publish_channel.queue_delete("shop"))

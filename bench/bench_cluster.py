@@ -28,9 +28,8 @@ import amqp
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as ``python bench/bench_cluster.py``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.cpu import CpuMeter
+from ebb.contract import QUEUE_TYPES
 from tests.cluster import Cluster
-
-QUEUE_TYPES = ("classic", "quorum")
 
 
 def churn(cluster: Cluster, queue_type: str, jobs: int, warmup: int) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from ebb import JobQueuesExpiredError, JobResult, ProgressUpdate, StatusUpdate, UnavailableError
 from ebb.aio import AsyncJobClient
-from ebb.contract import encode_message
+from ebb.contract import encode_message, message_type
 
 
 @asynccontextmanager
@@ -58,8 +58,7 @@ async def submit(body: JobRequest, request: Request) -> dict[str, str]:
 
 def sse(event: StatusUpdate | ProgressUpdate | JobResult) -> str:
     """One Server-Sent Event: ``event: status|progress|result`` and the message as JSON."""
-    kind = type(event).__struct_config__.tag
-    return f"event: {kind}\ndata: {encode_message(event).decode()}\n\n"
+    return f"event: {message_type(event)}\ndata: {encode_message(event).decode()}\n\n"
 
 
 @app.get("/jobs/{job_id}/events")

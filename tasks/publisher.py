@@ -113,7 +113,7 @@ class ReplyPublisher:
                     "message_dropped",
                     job_id=job_id,
                     queue=queue,
-                    type=type(message).__name__,
+                    type=contract.message_type(message),
                     reason=reason,
                 )
                 return False

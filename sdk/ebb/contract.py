@@ -15,7 +15,7 @@ import time
 import uuid
 from datetime import timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 import msgspec
 from kombu.entity import Queue
@@ -95,7 +95,8 @@ def ttl_to_ms(ttl: timedelta) -> int:
 #: Job queue types (EBB_QUEUE_TYPE): "classic" (the default: cheapest, lives on its caller's
 #: node) or "quorum" (replicated on a cluster: survives the loss of a node, about 4.7x the
 #: broker CPU per job, bench/bench_cluster.py).
-QUEUE_TYPES = ("classic", "quorum")
+QueueType = Literal["classic", "quorum"]
+QUEUE_TYPES: Final = get_args(QueueType)
 
 
 def job_queue(job_id: uuid.UUID, kind: QueueKind, ttl: timedelta, queue_type: str = "classic") -> Queue:
@@ -257,7 +258,7 @@ class JobQueueArguments(Struct, frozen=True):
     expires_ms: Annotated[int, Meta(ge=1, description="The job's TTL in ms")] = msgspec.field(
         name="x-expires"
     )
-    queue_type: Literal["classic", "quorum"] = msgspec.field(default="classic", name="x-queue-type")
+    queue_type: QueueType = msgspec.field(default="classic", name="x-queue-type")
 
 
 Message = StatusUpdate | ProgressUpdate | JobResult
@@ -269,6 +270,11 @@ MESSAGE_TYPES: Final[dict[QueueKind, type[StatusUpdate] | type[ProgressUpdate] |
 #: One decoder for the tagged union: a message without its ``type`` tag is refused, as before.
 _DECODER: Final = msgspec.json.Decoder(Message)
 _ENCODER: Final = msgspec.json.Encoder()
+
+
+def message_type(message: Message) -> str:
+    """The message's ``type`` tag on the wire: ``status``, ``progress`` or ``result``."""
+    return str(type(message).__struct_config__.tag)
 
 
 def is_persistent(message: Message) -> bool:
@@ -309,8 +315,7 @@ def decode(kind: QueueKind, body: bytes | str, content_type: str | None) -> Mess
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MalformedMessageError(f"message body is not JSON: {exc}") from None
     if type(message) is not MESSAGE_TYPES[kind]:
-        tag = type(message).__struct_config__.tag
-        raise MalformedMessageError(f"expected a {kind.value} message, got type {tag!r}")
+        raise MalformedMessageError(f"expected a {kind.value} message, got type {message_type(message)!r}")
     return message
 
 

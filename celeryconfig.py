@@ -1,11 +1,16 @@
 """Celery settings for Ebb workers, beat and Flower, all derived from ``EBB_*`` variables."""
 
+from ebb import links
 from ebb.config import Settings
 from ebb.contract import task_queue
 
 _settings = Settings.from_env()
 
 broker_url = _settings.broker_url
+# amqps:// (or a failover list of them): certificates and host names verified, EBB_TLS_* for a
+# private CA and a client certificate; each broker checked against its own name (tasks.install).
+if any(links.uses_tls(url) for url in links.broker_urls(_settings)):
+    broker_use_ssl = links.amqp_ssl_options(_settings)
 # Job results travel on the per-job queues; Redis holds the job registry, not Celery results.
 result_backend = None
 task_ignore_result = True

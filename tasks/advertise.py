@@ -10,10 +10,10 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
+from ebb import links
 from ebb.config import Settings
 from ebb.logfmt import log_event
-from ebb.records import WORKERS_KEY_PREFIX
-from ebb.workers import ADVERTISE_EVERY, ADVERTISE_EXPIRY, advertisement
+from ebb.workers import ADVERTISE_EVERY, ADVERTISE_EXPIRY, advert_key, advertisement
 from tasks import workflows
 
 logger = logging.getLogger("ebb.worker")
@@ -21,17 +21,17 @@ _stop = threading.Event()
 _advertised: list[str] = []
 
 
-def _key(hostname: str) -> str:
-    return f"{WORKERS_KEY_PREFIX}{hostname}"
+def _key(hostname: str, settings: Settings) -> str:
+    return advert_key(settings.vhost, hostname)
 
 
 def _advertise_forever(hostname: str, settings: Settings) -> None:
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = links.redis_client(settings, timeout=2)
     while True:
         try:
             client.set(
-                _key(hostname),
-                advertisement(hostname, settings.task_queue, workflows.describe()),
+                _key(hostname, settings),
+                advertisement(hostname, settings.task_queue, workflows.describe(), settings.vhost),
                 ex=ADVERTISE_EXPIRY,
             )
         except redis.RedisError as exc:
@@ -66,10 +66,10 @@ def _on_shutdown(**_: Any) -> None:
     """Withdraw at once, so callers stop sending this worker's workflows nowhere."""
     _stop.set()
     settings = Settings.from_env()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = links.redis_client(settings, timeout=2)
     for hostname in _advertised:
         with contextlib.suppress(redis.RedisError):
-            client.delete(_key(hostname))
+            client.delete(_key(hostname, settings))
 
 
 worker_ready.connect(_on_ready, weak=False)

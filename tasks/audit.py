@@ -148,7 +148,7 @@ class Auditor:
     def __init__(self, settings: Settings, api: BrokerAPI | None = None, registry: Registry | None = None):
         self.settings = settings
         self.api = api or BrokerAPI(settings)
-        self.registry = registry or Registry(settings.redis_url, settings.registry_grace, timeout=5.0)
+        self.registry = registry or Registry(settings, timeout=5.0)
         self.redis: redis.Redis = self.registry.client
         self.confirm_after = CONFIRM_AFTER
         self.suspects_key = SUSPECTS_KEY.format(vhost=settings.vhost)

@@ -12,8 +12,10 @@ from urllib.parse import quote
 
 import requests
 
+from ebb import links
 from ebb.config import Settings
 from ebb.errors import UnavailableError
+from ebb.redact import redact
 from tasks.expiry_policy import Policy
 
 #: What the audit reads of each queue. Per-queue statistics (``consumers``, ``idle_since``) make
@@ -43,6 +45,9 @@ class BrokerAPI:
         self.settings = settings
         self._session = requests.Session()
         self._session.auth = (settings.management_user, settings.management_password)
+        # https:// URLs: the system's trust store or EBB_TLS_CA_FILE, a client certificate if set;
+        # given on every request, where requests' REQUESTS_CA_BUNDLE cannot override them.
+        self._tls = links.http_tls(settings)
         self._timeout = timeout
         self._vhost = quote(settings.vhost, safe="")
         #: EBB_MANAGEMENT_URL as a failover list (``;``-separated, as EBB_BROKER_URL): any live
@@ -60,10 +65,10 @@ class BrokerAPI:
         for url in list(self.urls):
             try:
                 response = self._session.request(
-                    method, f"{url}/api/{path}", params=params, timeout=self._timeout
+                    method, f"{url}/api/{path}", params=params, timeout=self._timeout, **self._tls
                 )
             except requests.RequestException as exc:
-                failures.append(f"{url}: {exc}")
+                failures.append(_failure(exc, url, "the RabbitMQ management API"))
                 continue
             if response.status_code >= 500 and url != self.urls[-1]:
                 failures.append(f"{url}: {response.status_code}")
@@ -139,15 +144,18 @@ class BrokerAPI:
         queues); a node that does not answer leaves its queues unknown, never zero."""
         counts: dict[str, int] = {}
         answered = []
+        failures: list[str] = []
         for url in self.prometheus_urls:
             try:
                 response = self._session.get(
                     f"{url}/metrics/detailed",
                     params={"family": "queue_consumer_count", "vhost": self.settings.vhost},
                     timeout=self._timeout,
+                    **self._tls,
                 )
                 response.raise_for_status()
-            except requests.RequestException:
+            except requests.RequestException as exc:
+                failures.append(_failure(exc, url, "rabbitmq_prometheus"))
                 continue
             answered.append(url)
             for match in PROMETHEUS_CONSUMERS.finditer(response.text):
@@ -156,7 +164,7 @@ class BrokerAPI:
         if not answered:
             raise ManagementError(
                 "the management statistics are off (deprecated in RabbitMQ 4) and rabbitmq_prometheus "
-                f"answers at none of EBB_PROMETHEUS_URL ({';'.join(self.prometheus_urls)}): enable it "
+                f"answers at none of EBB_PROMETHEUS_URL ({'; '.join(failures)}): enable it "
                 "with 'rabbitmq-plugins enable rabbitmq_prometheus' and list every node's URL"
             )
         return counts
@@ -186,3 +194,8 @@ class BrokerAPI:
         """Every node of the cluster and whether it runs (as the answering node sees it)."""
         data = self._get("nodes", {"columns": "name,running"})
         return [(str(n["name"]), bool(n.get("running"))) for n in data or [] if isinstance(n, dict)]
+
+
+def _failure(exc: requests.RequestException, url: str, what: str) -> str:
+    """One URL's failure, in words: TLS problems say TLS and why; never a password."""
+    return links.tls_problem(exc, url, what=what) or redact(f"{url}: {exc}")

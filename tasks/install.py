@@ -24,7 +24,7 @@ from celery.worker import strategy
 from kombu.entity import Queue
 from kombu.exceptions import ContentDisallowed
 
-from ebb import contract
+from ebb import contract, links
 from ebb.config import Settings
 from ebb.logfmt import log_event
 from tasks import advertise as _advertise  # noqa: F401  (tells callers what this worker runs)
@@ -70,6 +70,8 @@ def install(app: Celery, settings: Settings | None = None, *, audit: bool = True
     broker must be the one callers use, ``EBB_BROKER_URL``. Safe to call twice.
     """
     settings = settings or Settings.from_env()
+    # Over amqps, every broker of a failover list is checked against its own host name.
+    app.amqp.Connection = links.BrokerConnection
     app.task(
         name=contract.TASK_NAME,
         bind=True,

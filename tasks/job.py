@@ -29,7 +29,7 @@ from tasks.publisher import PublishRefused, ReplyPublisher, ResultUndeliverable
 logger = logging.getLogger("ebb.worker")
 settings = Settings.from_env()
 workflows.load_modules(("tasks.demo", *settings.workflow_modules))
-registry = Registry(settings.redis_url, settings.registry_grace)
+registry = Registry(settings)
 
 
 class JobReporter:

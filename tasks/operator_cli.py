@@ -17,7 +17,7 @@ from typing import Any
 import click
 import redis
 
-from ebb import Job, JobClient, JobResult, ProgressUpdate, Settings, StatusUpdate
+from ebb import Job, JobClient, JobResult, ProgressUpdate, Settings, StatusUpdate, links
 from ebb.cli.base import handles_errors
 from ebb.workers import list_workflows
 from tasks.audit import Auditor, AuditReport
@@ -28,11 +28,12 @@ SERVICE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 def _worker_running(settings: Settings) -> bool:
     """A live worker on our task queue advertises demo.sleep in Redis (see ebb.workers)."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = links.redis_client(settings, timeout=2)
     try:
-        return any(w.name == "demo.sleep" for w in list_workflows(client, settings.task_queue))
+        found = list_workflows(client, settings.task_queue, settings.vhost)
+        return any(w.name == "demo.sleep" for w in found)
     except redis.RedisError as exc:
-        raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+        raise links.registry_error(exc, settings, "cannot look for a running worker") from exc
 
 
 def _start_worker() -> subprocess.Popen[bytes]:

@@ -16,10 +16,9 @@ from typing import Any
 
 import amqp.exceptions
 import kombu.exceptions
-from kombu.connection import Connection
 from kombu.messaging import Producer
 
-from ebb import contract
+from ebb import contract, links
 from ebb.broker_replies import Unreachable, queue_unreachable
 from ebb.config import Settings
 from ebb.logfmt import log_event
@@ -46,8 +45,8 @@ class ReplyPublisher:
     _instance_lock = threading.Lock()
 
     def __init__(self, settings: Settings) -> None:
-        self._connection = Connection(
-            settings.broker_url,
+        self._connection = links.broker_connection(
+            settings,
             heartbeat=settings.heartbeat,
             transport_options={"confirm_publish": True},
         )

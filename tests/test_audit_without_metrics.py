@@ -23,10 +23,11 @@ from ebb import JobClient
 from ebb.config import Settings
 from ebb.contract import QueueKind, job_queue, queue_name
 from tasks.audit import Auditor
-from tests.cluster import Cluster
+from tests.cluster import Cluster, redis_url
 from tests.support import start_worker, stop_worker
 
-REDIS_URL = "redis://127.0.0.1:6379/4"
+#: Database 4 of the suite's Redis (EBB_REDIS_URL): the 3.10 and 4.3 suites each have their own.
+REDIS_URL = redis_url(4)
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,12 @@ from ebb.config import Settings
 from ebb.contract import QueueKind, queue_name
 from tasks.audit import NODE_DOWN, Auditor
 from tests.async_adapter import AsyncClientAsSync
-from tests.cluster import Cluster
+from tests.cluster import Cluster, redis_url
 from tests.support import start_worker, stop_worker, wait_until
 
-#: The cluster's own Redis database: its audit memory and registry never mix with the suite's.
-REDIS_URL = "redis://127.0.0.1:6379/3"
+#: The cluster's own database of the suite's Redis (EBB_REDIS_URL): its audit memory and registry
+#: never mix with the suite's, and the 4.3 suite's stay on its own server.
+REDIS_URL = redis_url(3)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,13 @@ from ebb.client import JobClient
 from ebb.config import Settings
 from ebb.contract import JobError, JobResult, JobStatus, ProgressUpdate, QueueKind, StatusUpdate
 from ebb.errors import (
+    BrokerCredentialsRefusedError,
     BrokerUnavailableError,
     CallbackError,
     ClientClosedError,
     ClientUsageError,
     ConfigurationError,
+    CredentialsRefusedError,
     EbbError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
@@ -18,6 +20,7 @@ from ebb.errors import (
     JobQueuesUnavailableError,
     MalformedMessageError,
     QueueUnavailableError,
+    RegistryCredentialsRefusedError,
     RegistryUnavailableError,
     UnavailableError,
     UnknownJobError,
@@ -29,11 +32,13 @@ from ebb.records import JobRecord
 from ebb.workers import WorkflowInfo
 
 __all__ = [
+    "BrokerCredentialsRefusedError",
     "BrokerUnavailableError",
     "CallbackError",
     "ClientClosedError",
     "ClientUsageError",
     "ConfigurationError",
+    "CredentialsRefusedError",
     "EbbError",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
@@ -51,6 +56,7 @@ __all__ = [
     "ProgressUpdate",
     "QueueKind",
     "QueueUnavailableError",
+    "RegistryCredentialsRefusedError",
     "RegistryUnavailableError",
     "Settings",
     "StatusUpdate",

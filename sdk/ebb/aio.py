@@ -26,14 +26,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, cast
-from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiormq
 import aiormq.exceptions
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from ebb import checks, contract, core
+from ebb import checks, contract, core, links
 from ebb.acks import AckBatch
 from ebb.broker_replies import queue_unreachable, task_queue_unreachable
 from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
@@ -54,6 +53,7 @@ from ebb.errors import (
 from ebb.job import Job
 from ebb.logfmt import log_event
 from ebb.records import NOT_SUBMITTED, SUBMITTED, JobRecord
+from ebb.redact import redact
 from ebb.registry import Registry
 from ebb.workers import WorkflowCatalog, WorkflowInfo
 
@@ -136,9 +136,11 @@ class AsyncJobClient:
         if broker_url is not None:
             base = dataclasses.replace(base, broker_url=broker_url)
         self.settings = base
-        self._registry = Registry(base.redis_url, base.registry_grace)
+        self._registry = Registry(base)
         self._writes = _WriteBatch(self._registry)
-        self._catalog = WorkflowCatalog(self._registry.client, base.task_queue, enabled=base.check_workflows)
+        self._catalog = WorkflowCatalog(
+            self._registry.client, base.task_queue, enabled=base.check_workflows, settings=base
+        )
         self._messages = TaskMessages()
         self._watches: dict[uuid.UUID, _Watch] = {}
         self._finished = core.FinishedJobs(base.keep_results, base.keep_results_bytes)
@@ -181,20 +183,12 @@ class AsyncJobClient:
         try:
             await self._connect()
         except AMQP_ERRORS as exc:
-            raise BrokerUnavailableError(
-                f"cannot reach RabbitMQ at {_safe_url(self.settings.broker_url)}: {exc!r}. Start the "
-                "broker or set EBB_BROKER_URL."
-            ) from exc
+            raise links.broker_connect_error(exc, self.settings) from exc
         self._spawn(self._supervise())
 
     def _urls(self) -> list[str]:
-        """EBB_BROKER_URL's brokers, in order (``;`` separates a failover list, as in kombu)."""
-        query = urlencode({"heartbeat": max(1, round(self.settings.heartbeat))})
-        return [
-            urlunsplit(urlsplit(url.strip())._replace(scheme="amqp", query=query))
-            for url in self.settings.broker_url.split(";")
-            if url.strip()
-        ]
+        """EBB_BROKER_URL's brokers, in order, as aiormq takes them (``amqps`` stays TLS)."""
+        return [links.aiormq_url(url, self.settings.heartbeat) for url in links.broker_urls(self.settings)]
 
     async def _connect(self) -> None:
         """The first broker of the failover list that answers (each tried within the bound)."""
@@ -205,12 +199,19 @@ class AsyncJobClient:
                 return
             except AMQP_ERRORS as exc:
                 if n == len(urls) - 1:
-                    raise
-                log_event(logger, logging.WARNING, "broker_failover", broker=_safe_url(url), error=repr(exc))
+                    raise links.broker_connect_error(exc, self.settings, url) from exc
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "broker_failover",
+                    broker=redact(url),
+                    error=redact(repr(exc)),
+                )
 
     async def _connect_to(self, url: str) -> None:
         async with asyncio.timeout(self.settings.broker_timeout):
-            connection = _Connection(url)
+            tls = links.tls_context(self.settings) if url.startswith("amqps:") else None
+            connection = _Connection(url, context=tls)
             await connection.connect()
             self._consume = cast(aiormq.Channel, await connection.channel(publisher_confirms=False))
             await self._consume.basic_qos(prefetch_count=0)
@@ -247,7 +248,9 @@ class AsyncJobClient:
                     if time.monotonic() > deadline:
                         self._failure = exc
                         await self._fail_all(
-                            ClientClosedError(f"the client lost its broker connection for good: {exc!r}")
+                            ClientClosedError(
+                                f"the client lost its broker connection for good: {redact(repr(exc))}"
+                            )
                         )
                         return
                     await asyncio.sleep(delay)
@@ -891,17 +894,10 @@ async def _broker_call(what: str, job_id: uuid.UUID | None = None) -> AsyncItera
 def _unavailable(exc: BaseException, what: str) -> BrokerUnavailableError:
     if isinstance(exc, BrokerUnavailableError):
         return exc
-    error = BrokerUnavailableError(f"{what}: {exc!r}; the client reconnects by itself")
+    error = BrokerUnavailableError(f"{what}: {redact(repr(exc))}; the client reconnects by itself")
     error.__cause__ = exc
     return error
 
 
 def _job_id(job: Job | uuid.UUID | str) -> uuid.UUID:
     return job.id if isinstance(job, Job) else contract.parse_job_id(job)
-
-
-def _safe_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
-    return url

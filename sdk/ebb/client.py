@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import amqp
 from amqp import spec
 from amqp.exceptions import NotFound
 from kombu.connection import Connection
 
-from ebb import checks, contract, core
+from ebb import checks, contract, core, links
 from ebb.broker_replies import queue_unreachable, task_queue_unreachable
 from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
 from ebb.config import Settings
@@ -92,8 +91,10 @@ class JobClient:
         if broker_url is not None:
             base = dataclasses.replace(base, broker_url=broker_url)
         self.settings = base
-        self._registry = Registry(base.redis_url, base.registry_grace)
-        self._catalog = WorkflowCatalog(self._registry.client, base.task_queue, enabled=base.check_workflows)
+        self._registry = Registry(base)
+        self._catalog = WorkflowCatalog(
+            self._registry.client, base.task_queue, enabled=base.check_workflows, settings=base
+        )
         self._messages = TaskMessages()
         self._watches: dict[uuid.UUID, _Watch] = {}
         self._finished = core.FinishedJobs(base.keep_results, base.keep_results_bytes)
@@ -124,23 +125,26 @@ class JobClient:
         )
         try:
             self._loop.start()
+        except EbbError:
+            raise
         except Exception as exc:
-            raise BrokerUnavailableError(
-                f"cannot reach RabbitMQ at {_safe_url(base.broker_url)}: {exc}. Start the broker or "
-                "set EBB_BROKER_URL."
-            ) from exc
+            raise links.broker_connect_error(exc, base) from exc
 
     # --- connection ----------------------------------------------------------------------
 
     def _open_connection(self) -> Connection:
         bound = self.settings.broker_timeout
-        connection = Connection(
-            self.settings.broker_url,
+        connection = links.broker_connection(
+            self.settings,
             heartbeat=self.settings.heartbeat,
             connect_timeout=min(10.0, bound),
             transport_options={"write_timeout": bound},
         )
-        connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+        try:
+            connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+        except Exception as exc:
+            tried = getattr(connection, "current_url", None)
+            raise links.broker_connect_error(exc, self.settings, tried) from exc
         return connection
 
     def _on_connected(self, connection: Connection, reconnected: bool) -> None:
@@ -751,12 +755,3 @@ def _cancelled_by_broker(consumer_tag: str) -> None:
 
 def _job_id(job: Job | uuid.UUID | str) -> uuid.UUID:
     return job.id if isinstance(job, Job) else contract.parse_job_id(job)
-
-
-def _safe_url(url: str) -> str:
-    """The broker URL without its password, for error messages."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url

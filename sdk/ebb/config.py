@@ -63,6 +63,20 @@ def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigurationError(f"{name}={raw!r} is not a boolean; use true or false")
 
 
+def _readable_file(environ: Mapping[str, str], name: str) -> str | None:
+    raw = (environ.get(name) or "").strip()
+    if raw == "":
+        return None
+    try:
+        with open(raw, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{name}={raw!r} cannot be read ({exc.strerror}); point it at a PEM file this process may read"
+        ) from None
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """Connection details and limits shared by callers, workers and operators."""
@@ -103,6 +117,11 @@ class Settings:
     audit_interval: float = 300.0
     audit_delete_unexpiring: bool = False
     task_events: bool = False
+    #: TLS (``amqps://``, ``https://``, ``rediss://`` links): a PEM bundle of the CA(s) to trust
+    #: instead of the system's store, and a client certificate and key for mutual TLS.
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     @property
     def vhost(self) -> str:
@@ -153,7 +172,15 @@ class Settings:
                 env, "EBB_AUDIT_DELETE_UNEXPIRING", default.audit_delete_unexpiring
             ),
             task_events=_flag(env, "EBB_TASK_EVENTS", default.task_events),
+            tls_ca_file=_readable_file(env, "EBB_TLS_CA_FILE"),
+            tls_cert_file=_readable_file(env, "EBB_TLS_CERT_FILE"),
+            tls_key_file=_readable_file(env, "EBB_TLS_KEY_FILE"),
         )
+        if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+            raise ConfigurationError(
+                "EBB_TLS_CERT_FILE and EBB_TLS_KEY_FILE go together (a client certificate and its key): "
+                "set both for mutual TLS, or neither"
+            )
         if settings.default_ttl > settings.max_ttl:
             raise ConfigurationError(
                 f"EBB_DEFAULT_TTL ({settings.default_ttl}) exceeds EBB_MAX_TTL ({settings.max_ttl}); "

@@ -154,6 +154,21 @@ class BrokerUnavailableError(UnavailableError):
         super().__init__(message)
 
 
+class CredentialsRefusedError(UnavailableError):
+    """A server refused Ebb's login: a wrong user or password, or a user without the vhost.
+
+    Retrying does not help: the message says which URL's credentials to check (never the password).
+    """
+
+
+class BrokerCredentialsRefusedError(BrokerUnavailableError, CredentialsRefusedError):
+    """RabbitMQ refused the user or password of EBB_BROKER_URL, or the user's access to its vhost."""
+
+
+class RegistryCredentialsRefusedError(RegistryUnavailableError, CredentialsRefusedError):
+    """Redis refused the credentials of EBB_REDIS_URL."""
+
+
 class UnknownWorkflowError(EbbError, ValueError):
     """No live worker (or, with ``queue=None``, not this worker) runs this workflow; nothing was sent."""
 

@@ -1,4 +1,7 @@
-"""One log line per event, ``event=... job_id=... queue=...``, so operators can grep and parse them."""
+"""One log line per event, ``event=... job_id=... queue=...``, so operators can grep and parse them.
+
+No field carries a password: URLs in values are masked (``ebb.redact``).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,14 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from ebb.redact import redact
+
 #: Values holding any of these (or empty) are quoted, so every line splits back into its fields.
 _NEEDS_QUOTES = re.compile(r'[ "=\n\\]').search
 
 
 def _quote(value: Any) -> str:
-    text = value if type(value) is str else str(value)
+    text = redact(value if type(value) is str else str(value))
     if text and _NEEDS_QUOTES(text) is None:
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'

@@ -14,7 +14,7 @@ from typing import Final
 
 #: One hash per job: ``ebb:job:<uuid>``.
 KEY_PREFIX: Final = "ebb:job:"
-#: One key per live worker: ``ebb:workers:<hostname>``, its advertisement (see ``ebb.workers``).
+#: One key per live worker: ``ebb:workers:<vhost>:<hostname>``, its advertisement (see ``ebb.workers``).
 WORKERS_KEY_PREFIX: Final = "ebb:workers:"
 
 #: Registry statuses: the caller writes SUBMITTED (or NOT_SUBMITTED when publishing failed), the

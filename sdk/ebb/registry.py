@@ -20,6 +20,8 @@ from typing import Any
 
 import redis
 
+from ebb import links
+from ebb.config import Settings
 from ebb.contract import QueueKind
 from ebb.errors import RegistryUnavailableError
 from ebb.job import Job
@@ -41,11 +43,10 @@ RETRY_AFTER = 5.0
 class Registry:
     """Writes never raise and never block for long; lookups raise when Redis is away."""
 
-    def __init__(self, url: str, grace: timedelta, *, timeout: float = 0.5) -> None:
-        self._redis = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
-        )
-        self._grace = grace
+    def __init__(self, settings: Settings, *, timeout: float = 0.5) -> None:
+        self._settings = settings
+        self._redis = links.redis_client(settings, timeout=timeout, decode_responses=True)
+        self._grace = settings.registry_grace
         self._quiet_until = 0.0
         self._hmget_many = self._redis.register_script(HMGET_MANY)
         self._lock = threading.Lock()
@@ -142,9 +143,7 @@ class Registry:
         try:
             data = self._redis.hgetall(job_key(job_id))
         except redis.RedisError as exc:
-            raise RegistryUnavailableError(
-                f"the job registry (Redis) cannot be reached: {exc}; check EBB_REDIS_URL"
-            ) from exc
+            raise links.registry_error(exc, self._settings, "the job registry cannot be read") from exc
         if not data:
             return None
         return JobRecord.from_hash(job_id, {str(k): str(v) for k, v in data.items()})
@@ -192,7 +191,7 @@ class Registry:
                     if any(value is not None for value in row):
                         found[job_id] = row
         except redis.RedisError as exc:
-            raise RegistryUnavailableError(f"the job registry (Redis) cannot be reached: {exc}") from exc
+            raise links.registry_error(exc, self._settings, "the job registry cannot be read") from exc
         return found
 
     def get_many(self, job_ids: Sequence[uuid.UUID], *, batch: int = 1000) -> dict[uuid.UUID, JobRecord]:
@@ -208,7 +207,7 @@ class Registry:
                     if data:
                         found[job_id] = JobRecord.from_hash(job_id, data)
         except redis.RedisError as exc:
-            raise RegistryUnavailableError(f"the job registry (Redis) cannot be reached: {exc}") from exc
+            raise links.registry_error(exc, self._settings, "the job registry cannot be read") from exc
         return found
 
 

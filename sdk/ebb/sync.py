@@ -34,6 +34,7 @@ from kombu.connection import Connection
 from ebb.acks import AckBatch
 from ebb.errors import BrokerUnavailableError, ClientClosedError, ClientUsageError, EbbError
 from ebb.logfmt import log_event
+from ebb.redact import redact
 
 T = TypeVar("T")
 logger = logging.getLogger("ebb.client")
@@ -59,7 +60,9 @@ def unavailable(exc: BaseException, what: str, job_id: Any = None) -> BrokerUnav
     """Translate a transport error into the one a caller sees (the original stays as the cause)."""
     if isinstance(exc, BrokerUnavailableError):
         return exc
-    error = BrokerUnavailableError(f"{what}: {exc!r}; the client reconnects by itself", job_id=job_id)
+    error = BrokerUnavailableError(
+        f"{what}: {redact(repr(exc))}; the client reconnects by itself", job_id=job_id
+    )
     error.__cause__ = exc
     return error
 
@@ -403,7 +406,8 @@ class BrokerLoop:
                         self.connection.collect()
                 if time.monotonic() > deadline:
                     raise BrokerUnavailableError(
-                        f"could not reconnect to the broker within {self._reconnect_timeout:.0f} s: {exc!r}"
+                        f"could not reconnect to the broker within {self._reconnect_timeout:.0f} s: "
+                        f"{redact(repr(exc))}"
                     ) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 3.0)

@@ -1,8 +1,9 @@
 """Which workflows the running workers can run, as they advertise it in Redis.
 
-Each worker keeps ``ebb:workers:<hostname>`` alive (30 s expiry, refreshed every 10 s) with the
-task queue it reads and its workflows, so a caller can list them and refuse at once a workflow
-nobody runs, before any queue is declared.
+Each worker keeps ``ebb:workers:<vhost>:<hostname>`` alive (30 s expiry, refreshed every 10 s)
+with the vhost and task queue it reads and its workflows, so a caller can list them and refuse at
+once a workflow nobody runs, before any queue is declared. Deployments in two vhosts of one broker
+may share a Redis, a task queue name and even worker host names: neither sees the other's adverts.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import redis
 
+from ebb import links
+from ebb.config import Settings
 from ebb.errors import RegistryUnavailableError, UnknownWorkflowError
 from ebb.logfmt import log_event
 from ebb.params import ParamInfo, apply, describe, usable
 from ebb.records import WORKERS_KEY_PREFIX
+from ebb.redact import redact
 
 logger = logging.getLogger("ebb.client")
 ADVERTISE_EVERY = 10.0
@@ -47,12 +52,20 @@ class WorkflowInfo:
         return dict(params) if self.schema is None else apply(self.name, self.schema, params)
 
 
-def advertisement(hostname: str, queue: str, workflows: list[dict[str, Any]]) -> str:
-    return json.dumps({"hostname": hostname, "queue": queue, "workflows": workflows, "at": time.time()})
+def advert_key(vhost: str, hostname: str) -> str:
+    """A worker's advert key: per vhost, so same-named workers of two vhosts never overwrite each other."""
+    return f"{WORKERS_KEY_PREFIX}{quote(vhost, safe='')}:{hostname}"
 
 
-def list_workflows(client: redis.Redis, queue: str) -> list[WorkflowInfo]:
-    """Workflows advertised by live workers reading ``queue``; raises ``redis.RedisError``."""
+def advertisement(hostname: str, queue: str, workflows: list[dict[str, Any]], vhost: str = "/") -> str:
+    return json.dumps(
+        {"hostname": hostname, "vhost": vhost, "queue": queue, "workflows": workflows, "at": time.time()}
+    )
+
+
+def list_workflows(client: redis.Redis, queue: str, vhost: str = "/") -> list[WorkflowInfo]:
+    """Workflows advertised by live workers reading ``queue`` in ``vhost`` (an advert without a
+    vhost is for ``/``); raises ``redis.RedisError``."""
     keys = list(client.scan_iter(match=f"{WORKERS_KEY_PREFIX}*", count=500))
     if not keys:
         return []
@@ -62,7 +75,7 @@ def list_workflows(client: redis.Redis, queue: str) -> list[WorkflowInfo]:
             data = json.loads(raw) if raw else None
         except ValueError:
             continue
-        if not isinstance(data, dict) or data.get("queue") != queue:
+        if not isinstance(data, dict) or data.get("queue") != queue or data.get("vhost", "/") != vhost:
             continue
         for item in data.get("workflows", []):
             name = str(item.get("name", ""))
@@ -97,8 +110,11 @@ class WorkflowCatalog:
     skipped with a warning and the worker judges the workflow.
     """
 
-    def __init__(self, client: redis.Redis, queue: str, *, enabled: bool = True) -> None:
+    def __init__(
+        self, client: redis.Redis, queue: str, *, enabled: bool = True, settings: Settings | None = None
+    ) -> None:
         self._client = client
+        self._settings = settings
         self._queue = queue
         self._enabled = enabled
         self._known: dict[str, WorkflowInfo] = {}
@@ -112,9 +128,13 @@ class WorkflowCatalog:
 
     def list(self) -> list[WorkflowInfo]:
         try:
-            found = list_workflows(self._client, self._queue)
+            found = list_workflows(self._client, self._queue, self._settings.vhost if self._settings else "/")
         except redis.RedisError as exc:
-            raise RegistryUnavailableError(f"cannot list workflows: Redis unreachable ({exc})") from exc
+            if self._settings is not None:
+                raise links.registry_error(exc, self._settings, "cannot list workflows") from exc
+            raise RegistryUnavailableError(
+                f"cannot list workflows: Redis unreachable ({redact(str(exc))})"
+            ) from exc
         self._known = {w.name: w for w in found}
         self._listed_at = time.monotonic()
         return found

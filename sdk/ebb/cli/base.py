@@ -29,6 +29,7 @@ from ebb.errors import (
     UnknownWorkflowError,
 )
 from ebb.params import coerce
+from ebb.redact import redact
 from ebb.workers import WorkflowInfo
 
 P = ParamSpec("P")
@@ -118,6 +119,7 @@ def main() -> None:
 
 
 def fail(code: int, message: str, *, as_json: bool = False) -> NoReturn:
+    message = redact(message)  # no password in anything the command prints
     if as_json:
         click.echo(json.dumps({"event": "error", "exit_code": code, "message": message}))
     click.echo(f"ebb: {message}", err=True)

@@ -10,7 +10,7 @@ from datetime import timedelta
 import click
 import redis
 
-from ebb import Job, JobClient, JobResult, Settings
+from ebb import Job, JobClient, JobResult, Settings, links
 from ebb.cli.base import (
     EXIT_DETACHED,
     EXIT_JOB_FAILED,
@@ -143,7 +143,7 @@ def status(job_id: str, as_json: bool) -> None:
     """What the job registry knows of JOB_ID (reads Redis only; never renews the queues' TTL)."""
     settings = Settings.from_env()
     parsed = parse_job_id(job_id)
-    record = Registry(settings.redis_url, settings.registry_grace).get(parsed)
+    record = Registry(settings).get(parsed)
     if record is None:
         raise UnknownJobError(parsed)
     if as_json:
@@ -174,12 +174,13 @@ def workflows(as_json: bool) -> None:
     """Workflows the live workers advertise."""
     settings = Settings.from_env()
     try:
-        found = list_workflows(
-            redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3),
-            settings.task_queue,
-        )
+        found = list_workflows(links.redis_client(settings, timeout=3), settings.task_queue, settings.vhost)
     except redis.RedisError as exc:
-        fail(EXIT_UNREACHABLE, f"cannot reach Redis at {settings.redis_url}: {exc}", as_json=as_json)
+        fail(
+            EXIT_UNREACHABLE,
+            str(links.registry_error(exc, settings, "cannot list workflows")),
+            as_json=as_json,
+        )
     if as_json:
         click.echo(json.dumps([w.__dict__ for w in found]))
         return

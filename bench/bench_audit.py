@@ -2,7 +2,8 @@
 
 The audit (``tasks.audit.Auditor.run``) lists every job queue through the management API and
 classifies each one, so its cost grows with the number of queues the broker holds. This bench
-fills a private RabbitMQ vhost with idle job queues (10,000 jobs x 3 kinds by default, declared
+fills a private vhost of the broker of EBB_BROKER_URL (EBB_MANAGEMENT_URL: the same node; the
+registry in EBB_REDIS_URL's Redis) with idle job queues (10,000 jobs x 3 kinds by default, declared
 exactly like the SDK does), registers the jobs in Redis, and measures three scenarios, each run
 ``--repeat`` times (3) in a fresh Python process so that its peak RSS is the audit's own:
 
@@ -14,7 +15,8 @@ Targets for 30,000 queues: the median wall time of ``run()`` per scenario < 4 s,
 RSS of every run < 100 MB. The median, because most of a run is RabbitMQ answering the listing,
 and an idle RabbitMQ with 30,000 queues spends about half of two cores on its own statistics in
 bursts every 5 s: a run that lands on one is slower; min and max are printed too. Each run is
-split into its steps (management API, registry lookups, reconcile). After the audits, the bench
+split into its steps (management API, registry lookups, reconcile), with the CPU the broker's
+beam.smp spent meanwhile (answering the listing, mostly). After the audits, the bench
 times the raw management API listing (one request, a paginated walk, and a stats-free listing) and
 checks that the audit touched no queue: the vhost refuses AMQP connections while the audits run
 (a probe proves it), and the queue set, consumers, messages and message stats must be unchanged
@@ -32,6 +34,8 @@ Run from anywhere::
 
     .venv/bin/python bench/bench_audit.py [--quick] [--queues N] [--registered F] [--repeat N]
                                           [--profile] [--json]
+    EBB_BROKER_URL=amqp://guest:guest@127.0.0.1:5675// EBB_MANAGEMENT_URL=http://127.0.0.1:15675 \
+        EBB_PROMETHEUS_URL=http://127.0.0.1:15695 .venv/bin/python bench/bench_audit.py   # another broker
 
 The table goes to stdout; with ``--json`` one JSON document goes to stdout and the table to
 stderr. Progress lines go to stderr. ``--profile`` adds diagnostic runs (cProfile, tracemalloc) of
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -61,12 +66,15 @@ from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import redis
 import requests
 from kombu.connection import Connection
 
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as ``python bench/bench_audit.py``
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.cpu import Target, cpu_seconds, first_url, target
 from ebb import contract
 from ebb.config import Settings
 from ebb.contract import QueueKind
@@ -103,11 +111,12 @@ TARGET_QUEUES = 30_000
 CLEANUP_WAIT_S = 600.0
 
 #: The audit process: a fresh interpreter, so its RSS is imports plus one audit and nothing else.
-#: It reads a JSON config from argv[1] and prints one JSON document.
+#: It reads a JSON config from stdin (it holds passwords: not in argv, which ``ps`` shows) and
+#: prints one JSON document.
 CHILD = r"""
-import json, logging, resource, sys, time
+import dataclasses, json, logging, resource, sys, time
 
-cfg = json.loads(sys.argv[1])
+cfg = json.loads(sys.stdin.read())
 
 
 def proc_kb(field):
@@ -126,9 +135,8 @@ from ebb.config import Settings
 from tasks.audit import Auditor
 
 import_s = time.perf_counter() - t0
-settings = Settings(
-    broker_url=cfg["broker_url"], redis_url=cfg["redis_url"], management_url=cfg["management_url"]
-)
+# The environment's settings (EBB_*: management, Prometheus, Redis, TLS), on the bench's vhost.
+settings = dataclasses.replace(Settings.from_env(), broker_url=cfg["broker_url"])
 auditor = Auditor(settings)
 if cfg["confirm_after"] is not None:
     auditor.confirm_after = cfg["confirm_after"]
@@ -224,9 +232,10 @@ class Management:
     """The bench's own management API client, for setup, timing and checks (not the audit's)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.base = f"{settings.management_url}/api"
+        self.base = f"{first_url(settings.management_url).rstrip('/')}/api"
         self.session = requests.Session()
         self.session.auth = (settings.management_user, settings.management_password)
+        self.user = settings.management_user
 
     def get(self, path: str, params: dict[str, str] | None = None, timeout: float = 120) -> Any:
         response = self.session.get(f"{self.base}/{path}", params=params, timeout=timeout)
@@ -251,13 +260,20 @@ def queue_list(api: Management, vhost: str, columns: str) -> list[dict[str, Any]
 # --- setup -------------------------------------------------------------------------------------
 
 
-def create_vhost(api: Management, vhost: str, user: str) -> None:
+def create_vhost(api: Management, vhost: str, users: set[str]) -> None:
     """A vhost of its own: tests on ``/`` never see the bench's queues, and one DELETE drops them."""
     api.put(f"vhosts/{quote(vhost, safe='')}", {"description": "ebb bench_audit.py, deleted at exit"})
-    api.put(
-        f"permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
-        {"configure": ".*", "write": ".*", "read": ".*"},
-    )
+    for user in sorted(users):  # the AMQP user of EBB_BROKER_URL and the management user
+        api.put(
+            f"permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
+            {"configure": ".*", "write": ".*", "read": ".*"},
+        )
+
+
+def in_vhost(base: Settings, vhost: str) -> Settings:
+    """``base`` with the first broker URL of its list, on ``vhost``: the bench's private one."""
+    parts = urlsplit(first_url(base.broker_url))
+    return dataclasses.replace(base, broker_url=urlunsplit(parts._replace(path="/" + quote(vhost, safe=""))))
 
 
 def queue_specs(n: int) -> list[tuple[uuid.UUID, QueueKind]]:
@@ -582,6 +598,11 @@ class AuditRun:
     def baseline_mb(self) -> float:
         return mb(self.result["rss_before_kb"])
 
+    @property
+    def broker_cpu_s(self) -> float | None:
+        value = self.result.get("broker_cpu_s")
+        return None if value is None else float(value)
+
     def phase_s(self, name: str) -> float:
         """Seconds ``run()`` spent in one step: the management API, the registry, the reconcile."""
         return sum(float(p["s"]) for p in self.result.get("phases", []) if p["phase"] == name)
@@ -607,6 +628,7 @@ class AuditRun:
             "api_s": round(self.phase_s("job_queues"), 3),
             "registry_s": round(self.phase_s("read_fields"), 3),
             "reconcile_s": round(self.phase_s("_reconcile"), 3),
+            "broker_cpu_s": None if self.broker_cpu_s is None else round(self.broker_cpu_s, 3),
             "orphan_found_lines": self.orphan_lines,
             "expected": self.expected,
             "mismatches": self.mismatches,
@@ -640,14 +662,12 @@ def run_child(
     python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
     cfg = {
         "broker_url": settings.broker_url,
-        "redis_url": settings.redis_url,
-        "management_url": settings.management_url,
         "log": str(log),
         "confirm_after": confirm_after,
         "profile": profile,
     }
     proc = subprocess.run(
-        [python, "-c", CHILD, json.dumps(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=900
+        [python, "-c", CHILD], input=json.dumps(cfg), cwd=ROOT, capture_output=True, text=True, timeout=900
     )
     if proc.returncode != 0:
         raise RuntimeError(f"audit process exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -665,6 +685,7 @@ def audit_keys(settings: Settings) -> tuple[str, str, str]:
 
 def audit(
     settings: Settings,
+    measured: Target,
     logs: Path,
     label: str,
     confirm_after: float | None,
@@ -673,7 +694,11 @@ def audit(
 ) -> AuditRun:
     log = logs / f"audit-{label}.log"
     say(f"audit run '{label}' (confirm_after={confirm_after if confirm_after is not None else 'default'})")
+    beam = measured.rabbitmq()
+    cpu_before = cpu_seconds(beam)
     result = run_child(settings, log, confirm_after, None)
+    # What the broker spent while the audit process lived: answering the listing, mostly.
+    result["broker_cpu_s"] = cpu_seconds(beam) - cpu_before if beam else None
     lines = sum(1 for line in log.read_text().splitlines() if "event=orphan_found" in line)
     run = AuditRun(label, result, lines, expected, scenario)
     counts = dict(result["counts"], orphan_found_lines=lines)
@@ -740,7 +765,7 @@ def delete_vhost(api: Management, vhost: str) -> dict[str, Any]:
             time.sleep(5)
     if gone is not True:
         say(
-            f"VHOST {vhost} MAY BE LEFT OVER; delete it with: curl -u guest:guest -X DELETE "
+            f"VHOST {vhost} MAY BE LEFT OVER; delete it with: curl -u {api.user} -X DELETE "
             f"{api.base}/vhosts/{quote(vhost, safe='')}"
         )
     return {
@@ -778,11 +803,16 @@ def cleanup(api: Management, client: redis.Redis, vhost: str, job_ids: list[uuid
 # --- report ------------------------------------------------------------------------------------
 
 
+def beam(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f}"
+
+
 def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], checks: dict[str, Any]) -> str:
     n = meta["queues"]
     lines = [
         f"Ebb audit benchmark: RabbitMQ {meta['rabbitmq']}, {meta['cores']} cores, vhost {meta['vhost']}, "
         f"load {meta['load_avg_1min']['before']:.2f} -> {meta['load_avg_1min']['after']:.2f}",
+        f"measured: {meta['broker_described']}",
         "",
         f"{'queues':<34}{n} ({meta['jobs']} jobs x up to 3 kinds, idle, x-expires "
         f"{QUEUE_TTL.total_seconds():.0f} s) + {CONTROL_QUEUES} control queues; "
@@ -812,7 +842,8 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
         ]
     lines += [
         "",
-        f"{'audit run':<13}{'run() s':>8}{'api':>7}{'redis':>7}{'recon':>7}{'rss before':>12}{'peak rss':>10}"
+        f"{'audit run':<13}{'run() s':>8}{'api':>7}{'redis':>7}{'recon':>7}{'beam':>7}{'rss before':>12}"
+        f"{'peak rss':>10}"
         f"{'increase':>10}{'< 4 s':>7}{'< 100 MB':>10}  counts",
     ]
     for run in runs:
@@ -820,7 +851,8 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
         counts = ", ".join(f"{k}={v}" for k, v in c.items() if v) + f", orphan_found lines={run.orphan_lines}"
         lines.append(
             f"{run.label:<13}{run.wall_s:>8.2f}{run.phase_s('job_queues'):>7.2f}{run.phase_s('read_fields'):>7.2f}"
-            f"{run.phase_s('_reconcile'):>7.2f}{run.baseline_mb:>9.1f} MB{run.peak_mb:>7.1f} MB"
+            f"{run.phase_s('_reconcile'):>7.2f}{beam(run.broker_cpu_s):>7}"
+            f"{run.baseline_mb:>9.1f} MB{run.peak_mb:>7.1f} MB"
             f"{run.peak_mb - run.baseline_mb:>7.1f} MB{'PASS' if run.time_ok else 'FAIL':>7}"
             f"{'PASS' if run.rss_ok else 'FAIL':>10}  {counts}"
         )
@@ -837,7 +869,8 @@ def table(meta: dict[str, Any], api_t: ApiTiming | None, runs: list[AuditRun], c
         lines.append(
             f"(api = BrokerAPI.job_queues (request + JSON, in a thread), redis = Registry.read_fields "
             f"(mostly while the request runs), recon = "
-            f"_reconcile (Redis memory, orphan log lines); peak rss = VmHWM of the audit process; rss "
+            f"_reconcile (Redis memory, orphan log lines); beam = CPU s of the broker's beam.smp while "
+            f"the audit process ran; peak rss = VmHWM of the audit process; rss "
             f"before = VmRSS just before run(), i.e. the imports ({runs[0].result['import_s']:.2f} s))"
         )
         lines.append(
@@ -927,12 +960,6 @@ def broker_churn(api: Management) -> int | None:
     return None
 
 
-def rabbitmq_version(api: Management) -> str:
-    with contextlib.suppress(requests.RequestException, KeyError, ValueError):
-        return str(api.get("overview")["rabbitmq_version"])
-    return "?"
-
-
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -967,7 +994,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
 
     vhost = f"ebb-bench-audit-{uuid.uuid4().hex[:8]}"
-    settings = Settings(broker_url=f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
+    base = Settings.from_env()
+    measured = target(base)
+    say(f"measuring {measured.describe()}")
+    settings = in_vhost(base, vhost)
     api = Management(settings)
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=30)
     specs = queue_specs(n)
@@ -975,7 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
     registered = job_ids[: round(len(job_ids) * args.registered)]
     logs = Path(tempfile.mkdtemp(prefix="ebb-bench-audit-"))
     meta: dict[str, Any] = {
-        "rabbitmq": rabbitmq_version(api),
+        "rabbitmq": measured.version,
+        "broker": measured.to_dict(),
+        "broker_described": measured.describe(),
         "cores": os.cpu_count(),
         "vhost": vhost,
         "queues": n,
@@ -988,7 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
     api_t: ApiTiming | None = None
     try:
         say(f"creating vhost {vhost}")
-        create_vhost(api, vhost, settings.management_user)
+        amqp_user = unquote(urlsplit(settings.broker_url).username or "guest")
+        create_vhost(api, vhost, {amqp_user, settings.management_user})
         say(f"declaring {n} job queues")
         meta["create_s"] = declare_queues(settings, specs)
         declared_at = time.monotonic()
@@ -1026,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
                     elif label == "confirm-all":  # suspects stay; orphans are confirmed again
                         client.delete(audit_keys(settings)[1])
                     name = label if i == 0 else f"{label}#{i + 1}"
-                    runs.append(audit(settings, logs, name, confirm_after, expected, label))
+                    runs.append(audit(settings, measured, logs, name, confirm_after, expected, label))
             time.sleep(2 * STATS_INTERVAL_S + 1)  # a touch during the last run shows in the stats by then
             after = snapshot(api, vhost)
             problems, moved = compare(before, after, n + CONTROL_QUEUES)

@@ -1,6 +1,7 @@
 """What do Ebb's per-job reply queues cost? Ebb end to end against its two ingredients, in one run.
 
-Ebb is Celery plus self-cleaning reply queues, so this measures, against the local broker:
+Ebb is Celery plus self-cleaning reply queues, so this measures, against the broker of
+EBB_BROKER_URL (EBB_MANAGEMENT_URL must be the same node; EBB_REDIS_URL's Redis for results):
 raw three-queue churn (declare, publish, get, ack, delete on one kombu connection, persistent
 messages), the lean churn (declare x3, publish x3 transient, basic.consume, ack, cancel,
 delete x3, on one py-amqp connection), bare Celery (Redis results) and Ebb itself (result queue
@@ -20,6 +21,8 @@ worker, so that a drift of the machine or the broker over the run weighs on both
 Run from anywhere (workers start in the repository root, where ``tasks`` and ``bench`` live)::
 
     .venv/bin/python bench/bench_jobs.py [--quick] [--jobs N] [--seq N] [--json]
+    EBB_BROKER_URL=amqp://guest:guest@127.0.0.1:5675// EBB_MANAGEMENT_URL=http://127.0.0.1:15675 \
+        .venv/bin/python bench/bench_jobs.py          # another broker: its beam.smp is the one measured
 
 The table goes to stdout; with ``--json`` one JSON document goes to stdout and the table to
 stderr. Progress lines go to stderr. Workers run in their own sessions and are always stopped;
@@ -65,18 +68,23 @@ T = TypeVar("T")
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as ``python bench/bench_jobs.py``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.cpu import CpuMeter, by_command, by_session  # noqa: E402
+from bench.cpu import CpuMeter, Target, by_session, target  # noqa: E402
 
 #: The worker of the measurement under way (its session: it and its pool), for the CPU meter.
 CURRENT_WORKER: list[int | None] = [None]
-METER = CpuMeter(
-    {
-        "rabbitmq": by_command("beam.smp"),
+#: Its groups are set by ``main`` once it knows which broker and Redis it talks to (``meter_for``).
+METER = CpuMeter({})
+
+
+def meter_for(measured: Target) -> dict[str, Callable[[], list[int]]]:
+    """The CPU groups: the beam.smp and redis-server listening on the ports the bench uses."""
+    return {
+        "rabbitmq": measured.rabbitmq,
         "worker": by_session(lambda: CURRENT_WORKER[0]),
         "client": lambda: [os.getpid()],
-        "redis": by_command("redis-server"),
+        "redis": measured.redis,
     }
-)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 #: ``x-expires`` of every job queue the bench declares: what a Ctrl-C strands goes away soon.
@@ -522,10 +530,10 @@ def cleanup(settings: Settings, track: Tracker) -> None:
     track.open_jobs.clear()
 
 
-def leftover_queues(settings: Settings, track: Tracker) -> tuple[int, int]:
+def leftover_queues(settings: Settings, measured: Target, track: Tracker) -> tuple[int, int]:
     """(queues this run created that still exist, other ``jobs.*`` queues, e.g. other people's tests)."""
     response = requests.get(
-        f"{settings.management_url}/api/queues/{quote(settings.vhost, safe='')}",
+        f"{measured.management_url}/api/queues/{quote(settings.vhost, safe='')}",
         params={"columns": "name"},
         auth=(settings.management_user, settings.management_password),
         timeout=10,
@@ -598,6 +606,7 @@ def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], 
     lines = [
         f"Ebb benchmark: RabbitMQ {meta['rabbitmq']}, {meta['cores']} cores, workers -c 2 prefork, "
         f"{meta['sequential']} sequential samples, {flight} in flight",
+        f"measured: {meta['broker_described']}",
         f"load average (1 min) before {load['before']:.2f}, after {load['after']:.2f} "
         "(other work on the machine skews every row)",
         "",
@@ -646,18 +655,6 @@ def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], 
     return "\n".join(lines)
 
 
-def rabbitmq_version(settings: Settings) -> str:
-    """For the report header: figures only compare across runs on the same broker version."""
-    with contextlib.suppress(requests.RequestException, KeyError, ValueError):
-        response = requests.get(
-            f"{settings.management_url}/api/overview",
-            auth=(settings.management_user, settings.management_password),
-            timeout=10,
-        )
-        return str(response.json()["rabbitmq_version"])
-    return "?"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run every measurement in order, one worker at a time, so they never compete for the cores."""
     parser = argparse.ArgumentParser(
@@ -676,6 +673,10 @@ def main(argv: list[str] | None = None) -> int:
     if str(ROOT) not in sys.path:  # run as ``python bench/bench_jobs.py``: find ``bench`` too
         sys.path.insert(0, str(ROOT))
     base = Settings.from_env()
+    # Figures only compare across runs on the same broker: say which one, and read its CPU only.
+    measured = target(base)
+    METER.groups = meter_for(measured)
+    say(f"measuring {measured.describe()}")
     run = uuid.uuid4().hex[:8]
     track = Tracker()
     logs = Path(tempfile.mkdtemp(prefix="ebb-bench-"))
@@ -731,9 +732,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cleanup(base, track)
 
-    ours, others = leftover_queues(base, track)
+    ours, others = leftover_queues(base, measured, track)
     meta: dict[str, Any] = {
-        "rabbitmq": rabbitmq_version(base),
+        "rabbitmq": measured.version,
+        "broker": measured.to_dict(),
+        "broker_described": measured.describe(),
         "cores": os.cpu_count(),
         # Other processes (test workers, say) compete for the same cores: a high load means noise.
         "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},

@@ -1,10 +1,12 @@
 """What in-flight jobs cost one RabbitMQ node: memory per job, jobs per GB, idle CPU per job and second.
 
-An in-flight job here is one submitted and waiting: its reply queues exist (one, or all three),
+Against the broker of EBB_BROKER_URL (EBB_MANAGEMENT_URL must be the same node). An in-flight job
+here is one submitted and waiting: its reply queues exist (one, or all three),
 its client consumes them, and its task message waits in a task queue no worker reads (a queue of
 this run's own, declared here; the workflow check is off). Memory is RabbitMQ's own figure
-(``mem_used`` from the management API, after a settle), CPU is beam.smp's from /proc, less what
-the idle node spends without the jobs, measured in the same run::
+(``mem_used`` of that node from the management API, after a settle), CPU is that node's beam.smp's
+(the process listening on the AMQP port) from /proc, less what the idle node spends without the
+jobs, measured in the same run::
 
     .venv/bin/python bench/bench_scale.py [--jobs N] [--idle-seconds S] [--json]
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import uuid
@@ -27,7 +30,7 @@ import requests
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as ``python bench/bench_scale.py``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.cpu import by_command, cpu_seconds
+from bench.cpu import Target, cpu_seconds, target
 from ebb import Job, JobClient, Settings
 
 SETTLE = 8.0  # management statistics are refreshed every 5 s
@@ -37,9 +40,9 @@ def say(message: str) -> None:
     print(f"[scale] {message}", file=sys.stderr, flush=True)
 
 
-def api(settings: Settings, path: str) -> Any:
+def api(settings: Settings, measured: Target, path: str) -> Any:
     response = requests.get(
-        f"{settings.management_url}/api/{path}",
+        f"{measured.management_url}/api/{path}",
         auth=(settings.management_user, settings.management_password),
         timeout=30,
     )
@@ -47,22 +50,25 @@ def api(settings: Settings, path: str) -> Any:
     return response.json()
 
 
-def mem_used(settings: Settings) -> int:
+def mem_used(settings: Settings, measured: Target) -> int:
+    """The measured node's own figure (not the first node of a cluster's list)."""
     time.sleep(SETTLE)
-    return int(api(settings, "nodes")[0]["mem_used"])
+    return int(api(settings, measured, f"nodes/{quote(measured.node, safe='')}")["mem_used"])
 
 
-def idle_cpu_ms_per_s(seconds: float) -> float:
-    pids = by_command("beam.smp")()
+def idle_cpu_ms_per_s(measured: Target, seconds: float) -> float:
+    pids = measured.rabbitmq()
     start = cpu_seconds(pids)
     time.sleep(seconds)
     return (cpu_seconds(pids) - start) * 1000 / seconds
 
 
-def measure(settings: Settings, jobs: int, three: bool, idle_seconds: float) -> dict[str, float]:
+def measure(
+    settings: Settings, measured: Target, jobs: int, three: bool, idle_seconds: float
+) -> dict[str, float]:
     """Memory and idle CPU of ``jobs`` in-flight jobs, against the same node without them."""
-    base_mem = mem_used(settings)
-    base_cpu = idle_cpu_ms_per_s(idle_seconds)
+    base_mem = mem_used(settings, measured)
+    base_cpu = idle_cpu_ms_per_s(measured, idle_seconds)
     with JobClient(settings=settings) as client:
         submitted: list[Job] = []
         started = time.monotonic()
@@ -79,8 +85,8 @@ def measure(settings: Settings, jobs: int, three: bool, idle_seconds: float) -> 
             )
         kind = "three queues" if three else "result queue"
         say(f"{jobs} jobs submitted in {time.monotonic() - started:.1f} s ({kind})")
-        loaded_mem = mem_used(settings)
-        loaded_cpu = idle_cpu_ms_per_s(idle_seconds)
+        loaded_mem = mem_used(settings, measured)
+        loaded_cpu = idle_cpu_ms_per_s(measured, idle_seconds)
         for job in submitted:
             client.disconnect_from_submitted_job(job, delete_queues=True)
     per_job = (loaded_mem - base_mem) / jobs
@@ -104,23 +110,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="JSON on stdout")
     args = parser.parse_args(argv)
     base = Settings.from_env()
+    measured = target(base)
+    say(f"measuring {measured.describe()}")
+    # Other work on the machine (or on the same broker) skews the idle CPU: a high load means noise.
+    load = {"before": os.getloadavg()[0]}
     queue = f"bench.scale.{uuid.uuid4().hex[:8]}"
     settings = dataclasses.replace(base, task_queue=queue, check_workflows=False)
     with JobClient(settings=base) as admin:
         admin._loop.call(lambda: admin._publish_channel.queue_declare(queue, durable=True, auto_delete=False))
     try:
-        results = [measure(settings, args.jobs, three, args.idle_seconds) for three in (False, True)]
+        results = [
+            measure(settings, measured, args.jobs, three, args.idle_seconds) for three in (False, True)
+        ]
     finally:
         requests.delete(
-            f"{base.management_url}/api/queues/{quote(base.vhost, safe='')}/{quote(queue, safe='')}",
+            f"{measured.management_url}/api/queues/{quote(base.vhost, safe='')}/{quote(queue, safe='')}",
             auth=(base.management_user, base.management_password),
             timeout=30,
         )
-    rabbitmq = api(base, "overview").get("rabbitmq_version", "?")
+    load["after"] = os.getloadavg()[0]
     if args.json:
-        print(json.dumps({"rabbitmq": rabbitmq, "results": results}, indent=2))
+        document = {
+            "rabbitmq": measured.version,
+            "broker": measured.to_dict(),
+            "load_avg_1min": load,
+            "results": results,
+        }
+        print(json.dumps(document, indent=2))
         return 0
-    print(f"RabbitMQ {rabbitmq}: in-flight jobs (queues + consumers + the waiting task message)")
+    print(f"measured: {measured.describe()}")
+    print(f"load average (1 min) before {load['before']:.2f}, after {load['after']:.2f}")
+    print(f"RabbitMQ {measured.version}: in-flight jobs (queues + consumers + the waiting task message)")
     print(f"{'queues/job':>10}{'jobs':>8}{'bytes/job':>12}{'jobs per GB':>14}{'idle µs CPU/job/s':>20}")
     for r in results:
         print(

@@ -111,14 +111,36 @@ class BrokerAPI:
             f"queues/{self._vhost}",
             {"columns": ",".join(columns), "disable_stats": "true", "enable_queue_totals": "true"},
         )
-        if not isinstance(data, list):
-            raise ManagementError(f"unexpected answer listing queues: {str(data)[:200]}")
-        jobs = [q for q in data if isinstance(q, dict) and str(q.get("name", "")).startswith("jobs.")]
+        jobs = _job_entries(data)
+        jobs += self._left_out_down(jobs, columns)
         counts = self._consumer_counts()
         for queue in jobs:
             # Unknown (a node whose metrics did not answer): None, and the audit judges later.
             queue["consumers"] = counts.get(queue["name"], None if self.consumers_from == "prometheus" else 0)
         return jobs
+
+    def _left_out_down(self, listed: list[dict[str, Any]], columns: tuple[str, ...]) -> list[dict[str, Any]]:
+        """The job queues of down nodes that the listing with queue totals left out.
+
+        RabbitMQ 4 (Khepri) keeps a killed node's classic queues as live in its metadata, and
+        its listing with ``enable_queue_totals`` then has them nowhere: totals come from the
+        running nodes, and "down" there means stopped. The listing without totals still shows
+        them, as ``state: down``: asked only while a node is down, for those the first left out.
+        """
+        down = {name for name, running in self.nodes() if not running}
+        if not down:
+            return []
+        wanted = dict.fromkeys((*columns, "name", "node", "state"))
+        data = self._get(
+            f"queues/{self._vhost}",
+            {"columns": ",".join(c for c in wanted if c != "messages"), "disable_stats": "true"},
+        )
+        seen = {q["name"] for q in listed}
+        return [
+            q | {"state": "down"}
+            for q in _job_entries(data)
+            if q["name"] not in seen and q.get("node") in down
+        ]
 
     def _consumer_counts(self) -> dict[str, int]:
         """Consumers per job queue: from the management statistics, or when they are off (a
@@ -184,6 +206,18 @@ class BrokerAPI:
         data = self._get(f"queues/{self._vhost}/{quote(name, safe='')}")
         return data if isinstance(data, dict) else None
 
+    def down_home(self, name: str) -> str | None:
+        """The node holding queue ``name`` if that node is not running, else ``None``.
+
+        The node's own state says, not the queue's: RabbitMQ 4 reports a killed node's queue as
+        ``running`` here (and 3.x answers 404 for it: unknown, ``None``).
+        """
+        data = self._get(f"queues/{self._vhost}/{quote(name, safe='')}", {"columns": "node"})
+        node = str(data.get("node") or "") if isinstance(data, dict) else ""
+        if not node:
+            return None
+        return node if dict(self.nodes()).get(node) is False else None
+
     def delete_queue(self, name: str, *, if_unused: bool = True) -> bool:
         """Delete through the API; ``if-unused`` makes the broker refuse if a consumer appeared."""
         params = {"if-unused": "true"} if if_unused else None
@@ -194,6 +228,13 @@ class BrokerAPI:
         """Every node of the cluster and whether it runs (as the answering node sees it)."""
         data = self._get("nodes", {"columns": "name,running"})
         return [(str(n["name"]), bool(n.get("running"))) for n in data or [] if isinstance(n, dict)]
+
+
+def _job_entries(data: Any) -> list[dict[str, Any]]:
+    """The ``jobs.*`` queues of a queue listing."""
+    if not isinstance(data, list):
+        raise ManagementError(f"unexpected answer listing queues: {str(data)[:200]}")
+    return [q for q in data if isinstance(q, dict) and str(q.get("name", "")).startswith("jobs.")]
 
 
 def _failure(exc: requests.RequestException, url: str, what: str) -> str:

@@ -28,6 +28,7 @@ from ebb import contract, links
 from ebb.config import Settings
 from ebb.logfmt import log_event
 from tasks import advertise as _advertise  # noqa: F401  (tells callers what this worker runs)
+from tasks import pidbox
 from tasks import watching as _watching  # noqa: F401  (tells the pool whether events are watched)
 from tasks.audit_task import AUDIT_TASK_NAME, audit_queues
 from tasks.job import JobEnded, run_job
@@ -72,6 +73,9 @@ def install(app: Celery, settings: Settings | None = None, *, audit: bool = True
     settings = settings or Settings.from_env()
     # Over amqps, every broker of a failover list is checked against its own host name.
     app.amqp.Connection = links.BrokerConnection
+    # A worker failing over to another node re-declares its remote-control queue without
+    # meeting the lost node's lock on the old one (tasks/pidbox.py).
+    pidbox.install(app)
     app.task(
         name=contract.TASK_NAME,
         bind=True,

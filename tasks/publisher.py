@@ -3,6 +3,10 @@
 Messages go to the default exchange with ``mandatory`` set and publisher confirms on: when a
 job's queue has expired the broker returns the message before it confirms it, so a late
 message is dropped and logged instead of resurrecting the queue.
+
+When the queue's node is down, RabbitMQ 3 returns the message too (a passive declare then says
+which node), RabbitMQ 4 nacks it and names no node anywhere over AMQP: the management API does
+(``BrokerAPI.down_home``), asked once per result.
 """
 
 from __future__ import annotations
@@ -12,16 +16,20 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import amqp
 import amqp.exceptions
 import kombu.exceptions
 from kombu.messaging import Producer
 
 from ebb import contract, links
-from ebb.broker_replies import Unreachable, queue_unreachable
+from ebb.broker_replies import Present, Unreachable, probe_bound
 from ebb.config import Settings
 from ebb.logfmt import log_event
+from ebb.sync import QueueProbes
+from tasks.broker_api import BrokerAPI, ManagementError
 
 logger = logging.getLogger("ebb.worker")
 
@@ -55,6 +63,10 @@ class ReplyPublisher:
             self._connection, serializer="json", auto_declare=False, on_return=self._on_return
         )
         self._lock = threading.Lock()
+        self._settings = settings
+        self._probes = QueueProbes(self._open_channel, self._read_until)
+        self._probes_of: object = None  # the py-amqp connection the probe channels belong to
+        self._api: BrokerAPI | None = None
 
     @classmethod
     def for_process(cls, settings: Settings) -> ReplyPublisher:
@@ -89,6 +101,7 @@ class ReplyPublisher:
         job_id = parsed[0] if parsed else None
         deadline = time.monotonic() + keep_trying_for
         delay = 0.5
+        nacked: str | None = None  # why a nack, looked up once
         while True:
             outcome = self._publish_once(queue, body, persistent)
             if outcome == "confirmed":
@@ -102,9 +115,15 @@ class ReplyPublisher:
                     reason = "queue no longer exists (TTL expired or deleted); not re-created"
                     keep_trying_for = 0
                 else:
-                    reason = (
-                        f"its queue is on RabbitMQ node {state.node or '?'}, which is down or unreachable"
+                    node = state.node or self._down_home(queue)
+                    reason = f"its queue is on RabbitMQ node {node or '?'}, which is down or unreachable"
+            elif keep_trying_for > 0:  # nacked: RabbitMQ 4's answer when the queue's node is down
+                if nacked is None:
+                    node = self._down_home(queue)
+                    nacked = (
+                        f"{reason}: its queue is on RabbitMQ node {node}, which is down" if node else reason
                     )
+                reason = nacked
             if keep_trying_for <= 0:  # progress and status, or a queue that is gone: no wait
                 log_event(
                     logger,
@@ -164,15 +183,42 @@ class ReplyPublisher:
         """Why a message came back: ``None`` if the queue is gone, else where it is out of reach.
 
         A passive declare (never an active one: a job queue is never re-created), on a channel
-        of its own since a 404 closes it. It would renew the lease of a queue that exists, but
-        a queue that exists and is reachable does not return messages.
+        of its own since a 404 closes it, and bounded as the clients bound theirs
+        (``QueueProbes``). It would renew the lease of a queue that exists, but a queue that
+        exists and is reachable does not return messages.
         """
         with self._lock:
-            channel = self._connection.channel()
-            try:
-                channel.queue_declare(queue=queue, passive=True)
-            except amqp.exceptions.NotFound as exc:
-                return queue_unreachable(str(exc.reply_text))
-            with contextlib.suppress(Exception):
-                channel.close()
-        return Unreachable(None)  # it exists: returned while its node was failing over
+            connection = self._connection.connection  # connects if need be
+            if connection is not self._probes_of:
+                self._probes.reset()
+                self._probes_of = connection
+            found = self._probes.probe([queue], probe_bound(self._settings.broker_timeout))[queue]
+        if isinstance(found, Present):
+            return Unreachable(None)  # it exists: returned while its node was failing over
+        return found
+
+    def _open_channel(self) -> amqp.Channel:
+        transport = self._connection.connection.transport
+        with transport.having_timeout(self._settings.broker_timeout):
+            return self._connection.channel()
+
+    def _read_until(self, done: Callable[[], bool], bound: float) -> bool:
+        deadline = time.monotonic() + bound
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                self._connection.connection.drain_events(timeout=min(0.25, remaining))
+        return True
+
+    def _down_home(self, queue: str) -> str | None:
+        """The node holding ``queue`` if it is down, from the management API; ``None`` if it
+        cannot tell (no API, or the queue's node runs)."""
+        try:
+            if self._api is None:
+                self._api = BrokerAPI(self._settings, timeout=5.0)
+            return self._api.down_home(queue)
+        except (ManagementError, ValueError) as exc:
+            log_event(logger, logging.INFO, "queue_node_unknown", queue=queue, error=exc)
+            return None

@@ -164,10 +164,13 @@ def seen_from(root: Path | None, path: Path) -> str:
 
 
 def plain_listeners(node: Node) -> str:
-    """The default listener lines: AMQP, management over HTTP, Prometheus (when enabled)."""
+    """The default listener lines: AMQP, management over HTTP, Prometheus (when enabled); all on
+    the loopback address only."""
     return (
-        f"listeners.tcp.default = {node.amqp_port}\n"
+        f"listeners.tcp.local = 127.0.0.1:{node.amqp_port}\n"
+        f"management.tcp.ip = 127.0.0.1\n"
         f"management.tcp.port = {node.management_port}\n"
+        f"prometheus.tcp.ip = 127.0.0.1\n"
         f"prometheus.tcp.port = {node.prometheus_port}\n"
     )
 

@@ -21,12 +21,14 @@ TTL = 20.0
 
 
 def spawn(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tests", "load_client.py"), *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """A load client; what it prints goes next to its log (``<log>.err``), for a failure's story."""
+    with open(f"{args[-1]}.err", "wb") as errors:
+        return subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "load_client.py"), *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        )
 
 
 def events(log: Path) -> list[tuple[str, ...]]:
@@ -50,8 +52,8 @@ def test_callers_killed_and_reconnected_at_random(
     rescuer = spawn("reconnect", str(logs[revived]), str(rescue_log))
     for i, proc in enumerate(callers):
         if i not in doomed:
-            assert proc.wait(180) == 0, f"caller {i} failed"
-    assert rescuer.wait(180) == 0
+            assert proc.wait(180) == 0, f"caller {i} failed: " + Path(f"{logs[i]}.err").read_text()[-3000:]
+    assert rescuer.wait(180) == 0, Path(f"{rescue_log}.err").read_text()[-3000:]
 
     all_jobs: set[str] = set()
     for i, log in enumerate(logs):

@@ -30,6 +30,7 @@ BOOKS = {
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.timeout(900)  # 10,000 jobs: several minutes while the other broker's suite runs too
 def test_rss_stays_flat_over_ten_thousand_jobs(settings: Settings, worker: Path, kind: str) -> None:
     out = subprocess.run(
         [

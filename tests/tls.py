@@ -207,10 +207,12 @@ def tls_listeners(node: Node) -> str:
         [
             "listeners.tcp = none",
             *([f"{plain_prometheus} = none"] if _prometheus_knows(node, plain_prometheus) else []),
-            f"listeners.ssl.default = {node.amqp_port}",
+            f"listeners.ssl.local = 127.0.0.1:{node.amqp_port}",
             *_tls_options("ssl_options", node),
+            "management.ssl.ip = 127.0.0.1",
             f"management.ssl.port = {node.management_port}",
             *_tls_options("management.ssl", node),
+            "prometheus.ssl.ip = 127.0.0.1",
             f"prometheus.ssl.port = {node.prometheus_port}",
             *_tls_options("prometheus.ssl", node),
         ]

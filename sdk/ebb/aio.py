@@ -34,7 +34,16 @@ from pamqp.commands import Basic
 
 from ebb import checks, contract, core, links
 from ebb.acks import AckBatch
-from ebb.broker_replies import queue_unreachable, task_queue_unreachable
+from ebb.broker_replies import (
+    PROBE_BATCH,
+    Present,
+    Probe,
+    Unreachable,
+    job_queues_present,
+    probe_bound,
+    queue_unreachable,
+    task_not_taken,
+)
 from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
 from ebb.config import Settings
 from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
@@ -155,7 +164,8 @@ class AsyncJobClient:
         self._consume: aiormq.Channel
         self._publish: aiormq.abc.AbstractChannel
         self._events: aiormq.abc.AbstractChannel
-        self._probe: aiormq.abc.AbstractChannel | None = None
+        #: Probe channels that answered, kept for the next probes (as ``QueueProbes`` keeps them).
+        self._probes: list[aiormq.abc.AbstractChannel] = []
         self._ready = asyncio.Event()
         # One burst of work (what the reader handed over before the loop idles) ends in one
         # flush: a multiple-ack, one pipelined registry write, then the waiters wake.
@@ -222,7 +232,7 @@ class AsyncJobClient:
             await self._events.exchange_declare(EVENT_EXCHANGE, exchange_type="topic", durable=True)
         self._acks.clear()
         self._connection = connection
-        self._probe = None
+        self._probes = []
         self._ready.set()
 
     async def _supervise(self) -> None:
@@ -275,11 +285,17 @@ class AsyncJobClient:
             await asyncio.wait({closing}, timeout=0.25)
 
     async def _resume(self) -> None:
-        for watch in list(self._watches.values()):
-            if watch.tracker.finished and watch.tracker.auto_disconnect:
-                continue
+        resuming = [
+            watch
+            for watch in list(self._watches.values())
+            if not (watch.tracker.finished and watch.tracker.auto_disconnect)
+        ]
+        # Every job's queues at once, as JobClient does (a lost node's queue on RabbitMQ 4 takes
+        # the probe's whole bound to go unanswered).
+        probes = await self._probe({contract.queue_name(w.job.id, k) for w in resuming for k in w.job.queues})
+        for watch in resuming:
             try:
-                present = await self._probe_queues(watch.job.id, set(watch.job.queues))
+                present = _job_queues(watch.job.id, set(watch.job.queues), probes)
             except JobQueuesUnavailableError as unreachable:  # down, not gone: wait() says so
                 log_event(
                     logger,
@@ -389,17 +405,13 @@ class AsyncJobClient:
                     properties=_properties(message),
                     mandatory=True,
                 )
-        except aiormq.exceptions.DeliveryError:
+        except aiormq.exceptions.DeliveryError as refused:
             await self._delete_queues(job.id, job.queues)
-            try:
-                await self._passive_declare(task_queue)
-                why = (
-                    f"task queue {task_queue!r} does not exist, so job {job.id} was not "
-                    "submitted: start a worker (celery -A tasks worker) or check EBB_TASK_QUEUE"
-                )
-            except QueueUnavailableError as exc:
-                why = task_queue_unreachable(task_queue, exc.node, job.id)
-            raise BrokerUnavailableError(why) from None
+            # As JobClient: returned (no such queue, or RabbitMQ 3 and its node down) or nacked
+            # (RabbitMQ 4 and its node down, or a refusal): a probe tells which.
+            outcome = "nacked" if isinstance(refused.frame, Basic.Nack) else "returned"
+            probe = (await self._probe({task_queue}))[task_queue]
+            raise BrokerUnavailableError(task_not_taken(task_queue, job.id, outcome, probe)) from None
         except AMQP_ERRORS as exc:
             raise BrokerUnavailableError(
                 f"RabbitMQ did not confirm the task of job {job.id} ({exc!r}, bound {bound:g} s); it may "
@@ -618,43 +630,77 @@ class AsyncJobClient:
         return self._connection.loop
 
     async def _task_queue_consumers(self) -> int:
-        ok = await self._passive_declare(self.settings.task_queue)
-        return 0 if ok is None else int(ok.consumer_count or 0)
+        queue = self.settings.task_queue
+        found = (await self._probe({queue}))[queue]
+        if isinstance(found, Unreachable):
+            raise QueueUnavailableError(queue, found.node)
+        return found.consumers if isinstance(found, Present) else 0
 
-    async def _passive_declare(self, name: str) -> Any:
-        """The DeclareOk, or ``None`` if the queue does not exist (on a channel of its own)."""
-        assert self._connection is not None
+    async def _probe(self, names: set[str]) -> dict[str, Probe]:
+        """As ``JobClient._probe``: passive declares, all at once, each on a channel of its own;
+        one unanswered within ``probe_bound`` is out of reach if the broker opens a channel then."""
+        bound = probe_bound(self.settings.broker_timeout)
+        ordered = sorted(names)
+        found: dict[str, Probe] = {}
+        for start in range(0, len(ordered), PROBE_BATCH):
+            batch = ordered[start : start + PROBE_BATCH]
+            results = await asyncio.gather(
+                *(self._probe_one(n, bound) for n in batch), return_exceptions=True
+            )
+            answers: list[tuple[bool, Probe]] = []
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+                answers.append(result)
+            if not all(answered for answered, _ in answers):  # the broker answers this, or fails
+                self._keep_probe(await self._probe_channel())
+            found |= {name: probe for name, (_, probe) in zip(batch, answers, strict=True)}
+        return found
+
+    async def _probe_one(self, name: str, bound: float) -> tuple[bool, Probe]:
+        """One passive declare and whether it was answered within ``bound``: if not, the queue is
+        out of reach (once the broker opens a channel), and the declare runs out in the background
+        on its channel (``_abandoned``), which is never used again."""
+        channel = await self._probe_channel()
+        declare = asyncio.ensure_future(channel.queue_declare(name, passive=True))
         try:
-            async with (
-                _broker_call(f"a passive declare of {name}"),
-                asyncio.timeout(self.settings.broker_timeout),
-            ):
-                if self._probe is None or self._probe.is_closed:
-                    self._probe = await self._connection.channel(publisher_confirms=False)
-                return await self._probe.queue_declare(name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            self._probe = None
-            unreachable = queue_unreachable(str(exc))
-            if unreachable is not None:  # on a cluster: its node is down, the queue is not gone
-                raise QueueUnavailableError(name, unreachable.node) from exc
-            return None
+            await asyncio.wait({declare}, timeout=bound)
+        finally:  # not answered in time (or our caller was cancelled)
+            if not declare.done():
+                self._spawn(_abandoned(declare, channel))
+        if not declare.done():
+            return False, Unreachable(None)
+        try:
+            async with _broker_call(f"a passive declare of {name}"):
+                ok = declare.result()
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:  # a 404 closed the channel
+            return True, queue_unreachable(str(exc))
         except AMQP_ERRORS as exc:
             raise _unavailable(exc, f"a passive declare of {name}") from exc
+        self._keep_probe(channel)
+        return True, Present(int(ok.message_count or 0), int(ok.consumer_count or 0))
+
+    async def _probe_channel(self) -> aiormq.abc.AbstractChannel:
+        while self._probes:
+            channel = self._probes.pop()
+            if not channel.is_closed:
+                return channel
+        assert self._connection is not None
+        try:
+            async with _broker_call("opening a channel"), asyncio.timeout(self.settings.broker_timeout):
+                return await self._connection.channel(publisher_confirms=False)
+        except AMQP_ERRORS as exc:
+            raise _unavailable(exc, "opening a channel for a passive declare") from exc
+
+    def _keep_probe(self, channel: aiormq.abc.AbstractChannel) -> None:
+        if len(self._probes) < _IDLE_PROBES:
+            self._probes.append(channel)
+        else:
+            self._spawn(_close_quietly(channel, self.settings.broker_timeout))
 
     async def _probe_queues(self, job_id: uuid.UUID, kinds: set[QueueKind]) -> set[QueueKind]:
         """As ``JobClient._probe_queues``: ``JobQueuesUnavailableError`` for a node that is down."""
-        present: set[QueueKind] = set()
-        for kind in sorted(kinds):
-            name = contract.queue_name(job_id, kind)
-            try:
-                found = await self._passive_declare(name)
-            except QueueUnavailableError as exc:
-                raise JobQueuesUnavailableError(job_id, name, exc.node) from exc
-            if found is not None:
-                present.add(kind)
-            elif kind is QueueKind.RESULT:
-                return present
-        return present
+        return _job_queues(job_id, kinds, await self._probe({contract.queue_name(job_id, k) for k in kinds}))
 
     async def _delete_queues(self, job_id: uuid.UUID, kinds: frozenset[QueueKind]) -> None:
         names = [contract.queue_name(job_id, k) for k in sorted(kinds)]
@@ -858,6 +904,36 @@ class _Connection(aiormq.Connection):
     sends two heartbeats. aiormq then stops reading, and the connection closes."""
 
     HEARTBEAT_GRACE_MULTIPLIER = 1
+
+
+#: Probe channels kept open between probes (as ``QueueProbes.IDLE``).
+_IDLE_PROBES = 4
+
+
+def _job_queues(job_id: uuid.UUID, kinds: set[QueueKind], probes: dict[str, Probe]) -> set[QueueKind]:
+    return job_queues_present(job_id, {k: probes[contract.queue_name(job_id, k)] for k in kinds})
+
+
+async def _abandoned(declare: asyncio.Future[Any], channel: aiormq.abc.AbstractChannel) -> None:
+    """An unanswered probe runs out (RabbitMQ 4: a 404 after about a minute, which closes its
+    channel); a late answer closes the channel. Never cancelled for being late: aiormq would
+    close the channel then, and log RabbitMQ's late close as an error."""
+    declare.add_done_callback(_retrieve)
+    with contextlib.suppress(Exception):
+        await asyncio.shield(declare)  # close() cancels this task, not the declare: no close of
+        await _close_quietly(channel, 10.0)  # the channel then, the connection's ends it
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Take a finished future's outcome, so that asyncio never reports it as unretrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _close_quietly(channel: aiormq.abc.AbstractChannel, bound: float) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(bound):
+            await channel.close()
 
 
 def _properties(message: Any) -> Any:

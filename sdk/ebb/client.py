@@ -27,11 +27,10 @@ from typing import Any
 
 import amqp
 from amqp import spec
-from amqp.exceptions import NotFound
 from kombu.connection import Connection
 
 from ebb import checks, contract, core, links
-from ebb.broker_replies import queue_unreachable, task_queue_unreachable
+from ebb.broker_replies import Present, Probe, Unreachable, job_queues_present, probe_bound, task_not_taken
 from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
 from ebb.config import Settings
 from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
@@ -52,7 +51,7 @@ from ebb.job import Job
 from ebb.logfmt import log_event
 from ebb.records import NOT_SUBMITTED, SUBMITTED, JobRecord
 from ebb.registry import Registry
-from ebb.sync import Acks, BrokerLoop, Confirms
+from ebb.sync import Acks, BrokerLoop, Confirms, QueueProbes
 from ebb.workers import WorkflowCatalog, WorkflowInfo
 
 logger = logging.getLogger("ebb.client")
@@ -112,7 +111,6 @@ class JobClient:
         self._events_channel: amqp.Channel
         self._confirms: Confirms
         self._acks: Acks
-        self._probe_channel: amqp.Channel | None = None
         self._loop = BrokerLoop(
             self._open_connection,
             on_connected=self._on_connected,
@@ -123,6 +121,7 @@ class JobClient:
             broker_timeout=base.broker_timeout,
             reconnect_timeout=base.reconnect_timeout,
         )
+        self._probes = QueueProbes(self._open_probe_channel, self._loop.read_until)
         try:
             self._loop.start()
         except EbbError:
@@ -159,18 +158,23 @@ class JobClient:
             # their own: a refused one closes that channel, never the consumers' or the confirms'.
             self._events_channel = connection.channel()
             self._events_channel.exchange_declare(EVENT_EXCHANGE, "topic", durable=True, auto_delete=False)
-        self._probe_channel = None
+        self._probes.reset()
         if not reconnected:
             return
         self._inbox.clear()  # unacked deliveries of the old channel come again
         for job_id, kinds in list(self._cleanup_pending.items()):
             self._delete_queues(job_id, kinds)
+        resuming = []
         for watch in list(self._watches.values()):
             watch.consumers.clear()
-            if watch.tracker.finished and watch.tracker.auto_disconnect:
-                continue
+            if not (watch.tracker.finished and watch.tracker.auto_disconnect):
+                resuming.append(watch)
+        # Every job's queues at once: on RabbitMQ 4 each queue of a lost node takes the probe's
+        # whole bound to go unanswered, so one after the other would take that many times longer.
+        probes = self._probe({contract.queue_name(w.job.id, k) for w in resuming for k in w.job.queues})
+        for watch in resuming:
             try:
-                present = self._probe_queues(watch.job.id, set(watch.job.queues))
+                present = self._job_queues(watch.job.id, set(watch.job.queues), probes)
             except JobQueuesUnavailableError as unreachable:  # down, not gone: wait() says so
                 log_event(
                     logger,
@@ -470,8 +474,11 @@ class JobClient:
         """Workers reading the task queue, asked with a passive declare (the workers' queue, no TTL)."""
 
         def probe() -> int:
-            ok = self._passive_declare(self.settings.task_queue)
-            return 0 if ok is None else int(ok[2])
+            queue = self.settings.task_queue
+            found = self._probe({queue})[queue]
+            if isinstance(found, Unreachable):
+                raise QueueUnavailableError(queue, found.node)
+            return found.consumers if isinstance(found, Present) else 0
 
         return self._loop.call(probe, "asking for the task queue's consumers")
 
@@ -519,11 +526,10 @@ class JobClient:
             return
         if outcome in ("returned", "nacked"):
             self._delete_queues(job.id, job.queues)
-            why = (
-                self._why_task_returned(job.id)
-                if outcome == "returned"
-                else f"RabbitMQ refused (nacked) the task of job {job.id}; it was not submitted"
-            )
+            # Returned: no such queue, or (RabbitMQ 3) its node is down; nacked: RabbitMQ 4's
+            # answer for a queue whose node is down, or a refusal. A probe tells which.
+            queue = self.settings.task_queue
+            why = task_not_taken(queue, job.id, outcome, self._probe({queue})[queue])
             future.set_exception(BrokerUnavailableError(why))
             return
         future.set_exception(
@@ -535,64 +541,25 @@ class JobClient:
             )
         )
 
-    def _why_task_returned(self, job_id: uuid.UUID) -> str:
-        """The task came back unroutable: its queue does not exist, or its node is down."""
-        queue = self.settings.task_queue
-        try:
-            self._passive_declare(queue)
-        except QueueUnavailableError as exc:
-            return task_queue_unreachable(queue, exc.node, job_id)
-        return (
-            f"task queue {queue!r} does not exist, so job {job_id} was not submitted: start a "
-            "worker (celery -A tasks worker) or check EBB_TASK_QUEUE"
-        )
-
-    def _passive_declare(self, name: str) -> tuple[str, int, int] | None:
-        """``(name, messages, consumers)``, or ``None`` when the queue does not exist.
-
-        Asked on a channel of its own, since the 404 closes it (and would silently drop the
-        consumers of a shared one).
-        """
+    def _open_probe_channel(self) -> amqp.Channel:
         connection = self._loop.connection
         assert connection is not None
-        if self._probe_channel is None or not self._probe_channel.is_open:
-            with self._loop.bounded():
-                self._probe_channel = connection.channel()
-        channel = self._probe_channel
-        try:
-            reply = self._loop.rpc(
-                lambda: channel.send_method(
-                    spec.Queue.Declare, "BsbbbbbF", (0, name, True, False, False, False, False, {})
-                ),
-                channel,
-                spec.Queue.DeclareOk,
-                f"a passive declare of {name}",
-            )
-        except NotFound as exc:
-            self._probe_channel = None
-            unreachable = queue_unreachable(str(exc.reply_text))
-            if unreachable is not None:  # on a cluster: its node is down, the queue is not gone
-                raise QueueUnavailableError(name, unreachable.node) from exc
-            return None
-        return str(reply[0]), int(reply[1]), int(reply[2])
+        with self._loop.bounded():
+            return connection.channel()
+
+    def _probe(self, names: set[str]) -> dict[str, Probe]:
+        """Passive declares, all at once, each on a channel of its own (``QueueProbes``): a 404
+        closes its channel, and a queue that does not answer in time costs only its own."""
+        return self._probes.probe(sorted(names), probe_bound(self.settings.broker_timeout))
 
     def _probe_queues(self, job_id: uuid.UUID, kinds: set[QueueKind]) -> set[QueueKind]:
-        """Which of the job's queues exist (result first: without it the rest does not matter).
+        """Which of the job's queues exist (``job_queues_present``): ``JobQueuesUnavailableError``
+        when one is on a node that is down: not gone, out of reach."""
+        return self._job_queues(job_id, kinds, self._probe({contract.queue_name(job_id, k) for k in kinds}))
 
-        ``JobQueuesUnavailableError`` when one is on a node that is down: not gone, out of reach.
-        """
-        present: set[QueueKind] = set()
-        for kind in sorted(kinds):
-            name = contract.queue_name(job_id, kind)
-            try:
-                found = self._passive_declare(name)
-            except QueueUnavailableError as exc:
-                raise JobQueuesUnavailableError(job_id, name, exc.node) from exc
-            if found is not None:
-                present.add(kind)
-            elif kind is QueueKind.RESULT:
-                return present
-        return present
+    @staticmethod
+    def _job_queues(job_id: uuid.UUID, kinds: set[QueueKind], probes: dict[str, Probe]) -> set[QueueKind]:
+        return job_queues_present(job_id, {k: probes[contract.queue_name(job_id, k)] for k in kinds})
 
     def _delete_queues(self, job_id: uuid.UUID, kinds: frozenset[QueueKind]) -> None:
         self._cleanup_pending[job_id] = kinds  # done again after a reconnect if cut off here

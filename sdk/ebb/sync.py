@@ -5,10 +5,13 @@ recurses through py-amqp's frame reader. So deliveries only land in an inbox whi
 read, and all publishing, acking and user callbacks happen between reads, on this thread.
 
 Every wait is bounded. The loop never blocks on a confirm: publishes are settled as the
-broker's acks arrive (:class:`Confirms`). The few waits that remain (a passive declare, a
-delete, opening channels) are :meth:`BrokerLoop.rpc` calls that keep reading frames and checking
-heartbeats while they wait. A connection from which no frame (not even a heartbeat) arrived for
-two heartbeat intervals is declared dead, half-open or not, and replaced.
+broker's acks arrive (:class:`Confirms`). The few waits that remain (a delete, opening channels)
+are :meth:`BrokerLoop.rpc` calls that keep reading frames and checking heartbeats while they
+wait. A connection from which no frame (not even a heartbeat) arrived for two heartbeat
+intervals is declared dead, half-open or not, and replaced. Passive declares are
+:class:`QueueProbes`, all of a job (or of every job, after a reconnect) at once: one that goes
+unanswered (RabbitMQ 4 and a killed node's queue: ``ebb.broker_replies``) costs only its own
+channel (:func:`abandon`), never the connection.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from typing import Any, TypeVar
 import amqp
 import amqp.exceptions
 import kombu.exceptions
+from amqp import spec
 from kombu.connection import Connection
 
 from ebb.acks import AckBatch
+from ebb.broker_replies import PROBE_BATCH, Present, Probe, Unreachable, queue_unreachable
 from ebb.errors import BrokerUnavailableError, ClientClosedError, ClientUsageError, EbbError
 from ebb.logfmt import log_event
 from ebb.redact import redact
@@ -170,6 +175,143 @@ class Acks:
             self.channel.basic_ack(tag)
 
 
+#: What a probe's channel answered, before it is judged: DeclareOk's ``(messages, consumers)``,
+#: or a channel close's reply text.
+_Answer = tuple[int, int] | str
+
+
+def abandon(channel: amqp.Channel) -> None:
+    """Give up on a channel whose request the broker does not answer (it is never used again).
+
+    Nothing is sent now: RabbitMQ would read a close only once the request is done anyway. When
+    the late answer comes, a close (a 404) is acknowledged and a DeclareOk closes the channel,
+    neither raising (py-amqp raises a channel's close out of whatever read it, otherwise).
+    """
+
+    def on_close(*_: Any) -> None:
+        with contextlib.suppress(*AMQP_ERRORS):
+            channel.send_method(spec.Channel.CloseOk)
+        channel.collect()
+
+    def on_declare_ok(*_: Any) -> None:
+        close_later(channel)
+
+    channel._callbacks[spec.Channel.Close] = on_close
+    channel._callbacks[spec.Queue.DeclareOk] = on_declare_ok
+
+
+def close_later(channel: amqp.Channel) -> None:
+    """Close a channel without waiting: its CloseOk, when it comes, frees it (py-amqp)."""
+    if channel.connection is None or not channel.is_open or channel.is_closing:
+        return
+    channel._callbacks[spec.Channel.Close] = channel._on_close
+    channel.is_closing = True  # py-amqp then ignores all but the close handshake
+    with contextlib.suppress(*AMQP_ERRORS):
+        channel.send_method(spec.Channel.Close, "BsBB", (0, "", 0, 0))
+
+
+class QueueProbes:
+    """Passive declares of many queues at once, each on a channel of its own, within one bound.
+
+    A channel of its own per probe: a 404 closes its channel, and RabbitMQ 4 keeps a killed
+    node's queue from answering for about a minute. Probes not answered within ``bound`` are
+    abandoned (:func:`abandon`); if any was, the broker must still open a channel within
+    ``broker_timeout`` (else the connection is broken, as for any unanswered request), and the
+    unanswered queues are out of reach (``Unreachable(None)``). Channels that answered are kept
+    for the next probes. ``read_until(done, bound)`` reads frames until ``done()`` or ``bound``.
+    """
+
+    IDLE = 4  # channels kept open between probes
+
+    def __init__(
+        self,
+        open_channel: Callable[[], amqp.Channel],
+        read_until: Callable[[Callable[[], bool], float], bool],
+    ) -> None:
+        self._open = open_channel
+        self._read_until = read_until
+        self._idle: list[amqp.Channel] = []
+
+    def reset(self) -> None:
+        """A new connection: the channels of the old one are gone."""
+        self._idle.clear()
+
+    def probe(self, names: list[str], bound: float) -> dict[str, Probe]:
+        found: dict[str, Probe] = {}
+        for start in range(0, len(names), PROBE_BATCH):
+            found |= self._probe_batch(names[start : start + PROBE_BATCH], bound)
+        return found
+
+    def _channel(self) -> amqp.Channel:
+        while self._idle:
+            channel = self._idle.pop()
+            if channel.is_open and channel.connection is not None and not channel.is_closing:
+                return channel
+        return self._open()
+
+    def _probe_batch(self, names: list[str], bound: float) -> dict[str, Probe]:
+        answers: dict[str, _Answer] = {}
+        asked: dict[str, amqp.Channel] = {}
+        try:
+            for name in dict.fromkeys(names):
+                channel = self._channel()
+                asked[name] = channel
+                _listen(channel, name, answers)
+                channel.send_method(
+                    spec.Queue.Declare, "BsbbbbbF", (0, name, True, False, False, False, False, {})
+                )
+            self._read_until(lambda: len(answers) == len(asked), bound)
+        finally:
+            for name, channel in asked.items():
+                answer = answers.get(name)
+                if answer is None:
+                    abandon(channel)
+                    continue
+                _unlisten(channel)
+                if isinstance(answer, tuple) and len(self._idle) < self.IDLE:
+                    self._idle.append(channel)
+                elif isinstance(answer, tuple):
+                    close_later(channel)
+        unanswered = [name for name in asked if name not in answers]
+        if unanswered:  # the broker answers this, or the connection counts as broken
+            self._idle.append(self._open())
+        found: dict[str, Probe] = {}
+        for name in asked:
+            answer = answers.get(name)
+            if answer is None:
+                found[name] = Unreachable(None)
+            elif isinstance(answer, tuple):
+                found[name] = Present(*answer)
+            else:
+                found[name] = queue_unreachable(answer)
+        return found
+
+
+def _listen(channel: amqp.Channel, name: str, answers: dict[str, _Answer]) -> None:
+    """Record the channel's answer to a passive declare of ``name`` instead of raising it."""
+
+    def on_declare_ok(queue: str, messages: int, consumers: int) -> None:
+        answers[name] = (int(messages), int(consumers))
+
+    def on_close(reply_code: int, reply_text: str, class_id: int, method_id: int) -> None:
+        with contextlib.suppress(*AMQP_ERRORS):
+            channel.send_method(spec.Channel.CloseOk)
+        channel.collect()
+        if reply_code != 404:  # not an answer about the queue (403, say): the caller's error
+            raise amqp.exceptions.error_for_code(
+                reply_code, reply_text, (class_id, method_id), amqp.exceptions.ChannelError
+            )
+        answers[name] = str(reply_text)
+
+    channel._callbacks[spec.Queue.DeclareOk] = on_declare_ok
+    channel._callbacks[spec.Channel.Close] = on_close
+
+
+def _unlisten(channel: amqp.Channel) -> None:
+    channel._callbacks.pop(spec.Queue.DeclareOk, None)
+    channel._callbacks[spec.Channel.Close] = channel._on_close
+
+
 class BrokerLoop:
     """Runs commands and reads frames on a single thread until closed; reconnects when cut off.
 
@@ -298,6 +440,20 @@ class BrokerLoop:
                 return channel.wait(replies, timeout=min(self._tick, remaining), returns_tuple=True)
             except TimeoutError:
                 self._check_alive()
+
+    def read_until(self, done: Callable[[], bool], bound: float) -> bool:
+        """On the loop thread: read frames (deliveries land in the inbox, heartbeats are checked)
+        until ``done()`` or ``bound`` seconds passed; whether ``done()``."""
+        assert self.connection is not None
+        deadline = time.monotonic() + bound
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                self.connection.drain_events(timeout=min(self._tick, remaining))
+            self._check_alive()
+        return True
 
     @contextlib.contextmanager
     def bounded(self) -> Any:

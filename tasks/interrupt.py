@@ -4,7 +4,8 @@ A watcher thread in each worker process looks at the job it is running twice a s
 the job was cancelled or ran past its timeout it signals its own process (SIGUSR2); the handler
 raises :class:`JobInterrupted` in the workflow's thread, which also breaks out of ``time.sleep``
 and blocking I/O. The exception is raised only while the workflow itself runs, never while
-the task is publishing, so a half-sent message is impossible.
+the task is publishing, so a half-sent message is impossible: the workflow's progress reports
+publish inside :meth:`Interrupter.deferred`, where a signal only marks the interrupt as due.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ class _Running:
     job_id: uuid.UUID
     deadline: float | None
     timeout: float | None
+    thread: int = 0  # the workflow's thread, the one the signal handler interrupts
     reason: JobInterrupted | None = None
     armed: bool = False
+    deferring: int = 0  # > 0 while that thread publishes: the interrupt waits for the block's end
 
 
 class Interrupter:
@@ -73,7 +76,7 @@ class Interrupter:
     def running(self, job_id: uuid.UUID, timeout: float | None) -> Iterator[None]:
         """Inside this block the workflow may be interrupted; outside it, never."""
         deadline = time.monotonic() + timeout if timeout else None
-        state = _Running(job_id, deadline, timeout, armed=True)
+        state = _Running(job_id, deadline, timeout, threading.get_ident(), armed=True)
         with self._lock:
             self._running = state
         # No wake-up here: the job's start already read its cancellation flag (registry), so
@@ -88,9 +91,33 @@ class Interrupter:
                 state.armed = False
                 self._running = None
 
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Inside this block an interrupt waits, and is raised as the block ends.
+
+        For the workflow's progress reports: raised inside py-amqp's socket I/O, the exception
+        leaves the shared reply connection mid-frame (a frame header read and dropped, a confirm
+        never read), and the job's final status then waits on that connection forever, its
+        result never sent. Cancels seen just as a progress report goes out hit this: every one
+        in a fresh worker process, whose watcher polls in step with a workflow reporting each
+        whole second.
+        """
+        state = self._running
+        if state is None or state.thread != threading.get_ident():
+            yield  # not the workflow's thread: the signal never interrupts it anyway
+            return
+        state.deferring += 1
+        try:
+            yield
+        finally:
+            state.deferring -= 1
+            if not state.deferring and state.armed and state.reason is not None:
+                state.armed = False
+                raise state.reason
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         state = self._running
-        if state is not None and state.armed and state.reason is not None:
+        if state is not None and state.armed and state.reason is not None and not state.deferring:
             state.armed = False  # once is enough
             raise state.reason
 

@@ -236,17 +236,22 @@ def _begin(request: TaskRequest, redelivered: bool) -> tuple[int, JobRecord | No
     except redis.RedisError as exc:
         log_event(logger, logging.WARNING, "registry_unavailable", job_id=request.job_id, error=repr(exc))
         return (2 if redelivered else 1), None
-    if record is not None and record.finished_at is not None:
-        log_event(
-            logger,
-            logging.WARNING,
-            "job_rerun_skipped",
-            job_id=request.job_id,
-            status=record.status,
-            reason="redelivered after its result was published",
-        )
-        return None
-    return attempt, record
+    if record is None or (record.finished_at is None and (attempt == 1 or redelivered)):
+        return attempt, record
+    # Either its result is out already, or this is a copy its caller sent again because the
+    # first one's confirm never came (ebb.unsettled): not a redelivery, and the job has begun.
+    copy = not redelivered
+    if copy:
+        registry.forget_attempt(request.job_id)  # a copy is not a run
+    log_event(
+        logger,
+        logging.INFO if copy else logging.WARNING,
+        "job_copy_skipped" if copy else "job_rerun_skipped",
+        job_id=request.job_id,
+        status=record.status,
+        reason="a copy of a job that has begun" if copy else "redelivered after its result was published",
+    )
+    return None
 
 
 def _refuse_malformed(request: object, problem: MalformedMessageError) -> None:
@@ -334,10 +339,15 @@ def run_job(self: Task, request: dict[str, Any]) -> str:
     )
     reporter.status(JobStatus.RUNNING)
     interrupter = Interrupter.for_process(registry)
+
+    def progress(fraction: float, message: str = "") -> None:
+        with interrupter.deferred():  # never interrupted mid-publish (tasks/interrupt.py)
+            reporter.progress(fraction, message)
+
     with _LogCapture().attached() as captured:
         try:
             with interrupter.running(parsed.job_id, parsed.timeout):
-                output = entry.fn(params, reporter.progress)
+                output = entry.fn(params, progress)
             if isinstance(output, BaseModel):  # a typed workflow may return a model too
                 output = output.model_dump(mode="json")
             contract.encode({"output": output})  # refuse what cannot travel as JSON, as an ERROR

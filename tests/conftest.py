@@ -6,6 +6,7 @@ own, so a worker left running elsewhere on the machine cannot steal the tests' j
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import uuid
@@ -87,8 +88,10 @@ def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
         pytest.fail(str(exc))
     yield log
     stop_worker(proc)
-    with JobClient(settings=settings) as client:  # the session's task queue goes with it
-        client._loop.call(lambda: client._publish_channel.queue_delete(settings.task_queue))
+    with JobClient(settings=settings) as client:  # the session's task queues go with it
+        channel = client._publish_channel
+        for queue in (settings.task_queue, f"{settings.task_queue}.audit"):
+            client._loop.call(functools.partial(channel.queue_delete, queue))
 
 
 @pytest.fixture

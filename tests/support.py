@@ -11,8 +11,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -215,6 +216,27 @@ def start_celery_worker(
         proc.kill()
         raise RuntimeError(f"worker did not become ready: {log.read_text() if log.exists() else ''}")
     return proc
+
+
+@contextmanager
+def private_worker(
+    settings: Settings, log: Path, *extra_args: str, name: str = "private"
+) -> Iterator[Settings]:
+    """A worker started for one test on a task queue of its own; yields the callers' settings.
+
+    A test that restarts the broker, or needs a fresh pool process, then never shares a worker
+    with the rest of the suite. The queue goes with the worker.
+    """
+    queue = f"{settings.task_queue}.{name}.{uuid.uuid4().hex[:6]}"
+    proc = start_worker(log, *extra_args, env={"EBB_TASK_QUEUE": queue})
+    try:
+        yield replace(settings, task_queue=queue)
+    finally:
+        stop_worker(proc)
+        host, port = amqp_endpoint(settings)
+        with amqp.Connection(f"{host}:{port}", userid="guest", password="guest") as admin:
+            for name in (queue, f"{queue}.audit"):  # the audit's queue (tasks.install) too
+                admin.channel().queue_delete(name)
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:

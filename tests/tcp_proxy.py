@@ -1,4 +1,4 @@
-"""A TCP proxy in front of RabbitMQ that tests can freeze, mute or kill: ``tcp_proxy.py TARGET_PORT``.
+"""A TCP proxy that tests can freeze, mute or kill: ``tcp_proxy.py TARGET_PORT [HOST [PORT]]``.
 
 It prints the port it listens on (127.0.0.1), then forwards every connection to the target.
 SIGSTOP freezes it (the connection goes half-open: no FIN, no RST, ever), SIGUSR1 stops
@@ -71,11 +71,16 @@ def main() -> None:
     target_host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
     signal.signal(signal.SIGUSR1, lambda *_: muted.set())
     signal.signal(signal.SIGUSR2, lambda *_: mute_at_publish.set())
-    listener = socket.create_server(("127.0.0.1", 0))
+    listen_port = int(sys.argv[3]) if len(sys.argv) > 3 else 0  # a fixed port, to restart it on
+    listener = socket.create_server(("127.0.0.1", listen_port))
     print(listener.getsockname()[1], flush=True)
     while True:
         client, _ = listener.accept()
-        broker = socket.create_connection((target_host, target_port))
+        try:
+            broker = socket.create_connection((target_host, target_port))
+        except OSError:  # the target is down (restarting): this client is refused, the proxy stays
+            client.close()
+            continue
         threading.Thread(
             target=pump, args=(client, broker), kwargs={"from_broker": False}, daemon=True
         ).start()

@@ -116,7 +116,7 @@ def test_connection_reset_while_waiting_for_the_confirm_is_broker_unavailable(
         assert isinstance(error, BrokerUnavailableError), repr(error)
         # The task may have reached the broker: the error names the job, and nothing is lost.
         assert error.job_id is not None
-        assert "may still run" in str(error)
+        assert "do not submit it again" in str(error)
     finally:
         client.close()
     with make_client() as direct:

@@ -590,6 +590,19 @@ def test_after_a_lost_connection_consuming_resumes_and_seen_messages_are_not_del
     assert d.finish.result == d.sent["r'"]
 
 
+def test_a_result_whose_callback_ran_through_a_lost_connection_finishes_once() -> None:
+    d = Driver(hold=True)
+    d.send("s1", "r(s1)")
+    d.release()  # s1's callback returns; on_finished starts and is still running...
+    assert d.delivered == ["s1", "r"]
+    d.tracker.connection_lost()  # ...when the connection goes (the asyncio client's thread runs on)
+    d.release()
+    assert d.finish.result == d.sent["r"], "on_finished ran: wait() must end with its result"
+    d.run(d.tracker.consume(ALL))  # after the reconnect: finished, nothing consumed again
+    d.send("r(s1)")  # the broker redelivers the unacked result
+    assert d.delivered == ["s1", "r"]
+
+
 @pytest.mark.parametrize("present", [frozenset(), UPDATES, frozenset({QueueKind.STATUS})])
 def test_without_its_result_queue_the_job_ends_with_queues_expired(present: frozenset[QueueKind]) -> None:
     d = Driver(present=present)

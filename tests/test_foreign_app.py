@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,8 @@ def shop_worker(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, 
         stop_worker(proc)
         with JobClient(settings=settings) as cleanup:
             channel = cleanup._publish_channel
-            cleanup._loop.call(lambda: (channel.queue_delete(queue), channel.queue_delete("shop")))
+            for name in (queue, f"{queue}.audit", "shop"):
+                cleanup._loop.call(functools.partial(channel.queue_delete, name))
 
 
 def test_install_puts_ebb_on_the_app_next_to_its_own_settings() -> None:
@@ -37,7 +39,9 @@ def test_install_puts_ebb_on_the_app_next_to_its_own_settings() -> None:
     assert {"shop.add", "ebb.run_job", "ebb.audit_queues"} <= set(app.tasks)
     assert app.conf.accept_content == ["json", "pickle"]  # theirs, untouched
     assert set(app.conf.beat_schedule) == {"shop-nightly", "ebb-audit-queues"}
-    assert [q.name for q in app.conf.task_queues] == ["shop", Settings.from_env().task_queue]
+    ebb_queue = Settings.from_env().task_queue
+    assert [q.name for q in app.conf.task_queues] == ["shop", ebb_queue, f"{ebb_queue}.audit"]
+    assert app.conf.beat_schedule["ebb-audit-queues"]["options"]["queue"] == f"{ebb_queue}.audit"
     run_job = app.tasks["ebb.run_job"]
     assert run_job.acks_late and run_job.reject_on_worker_lost and run_job.serializer == "json"
 

@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import amqp
 import pytest
 import redis
 import requests
 
-from ebb import Job, JobClient, JobResult, JobStatus, RegistryUnavailableError
+from ebb import EbbError, Job, JobClient, JobResult, JobStatus, RegistryUnavailableError
 from ebb.config import Settings
 from ebb.contract import QueueKind
 from tests.conftest import AnyClient, reconnects
 from tests.support import (
     ClientProcess,
     Management,
+    amqp_endpoint,
+    private_worker,
     rabbitmqctl,
     redis_endpoint,
-    start_worker,
-    stop_worker,
     wait_until,
 )
 
@@ -48,13 +50,9 @@ def restart_rabbitmq(settings: Settings) -> None:
 
 
 @pytest.fixture
-def private_worker(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
-    queue = f"{settings.task_queue}.restart.{uuid.uuid4().hex[:6]}"
-    proc = start_worker(tmp_path / "worker.log", "-c", "1", env={"EBB_TASK_QUEUE": queue})
-    yield Settings(**{**settings.__dict__, "task_queue": queue})
-    stop_worker(proc)
-    with JobClient(settings=settings) as cleanup:
-        cleanup._loop.call(lambda: cleanup._publish_channel.queue_delete(queue))
+def restart_worker(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
+    with private_worker(settings, tmp_path / "worker.log", "-c", "1", name="restart") as private:
+        yield private
 
 
 def test_broker_restart_loses_nothing(
@@ -62,7 +60,7 @@ def test_broker_restart_loses_nothing(
     client_kind: str,
     make_client: Callable[..., AnyClient],
     worker: Path,
-    private_worker: Settings,
+    restart_worker: Settings,
     management: Management,
 ) -> None:
     # finished but unconsumed: its caller is gone; and one whose TTL must still run out afterwards.
@@ -83,7 +81,7 @@ def test_broker_restart_loses_nothing(
     def on_finished(job: Job, result: JobResult) -> None:
         finished.setdefault(job.id, []).append(result)
 
-    with make_client(settings=private_worker) as client:
+    with make_client(settings=restart_worker) as client:
         running = client.submit_job(
             "demo.sleep",
             {"seconds": 6, "steps": 6},
@@ -161,3 +159,47 @@ def test_redis_stopped_and_started_while_jobs_run(
     later = client.submit_job("demo.echo", {"n": 1})
     assert client.wait(later, timeout=30).succeeded
     assert client.job_status(later).result_delivered, "the registry did not recover"
+
+
+def test_no_confirmed_job_is_lost_across_a_broker_restart(
+    settings: Settings, client_kind: str, make_client: Callable[..., AnyClient]
+) -> None:
+    """Issue 20's probe: a submit every 50 ms through stop_app/start_app; every job whose
+    ``submit_job`` returned must be in the task queue afterwards (nobody reads it)."""
+    queue = f"{settings.task_queue}.confirmed.{uuid.uuid4().hex[:6]}"
+    private = Settings(**{**settings.__dict__, "task_queue": queue, "check_workflows": False})
+    host, port = amqp_endpoint(settings)
+    with amqp.Connection(f"{host}:{port}", userid="guest", password="guest") as admin:
+        admin.channel().queue_declare(queue, durable=True, auto_delete=False)
+    confirmed: list[str] = []
+    refused = 0
+    restarted = threading.Event()
+
+    def restart() -> None:
+        time.sleep(2)
+        restart_rabbitmq(settings)
+        restarted.set()
+
+    restarter = threading.Thread(target=restart)
+    with make_client(settings=private) as client:
+        restarter.start()
+        deadline = time.monotonic() + 60
+        after_restart = 0
+        while after_restart < 20 and time.monotonic() < deadline:
+            try:
+                job = client.submit_job("demo.echo", {"n": len(confirmed)}, auto_cleanup_after_ttl=20)
+                confirmed.append(str(job.id))
+                after_restart += restarted.is_set()
+            except EbbError:
+                refused += 1
+            time.sleep(0.05)
+        restarter.join(120)
+    assert refused > 0, "no submit ran into the restart: the test did not test it"
+    with amqp.Connection(f"{host}:{port}", userid="guest", password="guest") as admin:
+        channel = admin.channel()
+        queued = set()
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            queued.add(message.properties.get("correlation_id"))
+        channel.queue_delete(queue)
+    lost = [job for job in confirmed if job not in queued]
+    assert not lost, f"{len(lost)} of {len(confirmed)} confirmed jobs are not in the task queue: {lost[:5]}"

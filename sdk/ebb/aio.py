@@ -64,6 +64,7 @@ from ebb.logfmt import log_event
 from ebb.records import NOT_SUBMITTED, SUBMITTED, JobRecord
 from ebb.redact import redact
 from ebb.registry import Registry
+from ebb.unsettled import UnsettledTasks, unconfirmed_task
 from ebb.workers import WorkflowCatalog, WorkflowInfo
 
 logger = logging.getLogger("ebb.client")
@@ -160,6 +161,10 @@ class AsyncJobClient:
         # one at a time. A burst of submits still goes at one per round trip (~1 ms locally).
         self._submitting = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Queue deletes the connection cut off: done again after the reconnect.
+        self._cleanup_pending: dict[uuid.UUID, frozenset[QueueKind]] = {}
+        #: Tasks whose confirm never came, sent again after the next reconnect (ebb.unsettled).
+        self._unsettled: UnsettledTasks[tuple[bytes, Basic.Properties]] = UnsettledTasks()
         self._connection: aiormq.Connection | None = None
         self._consume: aiormq.Channel
         self._publish: aiormq.abc.AbstractChannel
@@ -253,6 +258,9 @@ class AsyncJobClient:
                 try:
                     await self._connect()
                     await self._resume()
+                    for job_id, kinds in list(self._cleanup_pending.items()):
+                        await self._delete_queues(job_id, kinds)
+                    await self._resend_unsettled()
                     break
                 except AMQP_ERRORS as exc:
                     if time.monotonic() > deadline:
@@ -378,52 +386,93 @@ class AsyncJobClient:
 
     async def _send(self, watch: _Watch, request: contract.TaskRequest) -> None:
         job = watch.job
-        try:
-            channel = await self._publish_channel()
-        except AMQP_ERRORS as exc:
-            raise _unavailable(exc, f"opening a channel for job {job.id}") from exc
-        bound = self.settings.broker_timeout
-        task_queue = self.settings.task_queue
-        try:
-            async with _broker_call(f"declaring the queues of job {job.id}"), asyncio.timeout(bound):
-                # nowait: the task's confirm below means these were done before it.
-                for kind in sorted(job.queues):
-                    await channel.queue_declare(
-                        contract.queue_name(job.id, kind),
-                        durable=True,
-                        arguments=contract.job_queue_arguments(job.ttl, self.settings.queue_type),
-                        nowait=True,
-                    )
-        except AMQP_ERRORS as exc:
-            raise _unavailable(exc, f"declaring the queues of job {job.id}") from exc
         message, sent_event = self._messages.task(request)
+        task = (
+            message.body.encode() if isinstance(message.body, str) else message.body,
+            _properties(message),
+        )
+        bound = self.settings.broker_timeout
         try:
-            async with _broker_call(f"publishing job {job.id}", job.id), asyncio.timeout(bound):
-                await channel.basic_publish(
-                    message.body.encode() if isinstance(message.body, str) else message.body,
-                    routing_key=task_queue,
-                    properties=_properties(message),
-                    mandatory=True,
-                )
+            await self._send_task(job, task)
         except aiormq.exceptions.DeliveryError as refused:
             await self._delete_queues(job.id, job.queues)
             # As JobClient: returned (no such queue, or RabbitMQ 3 and its node down) or nacked
             # (RabbitMQ 4 and its node down, or a refusal): a probe tells which.
+            task_queue = self.settings.task_queue
             outcome = "nacked" if isinstance(refused.frame, Basic.Nack) else "returned"
             probe = (await self._probe({task_queue}))[task_queue]
             raise BrokerUnavailableError(task_not_taken(task_queue, job.id, outcome, probe)) from None
-        except AMQP_ERRORS as exc:
+        except BrokerUnavailableError as lost:
+            if lost.job_id is None:  # its queues were not declared: the task was certainly not sent
+                raise
+            self._unsettled.add(job, task, time.time())
             raise BrokerUnavailableError(
-                f"RabbitMQ did not confirm the task of job {job.id} ({exc!r}, bound {bound:g} s); it may "
-                f"still run: look with ebb status {job.id} or connect_to_submitted_job before "
-                "submitting again",
-                job_id=job.id,
+                unconfirmed_task(job.id, "connection lost", bound), job_id=job.id
+            ) from lost
+        except AMQP_ERRORS as exc:
+            self._unsettled.add(job, task, time.time())
+            raise BrokerUnavailableError(
+                unconfirmed_task(job.id, redact(repr(exc)), bound), job_id=job.id
             ) from exc
-        await self._announce(self._messages.sent_event(sent_event, task_queue))
+        await self._announce(self._messages.sent_event(sent_event, self.settings.task_queue))
         self._watches[job.id] = watch
         self._finished.pop(job.id)
         async with watch.lock:
             await self._carry_out(watch, watch.tracker.consume(job.queues))
+
+    async def _send_task(self, job: Job, task: tuple[bytes, Basic.Properties]) -> None:
+        """The job's queue declares, then its task (mandatory, confirmed), each within the bound.
+
+        ``BrokerUnavailableError`` without a job id: not sent; with one, or any other broker
+        error from the publish: sent, perhaps, and never confirmed.
+        """
+        try:
+            channel = await self._publish_channel()
+        except AMQP_ERRORS as exc:
+            raise _unavailable(exc, f"opening a channel for job {job.id}") from exc
+        # nowait: the task's confirm below means these were done before it.
+        await self._declare_queues(job, nowait=True, channel=channel)
+        body, properties = task
+        bound = self.settings.broker_timeout
+        async with _broker_call(f"publishing job {job.id}", job.id), asyncio.timeout(bound):
+            await channel.basic_publish(
+                body, routing_key=self.settings.task_queue, properties=properties, mandatory=True
+            )
+
+    async def _declare_queues(
+        self, job: Job, *, nowait: bool, channel: aiormq.abc.AbstractChannel | None = None
+    ) -> None:
+        """The job's queues, with the arguments they were submitted with (a no-op where they exist)."""
+        try:
+            channel = channel or await self._publish_channel()
+            async with (
+                _broker_call(f"declaring the queues of job {job.id}"),
+                asyncio.timeout(self.settings.broker_timeout),
+            ):
+                for kind in sorted(job.queues):
+                    name = contract.queue_name(job.id, kind)
+                    arguments = contract.job_queue_arguments(job.ttl, self.settings.queue_type)
+                    if nowait:
+                        await channel.queue_declare(name, durable=True, arguments=arguments, nowait=True)
+                    else:
+                        await channel.queue_declare(name, durable=True, arguments=arguments)
+        except AMQP_ERRORS as exc:
+            raise _unavailable(exc, f"declaring the queues of job {job.id}") from exc
+
+    async def _resend_unsettled(self) -> None:
+        """After a reconnect: the tasks whose confirm never came, sent again (ebb.unsettled)."""
+        for job, task in list(self._unsettled.due(time.time())):
+            outcome: str | None = None
+            try:
+                await self._send_task(job, task)
+            except aiormq.exceptions.DeliveryError as refused:
+                outcome = "nacked" if isinstance(refused.frame, Basic.Nack) else "returned"
+            except BrokerUnavailableError as exc:
+                outcome = redact(repr(exc))
+            except AMQP_ERRORS as exc:
+                outcome = redact(repr(exc))
+            for event, level, fields in self._unsettled.settled(job, outcome):
+                log_event(logger, level, event, job_id=job.id, queue=self.settings.task_queue, **fields)
 
     async def _announce(self, event: Any) -> None:
         """The task-sent event, for Flower: unconfirmed, so nobody waits for the broker."""
@@ -470,6 +519,9 @@ class AsyncJobClient:
                 self._registry.describe, job_id, self.settings.default_ttl
             )
         probe = wanted if known is not None else frozenset(QueueKind)
+        unsent = self._unsettled.job(job_id)
+        if unsent is not None:  # its task goes again after a reconnect: so do its queues
+            await self._declare_queues(unsent, nowait=False)
         present = await self._probe_queues(job_id, set(probe))
         if QueueKind.RESULT not in present:
             raise JobQueuesExpiredError(job_id, await asyncio.to_thread(self._registry.story, job_id))
@@ -703,14 +755,17 @@ class AsyncJobClient:
         return _job_queues(job_id, kinds, await self._probe({contract.queue_name(job_id, k) for k in kinds}))
 
     async def _delete_queues(self, job_id: uuid.UUID, kinds: frozenset[QueueKind]) -> None:
+        """Delete them; when the connection breaks first, again after the reconnect (as JobClient)."""
+        self._cleanup_pending[job_id] = kinds
         names = [contract.queue_name(job_id, k) for k in sorted(kinds)]
-        with contextlib.suppress(*AMQP_ERRORS):  # gone with the connection: their TTL cleans up
+        with contextlib.suppress(BrokerUnavailableError, *AMQP_ERRORS):
             channel = await self._publish_channel()
             async with _broker_call("deleting queues"), asyncio.timeout(self.settings.broker_timeout):
                 for name in names[:-1]:
                     await channel.queue_delete(name, nowait=True)
                 if names:  # the last one waits, so all are gone when this returns
                     await channel.queue_delete(names[-1])
+            self._cleanup_pending.pop(job_id, None)
 
     async def _publish_channel(self) -> aiormq.abc.AbstractChannel:
         """The confirming channel; reopened if a failed call closed it (aiormq closes a channel
@@ -806,6 +861,8 @@ class AsyncJobClient:
             await self._carry_out(watch, watch.tracker.tick(time.time()))
 
     def _finish(self, watch: _Watch, action: core.Finish) -> None:
+        if action.result is not None:
+            self._unsettled.discard(watch.job.id)
         watch.result, watch.error = action.result, action.error
         if action.retire:
             if self._watches.get(watch.job.id) is watch:

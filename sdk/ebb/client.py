@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -18,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -52,6 +53,7 @@ from ebb.logfmt import log_event
 from ebb.records import NOT_SUBMITTED, SUBMITTED, JobRecord
 from ebb.registry import Registry
 from ebb.sync import Acks, BrokerLoop, Confirms, QueueProbes
+from ebb.unsettled import UnsettledTasks, unconfirmed_task
 from ebb.workers import WorkflowCatalog, WorkflowInfo
 
 logger = logging.getLogger("ebb.client")
@@ -104,6 +106,9 @@ class JobClient:
         self._tags = itertools.count(1)
         self._lock = threading.Lock()
         self._cleanup_pending: dict[uuid.UUID, frozenset[QueueKind]] = {}
+        #: Tasks whose confirm never came (the connection died or the bound ran out): sent again,
+        #: with their queues' declares, after the next reconnect (see ``ebb.unsettled``).
+        self._unsettled: UnsettledTasks[amqp.Message] = UnsettledTasks()
         self._records: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]] = {}
         self._to_signal: list[_Watch] = []
         self._consume_channel: amqp.Channel
@@ -164,6 +169,8 @@ class JobClient:
         self._inbox.clear()  # unacked deliveries of the old channel come again
         for job_id, kinds in list(self._cleanup_pending.items()):
             self._delete_queues(job_id, kinds)
+        for job, message in self._unsettled.due(time.time()):
+            self._send_task(job, message, functools.partial(self._resend_settled, job))
         resuming = []
         for watch in list(self._watches.values()):
             watch.consumers.clear()
@@ -312,6 +319,12 @@ class JobClient:
         def connect() -> bool:
             if job_id in self._watches:
                 raise InvalidArgumentError(f"job {job_id} is already connected to this client")
+            unsent = self._unsettled.job(job_id)
+            if unsent is not None:  # its task goes again after a reconnect: so do its queues
+                with self._loop.bounded():
+                    for kind in sorted(unsent.queues):
+                        queue = contract.job_queue(job_id, kind, unsent.ttl, self.settings.queue_type)
+                        queue.queue_declare(channel=self._publish_channel)
             present = self._probe_queues(job_id, set(wanted))
             if QueueKind.RESULT not in present:
                 return False
@@ -485,34 +498,45 @@ class JobClient:
     # --- on the loop thread --------------------------------------------------------------
 
     def _submit_on_loop(self, watch: _Watch, request: contract.TaskRequest, future: Future[Job]) -> None:
-        job = watch.job
+        message, sent_event = self._messages.task(request)
+
+        def settled(outcome: str | None) -> None:
+            self._task_settled(watch, future, outcome, message)
+
+        self._send_task(watch.job, message, settled)
+        if self._events_channel.is_open:  # the task-sent event, for Flower
+            self._events_channel.basic_publish(
+                self._messages.sent_event(sent_event, self.settings.task_queue),
+                exchange=EVENT_EXCHANGE,
+                routing_key=EVENT_ROUTING_KEY,
+            )
+
+    def _send_task(self, job: Job, message: amqp.Message, settled: Callable[[str | None], None]) -> None:
+        """The job's queue declares, then its task (mandatory, confirmed): one round trip."""
         channel = self._publish_channel
         for kind in sorted(job.queues):
             queue = contract.job_queue(job.id, kind, job.ttl, self.settings.queue_type)
             queue.queue_declare(nowait=True, channel=channel)
         # The task queue belongs to the workers: callers never declare it (and need no permission
         # to), and a task with no queue to go to comes back (mandatory) instead of vanishing.
-        message, sent_event = self._messages.task(request)
-        task_queue = self.settings.task_queue
         self._confirms.publish(
             message,
             exchange="",
-            routing_key=task_queue,
+            routing_key=self.settings.task_queue,
             mandatory=True,
             # Runs while frames are read: the work waits for the loop, never recurses into py-amqp.
-            on_settled=lambda outcome: self._settled.append(
-                lambda: self._task_settled(watch, future, outcome)
-            ),
+            on_settled=lambda outcome: self._settled.append(lambda: settled(outcome)),
             deadline=time.monotonic() + self.settings.broker_timeout,
         )
-        if self._events_channel.is_open:  # the task-sent event, for Flower
-            self._events_channel.basic_publish(
-                self._messages.sent_event(sent_event, task_queue),
-                exchange=EVENT_EXCHANGE,
-                routing_key=EVENT_ROUTING_KEY,
-            )
 
-    def _task_settled(self, watch: _Watch, future: Future[Job], outcome: str | None) -> None:
+    def _resend_settled(self, job: Job, outcome: str | None) -> None:
+        """The broker's answer to a task sent again after a reconnect."""
+        for event, level, fields in self._unsettled.settled(job, outcome):
+            log_event(logger, level, event, job_id=job.id, queue=self.settings.task_queue, **fields)
+
+    def _task_settled(
+        self, watch: _Watch, future: Future[Job], outcome: str | None, message: amqp.Message
+    ) -> None:
         """The broker's answer to a job's task publish (the declares before it are done then)."""
         job = watch.job
         if outcome is None:
@@ -532,12 +556,10 @@ class JobClient:
             why = task_not_taken(queue, job.id, outcome, self._probe({queue})[queue])
             future.set_exception(BrokerUnavailableError(why))
             return
+        self._unsettled.add(job, message, time.time())
         future.set_exception(
             BrokerUnavailableError(
-                f"RabbitMQ did not confirm the task of job {job.id} ({outcome}, bound "
-                f"{self.settings.broker_timeout:g} s); it may still run: look with ebb status {job.id} "
-                "or connect_to_submitted_job before submitting again",
-                job_id=job.id,
+                unconfirmed_task(job.id, outcome, self.settings.broker_timeout), job_id=job.id
             )
         )
 
@@ -581,53 +603,62 @@ class JobClient:
         self._cleanup_pending.pop(job_id, None)
 
     def _after_io(self) -> None:
-        while self._inbox:
-            watch, kind, message = self._inbox.popleft()
-            if self._watches.get(watch.job.id) is not watch:  # it left: keep the message queued
-                self._settle(message, requeue=True)
-                continue
-            self._carry_out(
-                watch,
-                watch.tracker.received(kind, message.body, message.content_type, message, time.time()),
-            )
+        with self._flushed():
+            while self._inbox:
+                watch, kind, message = self._inbox.popleft()
+                if self._watches.get(watch.job.id) is not watch:  # it left: keep the message queued
+                    self._settle(message, requeue=True)
+                    continue
+                self._carry_out(
+                    watch,
+                    watch.tracker.received(kind, message.body, message.content_type, message, time.time()),
+                )
+
+    @contextlib.contextmanager
+    def _flushed(self) -> Iterator[None]:
+        """End the burst with a flush even when the connection broke in it: a job that finished
+        wakes its ``wait()`` now, not once the broker is back."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self._flush()
+            except Exception:
+                self._flush_without_broker()
+            raise
         self._flush()
 
     def _on_tick(self) -> None:
-        self._run_settled()
-        self._confirms.expire(time.monotonic())
-        self._run_settled()
-        now = time.time()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, job_id = heapq.heappop(self._timers)
-            watch = self._watches.get(job_id)
-            if watch is not None:
-                self._carry_out(watch, watch.tracker.tick(now))
-        self._flush()
+        with self._flushed():
+            self._run_settled()
+            self._confirms.expire(time.monotonic())
+            self._run_settled()
+            now = time.time()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, job_id = heapq.heappop(self._timers)
+                watch = self._watches.get(job_id)
+                if watch is not None:
+                    self._carry_out(watch, watch.tracker.tick(now))
 
     def _run_settled(self) -> None:
         while self._settled:
             self._settled.popleft()()
 
     def _carry_out(self, watch: _Watch, actions: list[core.Action]) -> None:
-        """Do what the tracker decided, in order; a callback's outcome goes back to the tracker."""
+        """Do what the tracker decided, in order; a callback's outcome goes back to the tracker.
+
+        When the connection breaks under a broker action, the rest is still carried out without
+        the broker (a delete is left for after the reconnect), and then the error is raised: a
+        result already handed to ``on_finished`` must still end ``wait()`` (the chaos run caught
+        a delete cut off by ``stop_app`` that left ``wait()`` waiting for ever).
+        """
         todo = deque(actions)
+        broken: Exception | None = None
         while todo:
             action = todo.popleft()
             if isinstance(action, core.Deliver):
                 error = self._run_callback(watch, action)
                 todo.extendleft(reversed(watch.tracker.delivered(error, time.time())))
-            elif isinstance(action, core.Ack):
-                self._settle(action.token, requeue=False)
-            elif isinstance(action, core.Requeue):
-                self._settle(action.token, requeue=True)
-            elif isinstance(action, core.Consume):
-                self._consume(watch, action.kinds)
-            elif isinstance(action, core.StopConsuming):
-                self._stop_consuming(watch, action.kinds)
-            elif isinstance(action, core.DeleteQueues):
-                for kind in action.kinds:  # RabbitMQ cancels their consumers with the queue
-                    watch.consumers.pop(kind, None)
-                self._delete_queues(watch.job.id, action.kinds)
             elif isinstance(action, core.Record):
                 if watch.record_ttl is not None:  # batched: one Redis round trip per burst
                     self._records.setdefault(watch.job.id, (watch.record_ttl, {}))[1].update(action.fields)
@@ -635,6 +666,30 @@ class JobClient:
                 heapq.heappush(self._timers, (action.at, next(self._timer_seq), watch.job.id))
             elif isinstance(action, core.Finish):
                 self._finish(watch, action)
+            elif broken is not None:
+                if isinstance(action, core.DeleteQueues):
+                    self._cleanup_pending[watch.job.id] = action.kinds
+            else:
+                try:
+                    self._on_broker(watch, action)
+                except Exception as exc:  # the loop's error handling decides; finish first
+                    broken = exc
+        if broken is not None:
+            raise broken
+
+    def _on_broker(self, watch: _Watch, action: core.Action) -> None:
+        if isinstance(action, core.Ack):
+            self._settle(action.token, requeue=False)
+        elif isinstance(action, core.Requeue):
+            self._settle(action.token, requeue=True)
+        elif isinstance(action, core.Consume):
+            self._consume(watch, action.kinds)
+        elif isinstance(action, core.StopConsuming):
+            self._stop_consuming(watch, action.kinds)
+        elif isinstance(action, core.DeleteQueues):
+            for kind in action.kinds:  # RabbitMQ cancels their consumers with the queue
+                watch.consumers.pop(kind, None)
+            self._delete_queues(watch.job.id, action.kinds)
 
     def _run_callback(self, watch: _Watch, action: core.Deliver) -> Exception | None:
         callback = watch.callbacks.get(action.callback)
@@ -648,6 +703,8 @@ class JobClient:
 
     def _finish(self, watch: _Watch, action: core.Finish) -> None:
         watch.result, watch.error = action.result, action.error
+        if action.result is not None:
+            self._unsettled.discard(watch.job.id)
         if action.retire:
             with self._lock:
                 if self._watches.get(watch.job.id) is watch:

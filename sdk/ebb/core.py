@@ -255,10 +255,14 @@ class JobTracker(Generic[Token]):
         return self._try_finish(now, force=now >= self._pending_since + self.grace)
 
     def connection_lost(self) -> None:
-        """The transport's channel is gone: its unsettled deliveries will come again."""
+        """The transport's channel is gone: its unsettled deliveries will come again.
+
+        A callback already running (the asyncio client runs them in threads) goes on, and its
+        ``delivered()`` still counts: a result handed to ``on_finished`` ends ``wait()`` then,
+        and is not handed over again when the broker redelivers it.
+        """
         self.consuming = frozenset()
         self._pending = None
-        self._busy = None
         self._backlog.clear()
 
     def disconnect(self, delete: bool | None, now: float) -> list[Action]:

@@ -145,8 +145,9 @@ class UnknownJobError(EbbError, LookupError):
 class BrokerUnavailableError(UnavailableError):
     """RabbitMQ cannot be reached, or did not answer within its bound; the client reconnects by itself.
 
-    ``job_id`` is set when a job's task may already have reached the broker (the connection
-    failed while waiting for its confirm): the job may still run, so look before submitting again.
+    ``job_id`` is set when a job's task may already have reached the broker (its confirm never
+    came): do not submit it again. The client sends the task again once it has reconnected (a
+    worker runs a job once), so ``connect_to_submitted_job(job_id)`` gets its result.
     """
 
     def __init__(self, message: str, *, job_id: uuid.UUID | None = None) -> None:

@@ -10,6 +10,7 @@ jobs carry on; only lookups (``JobClient.job_status``) fail, with a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -108,6 +109,11 @@ class Registry:
         before, attempt, _ = pipe.execute()
         record = JobRecord.from_hash(job_id, before) if before else None
         return int(attempt), record
+
+    def forget_attempt(self, job_id: uuid.UUID) -> None:
+        """Undo ``begin_attempt`` for a copy of the task that does not run."""
+        with contextlib.suppress(redis.RedisError):
+            self._redis.hincrby(job_key(job_id), "attempts", -1)
 
     def cancel_requested(self, job_id: uuid.UUID) -> bool:
         """Raises ``redis.RedisError`` when Redis is away."""

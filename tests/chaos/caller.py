@@ -237,6 +237,9 @@ def run_sync(args: argparse.Namespace, history: History) -> None:
             ok, _ = call("wait", job_id, partial(client.wait, job_id, timeout=WAIT_CALL), bound=WAIT_CALL + 5)
             if ok or _last_error_final(history):
                 del state.waiting[job_id]
+            elif _last_error_is(history, "JobQueuesUnavailableError"):  # as the error says:
+                del state.waiting[job_id]  # connect again once the node is back
+                state.to_connect.append(job_id)
             elif _last_error_is(history, "ClientClosedError"):
                 client = _reopen_sync(client, rec, settings, deadline, state)
                 break
@@ -362,6 +365,9 @@ async def run_async(args: argparse.Namespace, history: History) -> None:
             )
             if ok or _last_error_final(history):
                 del state.waiting[job_id]
+            elif _last_error_is(history, "JobQueuesUnavailableError"):  # as the error says:
+                del state.waiting[job_id]  # connect again once the node is back
+                state.to_connect.append(job_id)
             elif _last_error_is(history, "ClientClosedError"):
                 client = await _reopen_async(client, rec, settings, deadline, state)
                 break

@@ -187,7 +187,6 @@ class World:
             "EBB_BROKER_TIMEOUT": "5",
             "EBB_HEARTBEAT": "4",
             "EBB_RECONNECT_TIMEOUT": "60",
-            "EBB_RESULT_RETRY": "2",
             "EBB_AUDIT_INTERVAL": "4",
             "EBB_MANAGEMENT_URL": ";".join(
                 [f"http://127.0.0.1:{self.management_proxy.port}"]

@@ -410,10 +410,14 @@ class Auditor:
             lost = _what_was_lost(queue, memo, record)
             report.removed.append({"queue": queue, "job_id": str(job_id) if job_id else None, "lost": lost})
             log_event(logger, logging.WARNING, "orphan_removed", job_id=job_id, queue=queue, lost=lost)
-            if job_id is None or record is None or record.ttl is None:
+            if job_id is None:
                 continue
-            fields = updates.setdefault(job_id, (record.ttl, {"queues_removed_at": now}))[1]
-            if not record.result_delivered and parsed and parsed[1] is QueueKind.RESULT:
+            # A job submitted while Redis was down has no record: write what the audit saw, so
+            # that ebb status says its queues expired, not "unknown job" (found by the chaos run).
+            ttl = record.ttl if record is not None and record.ttl is not None else self.settings.max_ttl
+            fields = updates.setdefault(job_id, (ttl, {"queues_removed_at": now}))[1]
+            delivered = record is not None and record.result_delivered
+            if not delivered and parsed and parsed[1] is QueueKind.RESULT:
                 fields["lost"] = lost
         if updates:
             self.registry.write_many(updates)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,33 +21,9 @@ import pytest
 
 from ebb import BrokerUnavailableError, Job, JobResult, JobStatus
 from ebb.config import Settings
+from tests.chaos.world import Proxy
 from tests.conftest import AnyClient
-from tests.support import ROOT, Management, amqp_endpoint, private_worker, wait_until
-
-
-class Proxy:
-    """tests/tcp_proxy.py on a port that stays the same when it is killed and started again."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.target = amqp_endpoint(settings)
-        self.port = 0
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        host, port = self.target
-        self.proc = subprocess.Popen(
-            [sys.executable, f"{ROOT}/tests/tcp_proxy.py", str(port), host, str(self.port)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        self.port = int(self.proc.stdout.readline())
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-        self.proc.kill()
-        self.proc.wait(10)
+from tests.support import Management, amqp_endpoint, private_worker, wait_until
 
 
 @pytest.fixture
@@ -58,7 +32,8 @@ def proxied(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, Prox
     log = tmp_path / "worker.log"
     # Two pool processes: a copy of a task sent again could run at once, if nothing stopped it.
     with private_worker(settings, log, "-c", "2", name="unconfirmed") as private:
-        proxy = Proxy(settings)
+        host, port = amqp_endpoint(settings)
+        proxy = Proxy(port, tmp_path / "proxy.log", host)
         proxy.start()
         caller = dataclasses.replace(
             private,

@@ -148,6 +148,36 @@ class State:
         self.finished: set[str] = set()
         self.next_sample = 0.0
 
+    # What a careful caller does with each answer: one place, for both clients' drivers.
+
+    def connected(self, job_id: str, ok: bool, history: History) -> None:
+        if ok:
+            self.to_connect.remove(job_id)
+            self.waiting[job_id] = time.time()
+        elif _last_error_final(history):
+            self.to_connect.remove(job_id)
+
+    def submitted(self, job_id: str, cancel_after: float | None) -> None:
+        self.waiting[job_id] = time.time()
+        if cancel_after is not None:
+            self.cancels.append((time.time() + cancel_after, job_id))
+
+    def submit_failed(self, history: History) -> None:
+        uncertain = _last_job_id(history)
+        if uncertain:  # the task may have gone out: find out, as the error says
+            self.to_connect.append(uncertain)
+
+    def waited(self, job_id: str, ok: bool, history: History) -> bool:
+        """Settle a wait's answer; True when the client gave up on the broker: open a new one."""
+        if ok or _last_error_final(history):
+            del self.waiting[job_id]
+        elif _last_error_is(history, "JobQueuesUnavailableError"):  # as the error says:
+            del self.waiting[job_id]  # connect again once the node is back
+            self.to_connect.append(job_id)
+        elif _last_error_is(history, "ClientClosedError"):
+            return True
+        return False
+
 
 # --- the sync client -------------------------------------------------------------------------
 
@@ -168,18 +198,13 @@ def run_sync(args: argparse.Namespace, history: History) -> None:
         return True, value
 
     def connect_pending() -> None:
-        nonlocal client
         for job_id in list(state.to_connect):
             ok, _ = call(
                 "connect",
                 job_id,
                 partial(client.connect_to_submitted_job, job_id, on_finished=rec.on_finished),
             )
-            if ok:
-                state.to_connect.remove(job_id)
-                state.waiting[job_id] = time.time()
-            elif _last_error_final(history):
-                state.to_connect.remove(job_id)
+            state.connected(job_id, ok, history)
 
     def housekeeping() -> None:
         now = time.time()
@@ -215,15 +240,11 @@ def run_sync(args: argparse.Namespace, history: History) -> None:
                 partial(client.disconnect_from_submitted_job, job, delete_queues=False),
             )
         elif ok and job is not None:
-            state.waiting[str(job.id)] = time.time()
-            if cancel_after is not None:
-                state.cancels.append((time.time() + cancel_after, str(job.id)))
+            state.submitted(str(job.id), cancel_after)
             if plan.look_at_status():
                 call("status", str(job.id), partial(client.job_status, job))
         else:
-            uncertain = _last_job_id(history)
-            if uncertain:  # the task may have gone out: find out, as the error says
-                state.to_connect.append(uncertain)
+            state.submit_failed(history)
         housekeeping()
         time.sleep(plan.gap())
         housekeeping()
@@ -235,12 +256,7 @@ def run_sync(args: argparse.Namespace, history: History) -> None:
         connect_pending()
         for job_id in list(state.waiting):
             ok, _ = call("wait", job_id, partial(client.wait, job_id, timeout=WAIT_CALL), bound=WAIT_CALL + 5)
-            if ok or _last_error_final(history):
-                del state.waiting[job_id]
-            elif _last_error_is(history, "JobQueuesUnavailableError"):  # as the error says:
-                del state.waiting[job_id]  # connect again once the node is back
-                state.to_connect.append(job_id)
-            elif _last_error_is(history, "ClientClosedError"):
+            if state.waited(job_id, ok, history):
                 client = _reopen_sync(client, rec, settings, deadline, state)
                 break
     history.record("caller_done", waiting=sorted(state.waiting), unconnected=sorted(state.to_connect))
@@ -301,11 +317,7 @@ async def run_async(args: argparse.Namespace, history: History) -> None:
                 job_id,
                 partial(client.connect_to_submitted_job, job_id, on_finished=rec.on_finished),
             )
-            if ok:
-                state.to_connect.remove(job_id)
-                state.waiting[job_id] = time.time()
-            elif _last_error_final(history):
-                state.to_connect.remove(job_id)
+            state.connected(job_id, ok, history)
 
     async def housekeeping() -> None:
         now = time.time()
@@ -341,15 +353,11 @@ async def run_async(args: argparse.Namespace, history: History) -> None:
                 partial(client.disconnect_from_submitted_job, job, delete_queues=False),
             )
         elif ok and job is not None:
-            state.waiting[str(job.id)] = time.time()
-            if cancel_after is not None:
-                state.cancels.append((time.time() + cancel_after, str(job.id)))
+            state.submitted(str(job.id), cancel_after)
             if plan.look_at_status():
                 await call("status", str(job.id), partial(client.job_status, job))
         else:
-            uncertain = _last_job_id(history)
-            if uncertain:
-                state.to_connect.append(uncertain)
+            state.submit_failed(history)
         await housekeeping()
         await asyncio.sleep(plan.gap())
         await housekeeping()
@@ -363,12 +371,7 @@ async def run_async(args: argparse.Namespace, history: History) -> None:
             ok, _ = await call(
                 "wait", job_id, partial(client.wait, job_id, timeout=WAIT_CALL), bound=WAIT_CALL + 5
             )
-            if ok or _last_error_final(history):
-                del state.waiting[job_id]
-            elif _last_error_is(history, "JobQueuesUnavailableError"):  # as the error says:
-                del state.waiting[job_id]  # connect again once the node is back
-                state.to_connect.append(job_id)
-            elif _last_error_is(history, "ClientClosedError"):
+            if state.waited(job_id, ok, history):
                 client = await _reopen_async(client, rec, settings, deadline, state)
                 break
     history.record("caller_done", waiting=sorted(state.waiting), unconnected=sorted(state.to_connect))

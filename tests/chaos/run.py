@@ -26,6 +26,7 @@ from ebb import contract
 from ebb.records import job_key
 from tests.chaos import checker
 from tests.chaos import history as chaos_history
+from tests.chaos.caller import WAIT_PHASE
 from tests.chaos.faults import INJECTORS, all_up
 from tests.chaos.history import History
 from tests.chaos.schedule import PROFILES, RESOURCE, Fault, Profile, plan
@@ -65,7 +66,7 @@ def run(profile: Profile, seed: int, directory: Path) -> int:
             time.sleep(rng.uniform(0, 0.5))
         _inject(world, schedule, start, h)
         assert wait_until(lambda: all_up(world), 120), "the broker, Redis or a proxy did not come back"
-        callers_done = wait_until(lambda: not world.live_callers(), checker_wait(profile))
+        callers_done = wait_until(lambda: not world.live_callers(), WAIT_PHASE + 60)
         h.record("callers_done", all_done=callers_done, still_running=world.live_callers())
         last = time.time()
         # Let what nobody consumed expire (TTL) and the audit see it go.
@@ -75,12 +76,6 @@ def run(profile: Profile, seed: int, directory: Path) -> int:
         world.stop_all()
     (directory / "final.json").write_text(json.dumps(final, indent=1))
     return checker.main([str(directory / "history.jsonl"), str(directory / "final.json")])
-
-
-def checker_wait(profile: Profile) -> float:
-    from tests.chaos.caller import WAIT_PHASE
-
-    return WAIT_PHASE + 60
 
 
 def _inject(world: World, schedule: list[Fault], start: float, h: History) -> None:

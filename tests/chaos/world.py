@@ -38,8 +38,9 @@ def free_port() -> int:
 class Proxy:
     """``tests/tcp_proxy.py`` on a fixed port, so that it can be frozen, killed and started again."""
 
-    def __init__(self, target_port: int, log: Path) -> None:
+    def __init__(self, target_port: int, log: Path, target_host: str = "127.0.0.1") -> None:
         self.target_port = target_port
+        self.target_host = target_host
         self.port = free_port()
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
@@ -51,7 +52,7 @@ class Proxy:
                     sys.executable,
                     str(REPO / "tests" / "tcp_proxy.py"),
                     str(self.target_port),
-                    "127.0.0.1",
+                    self.target_host,
                     str(self.port),
                 ],
                 stdout=out,

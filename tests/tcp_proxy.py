@@ -4,7 +4,10 @@ It prints the port it listens on (127.0.0.1), then forwards every connection to 
 SIGSTOP freezes it (the connection goes half-open: no FIN, no RST, ever), SIGUSR1 stops
 forwarding what the broker sends, SIGUSR2 does the same from the client's next ``basic.publish``
 on (that frame still reaches the broker: the message arrives, its confirm never comes, whether
-the client waited for its queue declares first or not), SIGKILL resets everything.
+the client waited for its queue declares first or not), SIGKILL resets everything. It prints a
+line once it has taken SIGUSR1 or SIGUSR2 ("muted", "muting at the next publish"): the handler
+runs on the main thread, which a loaded machine may schedule only after a frame has gone by, so
+a test waits for that line before it acts.
 """
 
 from __future__ import annotations
@@ -66,11 +69,21 @@ def pump(source: socket.socket, target: socket.socket, *, from_broker: bool) -> 
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+def _mute() -> None:
+    muted.set()
+    print("muted", flush=True)
+
+
+def _mute_at_publish() -> None:
+    mute_at_publish.set()
+    print("muting at the next publish", flush=True)
+
+
 def main() -> None:
     target_port = int(sys.argv[1])
     target_host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
-    signal.signal(signal.SIGUSR1, lambda *_: muted.set())
-    signal.signal(signal.SIGUSR2, lambda *_: mute_at_publish.set())
+    signal.signal(signal.SIGUSR1, lambda *_: _mute())
+    signal.signal(signal.SIGUSR2, lambda *_: _mute_at_publish())
     listen_port = int(sys.argv[3]) if len(sys.argv) > 3 else 0  # a fixed port, to restart it on
     listener = socket.create_server(("127.0.0.1", listen_port))
     print(listener.getsockname()[1], flush=True)

@@ -97,6 +97,7 @@ def test_connection_reset_while_waiting_for_the_confirm_is_broker_unavailable(
             client.submit_job("demo.echo", {"n": 1}, auto_cleanup_after_ttl=TTL), timeout=30
         ).succeeded
         os.kill(proxy.pid, signal.SIGUSR2)  # the broker's answers stop at the task: no confirm arrives
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "muting at the next publish"
         outcome: list[BaseException] = []
 
         def submit() -> None:

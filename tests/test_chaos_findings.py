@@ -79,10 +79,12 @@ def test_unconfirmed_task_is_sent_again_and_runs_once(
     results: list[JobResult] = []
     with make_client(settings=settings) as client:
         assert client.wait(client.submit_job("demo.echo", {"warm": 1}), timeout=30).succeeded
-        assert proxy.proc is not None
         # Lost: the link freezes before the submit, so its frames never leave the proxy. Arrived:
         # the proxy forwards the publish and drops everything after (the confirm never comes).
-        proxy.proc.send_signal(signal.SIGUSR2 if arrives else signal.SIGSTOP)
+        if arrives:
+            proxy.mute_at_publish()
+        else:
+            proxy.signal(signal.SIGSTOP)
         job_id = _unconfirmed_submit(client)
         if arrives:
             assert wait_until(lambda: f"event=job_started job_id={job_id}" in log.read_text(), 20)

@@ -64,10 +64,18 @@ class Proxy:
         if self.proc is not None:
             self.proc.send_signal(sig)
 
+    def mute_at_publish(self) -> None:
+        """From the client's next publish on, nothing the broker sends gets through (no confirm)."""
+        said = "muting at the next publish"
+        before = self.log.read_text().count(said)
+        self.signal(signal.SIGUSR2)
+        assert wait_until(lambda: self.log.read_text().count(said) > before, 10), "proxy deaf"
+
     def kill(self) -> None:
+        """Reset every connection. A frozen proxy dies frozen: what it held never reaches anyone
+        (a SIGCONT first would let it forward its buffers in the moment before the SIGKILL)."""
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGCONT)
                 self.proc.kill()
             self.proc.wait(10)
             self.proc = None

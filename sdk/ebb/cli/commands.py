@@ -110,9 +110,9 @@ def submit(
             **callbacks,  # type: ignore[arg-type]
         )
         if as_json:
-            view.emit("submitted", job_id=str(job.id), job=json.loads(job.to_json()))
+            view.opened(event="submitted", job_id=str(job.id), job=json.loads(job.to_json()))
         else:
-            view.line(str(job.id))
+            view.opened(text=str(job.id))
         if detach:
             # The queues exist from now on; nobody consumes them, so their TTL starts at once.
             client.disconnect_from_submitted_job(job, delete_queues=False)
@@ -131,6 +131,7 @@ def watch(job_id: str, as_json: bool) -> None:
         job = client.connect_to_submitted_job(
             job_id, on_status=view.on_status, on_progress=view.on_progress, on_finished=view.on_finished
         )
+        view.opened()
         with view:
             _follow(client, job, view)
 

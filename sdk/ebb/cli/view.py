@@ -25,6 +25,9 @@ class JobView:
         self._task: TaskID | None = None
         self._status = "WAITING"
         self._message = ""
+        # The client's callbacks can run before submit_job returns (its I/O thread saw the job
+        # start first): their lines wait until the job's own line is out, so that it comes first.
+        self._held: list[tuple[str, dict[str, Any]]] | None = []
 
     def __enter__(self) -> JobView:
         if not self.as_json and self._console.is_terminal:
@@ -44,23 +47,36 @@ class JobView:
         if self._progress is not None:
             self._progress.stop()
 
-    def line(self, text: str) -> None:
+    def opened(self, *, text: str | None = None, event: str | None = None, **fields: Any) -> None:
+        """Print the job's own line (plain text, an event or none), then what its callbacks said."""
         with self._lock:
-            if self._progress is None:
-                click.echo(text)
-            else:
-                self._progress.console.print(text, highlight=False)
+            if text is not None:
+                self._line(text)
+            if event is not None:
+                self._print(event, fields)
+            held, self._held = self._held or [], None
+            for held_event, held_fields in held:
+                self._print(held_event, held_fields)
 
     def emit(self, event: str, **fields: Any) -> None:
         with self._lock:
-            if self.as_json:
-                click.echo(json.dumps({"event": event, **fields}, default=str))
-            elif self._progress is None:
-                click.echo(" ".join([event, *(f"{k}={v}" for k, v in fields.items())]))
-            else:
-                text = " ".join([event, *(f"{k}={v}" for k, v in fields.items())])
-                self._progress.console.print(text, highlight=False)
-            sys.stdout.flush()
+            if self._held is not None:
+                self._held.append((event, fields))
+                return
+            self._print(event, fields)
+
+    def _line(self, text: str) -> None:
+        if self._progress is None:
+            click.echo(text)
+        else:
+            self._progress.console.print(text, highlight=False)
+
+    def _print(self, event: str, fields: dict[str, Any]) -> None:
+        if self.as_json:
+            click.echo(json.dumps({"event": event, **fields}, default=str))
+        else:
+            self._line(" ".join([event, *(f"{k}={v}" for k, v in fields.items())]))
+        sys.stdout.flush()
 
     def on_status(self, job: Job, update: StatusUpdate) -> None:
         self._status = update.status.value

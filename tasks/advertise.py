@@ -25,19 +25,20 @@ def _key(hostname: str, settings: Settings) -> str:
     return advert_key(settings.vhost, hostname)
 
 
-def _advertise_forever(hostname: str, settings: Settings) -> None:
-    client = links.redis_client(settings, timeout=2)
-    while True:
-        try:
-            client.set(
-                _key(hostname, settings),
-                advertisement(hostname, settings.task_queue, workflows.describe(), settings.vhost),
-                ex=ADVERTISE_EXPIRY,
-            )
-        except redis.RedisError as exc:
-            log_event(logger, logging.WARNING, "advertise_failed", worker=hostname, error=repr(exc))
-        if _stop.wait(ADVERTISE_EVERY):
-            return
+def _advertise(client: redis.Redis, hostname: str, settings: Settings) -> None:
+    try:
+        client.set(
+            _key(hostname, settings),
+            advertisement(hostname, settings.task_queue, workflows.describe(), settings.vhost),
+            ex=ADVERTISE_EXPIRY,
+        )
+    except redis.RedisError as exc:
+        log_event(logger, logging.WARNING, "advertise_failed", worker=hostname, error=repr(exc))
+
+
+def _advertise_forever(client: redis.Redis, hostname: str, settings: Settings) -> None:
+    while not _stop.wait(ADVERTISE_EVERY):
+        _advertise(client, hostname, settings)
 
 
 def _on_ready(sender: Any = None, **_: Any) -> None:
@@ -57,8 +58,12 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         )
         return
     _advertised.append(hostname)
+    # The first advert before the worker says it is ready (Celery logs "ready." after this
+    # signal): a caller that saw the worker ready never finds its workflows unknown.
+    client = links.redis_client(settings, timeout=2)
+    _advertise(client, hostname, settings)
     threading.Thread(
-        target=_advertise_forever, args=(hostname, settings), name="ebb-advertise", daemon=True
+        target=_advertise_forever, args=(client, hostname, settings), name="ebb-advertise", daemon=True
     ).start()
 
 

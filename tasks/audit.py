@@ -165,7 +165,7 @@ class Auditor:
         report.findings, memory, policies = self._gather()
         report.registry_available = memory is not None
         report.consumers_from = self.api.consumers_from
-        self._report_down_nodes(report)
+        clustered = self._report_down_nodes(report) > 1
         net = policies.safety_net(SAMPLE_JOB_QUEUE)
         report.expiry_policy = net.name if net is not None else None
         if net is None:  # once per run, not once per queue
@@ -180,7 +180,7 @@ class Auditor:
             )
         if memory is not None:
             try:
-                self._reconcile(report, memory, now, delete)
+                self._reconcile(report, memory, now, delete, clustered)
             except redis.RedisError as exc:
                 report.registry_available = False
                 log_event(logger, logging.WARNING, "audit_degraded", error=repr(exc))
@@ -244,7 +244,9 @@ class Auditor:
         suspects, orphans, unexpiring = pipe.execute()
         return _Memory(suspects, orphans, set(unexpiring))
 
-    def _reconcile(self, report: AuditReport, memory: _Memory, now: float, delete: bool) -> None:
+    def _reconcile(
+        self, report: AuditReport, memory: _Memory, now: float, delete: bool, clustered: bool
+    ) -> None:
         suspects, orphans = memory.suspects, memory.orphans
         present: set[str] = set()
         in_use: set[str] = set()
@@ -277,6 +279,12 @@ class Auditor:
         for group in _batches(newly_suspect):
             memos = [x for f in group for x in (f.queue, _orphan_memo(f, now))]
             self._hsetnx_many(keys=[self.suspects_key], args=memos)
+        # On a cluster, remembered queues the listing left out are gone only if the broker no
+        # longer declares them: a node killed a moment ago drops out of the listing before it is
+        # seen down. (One node down answers no listing at all.)
+        unlisted = (suspects.keys() | orphans.keys()) - present if clustered else set()
+        if unlisted:
+            present |= self.api.still_declared(unlisted)
         # A suspect gone before it was confirmed: its caller deleted it (the registry says so),
         # or the broker removed it, a TTL shorter than confirmation takes: an orphan all the
         # same, found and removed at once. Whoever deletes the suspect memo reports it.
@@ -318,9 +326,11 @@ class Auditor:
         if in_use_jobs:
             self.registry.touch_in_use({job: timedelta(seconds=s) for job, s in in_use_jobs.items()}, now)
 
-    def _report_down_nodes(self, report: AuditReport) -> None:
-        """One line per down node per run, with how many job queues wait on it (never orphans)."""
-        report.nodes_down = [name for name, running in self.api.nodes() if not running]
+    def _report_down_nodes(self, report: AuditReport) -> int:
+        """One line per down node per run, with how many job queues wait on it (never orphans);
+        the number of nodes in the cluster."""
+        nodes = self.api.nodes()
+        report.nodes_down = [name for name, running in nodes if not running]
         for node in report.nodes_down:
             log_event(
                 logger,
@@ -330,6 +340,7 @@ class Auditor:
                 queues=sum(1 for f in report.findings if f.node == node),
                 detail="its job queues are out of reach, not orphaned: they come back with the node",
             )
+        return len(nodes)
 
     def _removed_by_broker(
         self, gone: list[tuple[str, str]], records: dict[uuid.UUID, JobRecord]

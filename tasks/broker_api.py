@@ -130,17 +130,29 @@ class BrokerAPI:
         down = {name for name, running in self.nodes() if not running}
         if not down:
             return []
-        wanted = dict.fromkeys((*columns, "name", "node", "state"))
+        seen = {q["name"] for q in listed}
+        return [
+            q | {"state": "down"}
+            for q in self._metadata_listing((*columns, "name", "node", "state"))
+            if q["name"] not in seen and q.get("node") in down
+        ]
+
+    def still_declared(self, names: set[str]) -> set[str]:
+        """Which of ``names`` the broker's metadata still holds, whatever their node's state.
+
+        A node killed a moment ago has its queues drop out of the listing with totals before
+        the cluster says it is down: those are out of reach, not gone. Touches no queue.
+        """
+        return names & {q["name"] for q in self._metadata_listing(("name",))}
+
+    def _metadata_listing(self, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+        """The vhost's job queues as the metadata store has them (no totals, no statistics)."""
+        wanted = dict.fromkeys((*columns, "name"))
         data = self._get(
             f"queues/{self._vhost}",
             {"columns": ",".join(c for c in wanted if c != "messages"), "disable_stats": "true"},
         )
-        seen = {q["name"] for q in listed}
-        return [
-            q | {"state": "down"}
-            for q in _job_entries(data)
-            if q["name"] not in seen and q.get("node") in down
-        ]
+        return _job_entries(data)
 
     def _consumer_counts(self) -> dict[str, int]:
         """Consumers per job queue: from the management statistics, or when they are off (a

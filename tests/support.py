@@ -220,7 +220,11 @@ def start_celery_worker(
 
 @contextmanager
 def private_worker(
-    settings: Settings, log: Path, *extra_args: str, name: str = "private"
+    settings: Settings,
+    log: Path,
+    *extra_args: str,
+    name: str = "private",
+    env: dict[str, str] | None = None,
 ) -> Iterator[Settings]:
     """A worker started for one test on a task queue of its own; yields the callers' settings.
 
@@ -228,7 +232,7 @@ def private_worker(
     with the rest of the suite. The queue goes with the worker.
     """
     queue = f"{settings.task_queue}.{name}.{uuid.uuid4().hex[:6]}"
-    proc = start_worker(log, *extra_args, env={"EBB_TASK_QUEUE": queue})
+    proc = start_worker(log, *extra_args, env={**(env or {}), "EBB_TASK_QUEUE": queue})
     try:
         yield replace(settings, task_queue=queue)
     finally:

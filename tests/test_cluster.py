@@ -9,11 +9,12 @@ exactly once when the node is back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,14 @@ import pytest
 import requests
 from celery import Celery
 
-from ebb import JobClient, JobQueuesUnavailableError, JobStatus, WaitTimeoutError
+from ebb import JobClient, JobQueuesUnavailableError, JobResultLostError, JobStatus, WaitTimeoutError
 from ebb.config import Settings
 from ebb.contract import QueueKind, queue_name
+from ebb.core import LOST_CHECK_EVERY
 from tasks.audit import NODE_DOWN, Auditor
 from tests.async_adapter import AsyncClientAsSync
 from tests.cluster import Cluster, redis_url
+from tests.conftest import AnyClient
 from tests.support import start_worker, stop_worker, wait_until
 
 #: The cluster's own database of the suite's Redis (EBB_REDIS_URL): its audit memory and registry
@@ -106,6 +109,10 @@ def queue_node(cluster: Cluster, name: str, via: int = 1) -> str | None:
     return str(answer.json().get("node")) if answer.ok else None
 
 
+def all_gone(cluster: Cluster, names: list[str]) -> bool:
+    return all(queue_node(cluster, name) is None for name in names)
+
+
 def names_lost_nodes(cluster: Cluster) -> bool:
     """Whether the broker names a killed node to a caller: RabbitMQ 3 does in its 404 ("home
     node … is down"); RabbitMQ 4 names it in no AMQP answer (ebb.broker_replies), so a caller
@@ -169,19 +176,38 @@ def test_queues_on_a_lost_node_are_down_not_expired_and_the_result_comes_back_on
 def test_a_result_kept_past_ebb_result_retry_is_recorded_undelivered_never_silently_lost(
     all_nodes_up: Cluster, cluster_worker: tuple[Settings, Path]
 ) -> None:
-    """The node stays down longer than the worker's bound: the registry says what became of it."""
+    """The node stays down longer than the worker's bound: the registry says what became of it,
+    and a caller waiting on the job once its node is back hears it from wait() (both clients)."""
     settings, log = cluster_worker
     with JobClient(settings=settings) as client:
-        job = client.submit_job("demo.sleep", {"seconds": 1, "steps": 1}, auto_cleanup_after_ttl=300)
-        client.disconnect_from_submitted_job(job)  # the caller goes away; its queues stay
+        jobs = [
+            client.submit_job("demo.sleep", {"seconds": 1, "steps": 1}, auto_cleanup_after_ttl=300)
+            for _ in range(2)
+        ]
+        for job in jobs:
+            client.disconnect_from_submitted_job(job)  # the caller goes away; its queues stay
     all_nodes_up.kill_node(2)
-    assert wait_until(lambda: "event=result_undeliverable" in log.read_text(), 40), log.read_text()[-3000:]
+    assert wait_until(lambda: log.read_text().count("event=result_undeliverable") == 2, 40), log.read_text()[
+        -3000:
+    ]
     with JobClient(settings=dataclasses.replace(settings, broker_url=all_nodes_up.broker_url(1))) as client:
-        record = client.job_status(job)
+        record = client.job_status(jobs[0])
         assert record.lost is not None and "result not delivered" in record.lost
         assert "ebb-n2@localhost" in record.lost and "EBB_RESULT_RETRY" in record.lost
         assert not record.result_delivered
         assert "result not delivered" in record.story()
+    all_nodes_up.start_node(2)
+    makers: tuple[Callable[..., AnyClient], ...] = (JobClient, AsyncClientAsSync)
+    for make, job in zip(makers, jobs, strict=True):
+        names = [job.queue_name(k) for k in job.queues]
+        with make(settings=settings) as client:
+            client.connect_to_submitted_job(job)  # its queues are back, the result queue empty
+            started = time.monotonic()
+            with pytest.raises(JobResultLostError, match="result not delivered") as lost:
+                client.wait(job, timeout=60)
+            assert time.monotonic() - started < LOST_CHECK_EVERY + 10, "the wait outlived the check"
+            assert lost.value.status == "SUCCEEDED"
+        assert wait_until(functools.partial(all_gone, all_nodes_up, names), 15)
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -270,3 +296,41 @@ def test_the_audit_reports_a_down_node_once_per_run_and_never_its_queues_as_orph
     assert str(job.id) not in "".join(
         line for line in caplog.text.splitlines() if "orphan_found" in line or "orphan_removed" in line
     )
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_caller_hears_when_its_jobs_node_goes_down_under_its_consumers_and_gets_the_result_once(
+    kind: str, all_nodes_up: Cluster, cluster_worker: tuple[Settings, Path]
+) -> None:
+    """The caller on node 2 watches a job whose queues live on node 1; node 1 stops and starts
+    again, the caller's own node stays up. RabbitMQ cancels the caller's consumers: before, the
+    client ignored that and neither received the result nor raised (70 s and more)."""
+    settings, _ = cluster_worker
+    with JobClient(
+        settings=dataclasses.replace(settings, broker_url=all_nodes_up.broker_url(1))
+    ) as submitter:
+        job = submitter.submit_job("demo.sleep", {"seconds": 6, "steps": 2}, auto_cleanup_after_ttl=300)
+        submitter.disconnect_from_submitted_job(job, delete_queues=False)
+    assert queue_node(all_nodes_up, job.queue_name(QueueKind.RESULT), via=2) == "ebb-n1@localhost"
+    finished: list[object] = []
+    make = JobClient if kind == "sync" else AsyncClientAsSync
+    with make(settings=dataclasses.replace(settings, broker_url=all_nodes_up.broker_url(2))) as client:
+        client.connect_to_submitted_job(job, on_finished=lambda j, r: finished.append(r))
+        all_nodes_up.stop_node(1)
+        started = time.monotonic()
+        with pytest.raises(JobQueuesUnavailableError):
+            client.wait(job, timeout=60)
+        assert time.monotonic() - started < 20, "the broker's cancel went unheard"
+        all_nodes_up.start_node(1)
+
+        def connected() -> bool:
+            try:
+                client.connect_to_submitted_job(job, on_finished=lambda j, r: finished.append(r))
+                return True
+            except JobQueuesUnavailableError:
+                return False
+
+        assert wait_until(connected, 60), "the job's queues never came back with their node"
+        result = client.wait(job, timeout=150)  # the worker retries its result for EBB_RESULT_RETRY
+    assert result.status is JobStatus.SUCCEEDED and result.output == {"slept": 6}
+    assert len(finished) == 1

@@ -43,7 +43,13 @@ from ebb.core import (
     StopConsuming,
     WakeAt,
 )
-from ebb.errors import CallbackError, ClientClosedError, EbbError, JobQueuesExpiredError
+from ebb.errors import (
+    CallbackError,
+    ClientClosedError,
+    EbbError,
+    JobQueuesExpiredError,
+    JobResultLostError,
+)
 from ebb.job import Job
 
 ALL = frozenset(QueueKind)
@@ -680,6 +686,38 @@ def test_abandon_after_the_queues_expired_adds_nothing() -> None:
     d = Driver(present=UPDATES)
     d.run(d.tracker.abandon(ClientClosedError("closed")))
     assert isinstance(d.finish.error, JobQueuesExpiredError)
+
+
+# --- a result the worker gave up on (the registry says so) -----------------------------------
+
+
+def test_a_result_the_registry_says_was_lost_ends_wait_and_deletes_the_queues() -> None:
+    d = Driver()
+    d.send("s1", "p1")
+    lost = "result not delivered: node ebb-n2 down past EBB_RESULT_RETRY"
+    d.run(d.tracker.result_lost("SUCCEEDED", lost, False, now=50.0))
+    assert d.stopped == [ALL] and d.deleted == [ALL]
+    assert d.records == [{"queues_deleted_at": 50.0}]
+    assert isinstance(d.finish.error, JobResultLostError) and d.finish.result is None
+    assert d.finish.error.status == "SUCCEEDED" and lost in str(d.finish.error)
+    assert d.finish.retire
+    d.run(d.tracker.result_lost("SUCCEEDED", lost, False, now=60.0))  # asked again: nothing more
+    assert len(d.finishes) == 1
+
+
+@pytest.mark.parametrize(
+    ("before", "lost", "delivered"),
+    [
+        ("r(s1,p1)", "x", False),  # a result in hand (waiting for its stragglers) decides
+        ("s1", None, False),  # nothing lost: the job goes on
+        ("s1", "x", True),  # someone took a result: this caller's comes, or its queues are gone
+    ],
+)
+def test_a_result_not_known_lost_keeps_the_wait_going(before: str, lost: str | None, delivered: bool) -> None:
+    d = Driver()
+    d.send(before)
+    d.run(d.tracker.result_lost("SUCCEEDED", lost, delivered, now=50.0))
+    assert d.finishes == [] and d.deleted == []
 
 
 @pytest.mark.parametrize("running", ["s1", "r"])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,18 @@ from ebb import (
     UnknownJobError,
 )
 from ebb.config import Settings
-from tests.support import ClientProcess, Management, start_worker, stop_worker, wait_until
+from ebb.records import SUBMITTED
+from ebb.registry import Registry
+from tests.chaos.world import RedisServer
+from tests.conftest import AnyClient
+from tests.support import (
+    ClientProcess,
+    Management,
+    private_worker,
+    start_worker,
+    stop_worker,
+    wait_until,
+)
 
 DEAD_REDIS = "redis://127.0.0.1:6399/0"  # nothing listens there: Redis is "down" for these processes
 
@@ -103,3 +116,57 @@ def test_jobs_run_and_finish_while_redis_is_down(
             client.job_status(jobs[0])
     assert caplog.text.count("event=registry_unavailable") >= 1
     assert all(not management.job_queues(job.id) for job in jobs)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, to stop and resume without touching the suite's."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.shutdown()
+
+
+def test_a_write_missed_while_redis_was_away_fills_in_what_nobody_set_since(
+    settings: Settings, own_redis: RedisServer
+) -> None:
+    ours = Registry(dataclasses.replace(settings, redis_url=own_redis.url))
+    job_id, ttl = uuid.uuid4(), timedelta(minutes=5)
+    own_redis.shutdown()  # Redis is down: the submit record is kept
+    assert not ours.write(job_id, ttl, {"workflow": "demo.sleep", "status": SUBMITTED})
+    own_redis.start()
+    # Meanwhile a worker moved the job on, with a registry of its own.
+    assert Registry(dataclasses.replace(settings, redis_url=own_redis.url)).write(
+        job_id, ttl, {"status": JobStatus.RUNNING.value}
+    )
+    other = uuid.uuid4()
+    # The next write that gets through (after the quiet spell that follows a failure) takes it along.
+    assert wait_until(lambda: ours.write(other, ttl, {"workflow": "demo.echo"}), 15)
+    record = ours.get(job_id)
+    assert record is not None and record.workflow == "demo.sleep"
+    assert record.status == JobStatus.RUNNING.value, "a late write must not set the job back"
+
+
+def test_a_job_submitted_while_redis_was_away_gets_its_record_once_it_is_back(
+    settings: Settings, make_client: Callable[..., AnyClient], own_redis: RedisServer, tmp_path: Path
+) -> None:
+    env = {"EBB_REDIS_URL": own_redis.url}
+    with private_worker(settings, tmp_path / "worker.log", env=env, name="kept") as private:
+        caller = dataclasses.replace(private, redis_url=own_redis.url)
+        with make_client(settings=caller) as client:
+            assert client.wait(client.submit_job("demo.echo", {"n": 0}), timeout=30).succeeded
+            own_redis.shutdown()
+            away = client.submit_job("demo.echo", {"n": 1})
+            assert client.wait(away, timeout=30).succeeded
+            own_redis.start()
+
+            def recorded() -> bool:
+                client.wait(client.submit_job("demo.echo", {"n": 2}), timeout=30)  # a write
+                try:
+                    return client.job_status(away) is not None
+                except UnknownJobError:
+                    return False
+
+            assert wait_until(recorded, 30), "the job submitted while Redis was away has no record"
+            record = client.job_status(away)
+            assert record.workflow == "demo.echo" and record.submitted_at

@@ -95,6 +95,8 @@ class _Watch:
     #: What arrived for ``events()``: kept only for a job without callbacks.
     events: deque[Event] | None = None
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    #: When ``wait()`` last asked the registry whether the result was lost (``core.LOST_CHECK_EVERY``).
+    lost_checked_at: float = field(default_factory=time.monotonic)
 
 
 class _WriteBatch:
@@ -155,6 +157,8 @@ class AsyncJobClient:
         self._watches: dict[uuid.UUID, _Watch] = {}
         self._finished = core.FinishedJobs(base.keep_results, base.keep_results_bytes)
         self._tags = itertools.count(1)
+        #: Consumer tag -> (job, queue kind): whose consumer RabbitMQ cancelled.
+        self._consumer_of: dict[str, tuple[_Watch, QueueKind]] = {}
         # One submit at a time on the wire (its declares, its task, the task's confirm: one round
         # trip). RabbitMQ's channel works harder per job with several outstanding: 1,000 at once
         # cost its channel process 27 % more reductions per job, two at once 10 % more, than
@@ -229,6 +233,7 @@ class AsyncJobClient:
             connection = _Connection(url, context=tls)
             await connection.connect()
             self._consume = cast(aiormq.Channel, await connection.channel(publisher_confirms=False))
+            self._consume.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
             await self._consume.basic_qos(prefetch_count=0)
             self._publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
             # The task-sent events go unconfirmed (monitoring only, as Celery sends its events)
@@ -252,6 +257,7 @@ class AsyncJobClient:
             for watch in list(self._watches.values()):
                 watch.tracker.connection_lost()
                 watch.consumers.clear()
+            self._consumer_of.clear()
             deadline = time.monotonic() + self.settings.reconnect_timeout
             delay = 0.25
             while not self._closing:
@@ -292,8 +298,11 @@ class AsyncJobClient:
                 return
             await asyncio.wait({closing}, timeout=0.25)
 
-    async def _resume(self) -> None:
-        resuming = [
+    async def _resume(
+        self, watches: list[_Watch] | None = None, vanished: str = core.VANISHED_WHILE_DISCONNECTED
+    ) -> None:
+        """Ask the broker which jobs' queues exist (all jobs after a reconnect), and go on."""
+        resuming = watches or [
             watch
             for watch in list(self._watches.values())
             if not (watch.tracker.finished and watch.tracker.auto_disconnect)
@@ -317,7 +326,24 @@ class AsyncJobClient:
                     await self._carry_out(watch, watch.tracker.abandon(unreachable))
                 continue
             async with watch.lock:
-                await self._carry_out(watch, watch.tracker.consume(frozenset(present)))
+                await self._carry_out(watch, watch.tracker.consume(frozenset(present), vanished))
+
+    def _on_consumer_cancelled(self, frame: Basic.Cancel) -> None:
+        """RabbitMQ cancelled a consumer (queue deleted, or its node down): as JobClient does,
+        probe and go on, in a task of its own (aiormq's reader runs this callback)."""
+        found = self._consumer_of.pop(str(frame.consumer_tag), None)
+        if found is not None:
+            self._spawn(self._after_cancel(*found))
+
+    async def _after_cancel(self, watch: _Watch, kind: QueueKind) -> None:
+        watch.consumers.pop(kind, None)
+        async with watch.lock:
+            if self._watches.get(watch.job.id) is not watch or not watch.tracker.consumer_cancelled(kind):
+                return
+        queue = contract.queue_name(watch.job.id, kind)
+        log_event(logger, logging.WARNING, "consumer_cancelled", job_id=watch.job.id, queue=queue)
+        with contextlib.suppress(*AMQP_ERRORS, EbbError):  # the connection broke: the reconnect resumes it
+            await self._resume([watch], core.CANCELLED_VANISHED)
 
     async def _fail_all(self, error: EbbError) -> None:
         for watch in list(self._watches.values()):
@@ -554,18 +580,40 @@ class AsyncJobClient:
     async def wait(self, job: Job | uuid.UUID | str, timeout: float | None = None) -> JobResult:
         """As ``JobClient.wait``. Cancelling it (or a timeout around it) never loses the job."""
         watch = self._known(_job_id(job))
-        try:
-            async with asyncio.timeout(timeout):
-                await watch.done.wait()
-        except TimeoutError:
-            raise WaitTimeoutError(
-                f"job {watch.job.id} has no result after {timeout} s; it is still running, call wait() again"
-            ) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not watch.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(
+                    core.until_lost_check(watch.lost_checked_at, deadline, time.monotonic())
+                ):
+                    await watch.done.wait()
+            if not watch.done.is_set():
+                await self._check_lost(watch)
+            if not watch.done.is_set() and deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeoutError(
+                    f"job {watch.job.id} has no result after {timeout} s; it is still running, "
+                    "call wait() again"
+                )
         if watch.error is not None:
             raise watch.error
         if watch.result is None:
             raise ClientClosedError(f"job {watch.job.id} ended without a result")
         return watch.result
+
+    async def _check_lost(self, watch: _Watch) -> None:
+        """As ``JobClient._check_lost``: the registry's word on a result the worker gave up on."""
+        if time.monotonic() - watch.lost_checked_at < core.LOST_CHECK_EVERY:
+            return
+        watch.lost_checked_at = time.monotonic()
+        try:
+            record = await asyncio.to_thread(self._registry.get, watch.job.id)
+        except RegistryUnavailableError:
+            return
+        if record is None or not record.lost:
+            return
+        lost = watch.tracker.result_lost(record.status, record.lost, record.result_delivered, time.time())
+        with contextlib.suppress(EbbError):  # no broker now: the deletes wait for the reconnect
+            await self._carry_out(watch, lost)
 
     async def events(self, job: Job | uuid.UUID | str) -> AsyncIterator[Event]:
         """Status and progress updates, then the result; what waited in the queues comes first."""
@@ -815,11 +863,12 @@ class AsyncJobClient:
                 for kind in action.kinds:
                     tag = watch.consumers.pop(kind, None)
                     if tag is not None:
+                        self._consumer_of.pop(tag, None)
                         with contextlib.suppress(*AMQP_ERRORS):
                             await self._consume.basic_cancel(tag, nowait=True)
             elif isinstance(action, core.DeleteQueues):
                 for kind in action.kinds:
-                    watch.consumers.pop(kind, None)
+                    self._consumer_of.pop(watch.consumers.pop(kind, ""), None)
                 await self._delete_queues(watch.job.id, action.kinds)
             elif isinstance(action, core.Record):
                 if watch.record_ttl is not None:  # batched: one Redis round trip per burst
@@ -869,6 +918,8 @@ class AsyncJobClient:
                 del self._watches[watch.job.id]
             self._finished.add(watch.job.id, watch, action.size)
             watch.callbacks = {}
+            for tag in watch.consumers.values():
+                self._consumer_of.pop(tag, None)
         self._to_signal.append(watch)  # once its registry record is written: see _flush
         self._schedule_flush()
 
@@ -953,6 +1004,7 @@ class AsyncJobClient:
             except AMQP_ERRORS as exc:
                 raise _unavailable(exc, f"consuming the queues of job {watch.job.id}") from exc
             watch.consumers[kind] = tag
+            self._consumer_of[tag] = (watch, kind)
 
 
 class _Connection(aiormq.Connection):

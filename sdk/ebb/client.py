@@ -77,6 +77,8 @@ class _Watch:
     error: EbbError | None = None
     abandoned: bool = False  # the submitting caller gave up waiting for the task's confirm
     done: threading.Event = field(default_factory=threading.Event)
+    #: When ``wait()`` last asked the registry whether the result was lost (``core.LOST_CHECK_EVERY``).
+    lost_checked_at: float = field(default_factory=time.monotonic)
 
 
 class JobClient:
@@ -100,6 +102,8 @@ class JobClient:
         self._watches: dict[uuid.UUID, _Watch] = {}
         self._finished = core.FinishedJobs(base.keep_results, base.keep_results_bytes)
         self._inbox: deque[tuple[_Watch, QueueKind, amqp.Message]] = deque()
+        #: Consumers RabbitMQ cancelled (queue deleted, or its node down): (job, queue, tag).
+        self._cancelled: deque[tuple[_Watch, QueueKind, str]] = deque()
         self._settled: deque[Callable[[], None]] = deque()
         self._timers: list[tuple[float, int, uuid.UUID]] = []
         self._timer_seq = itertools.count()
@@ -167,6 +171,7 @@ class JobClient:
         if not reconnected:
             return
         self._inbox.clear()  # unacked deliveries of the old channel come again
+        self._cancelled.clear()  # so do the consumers
         for job_id, kinds in list(self._cleanup_pending.items()):
             self._delete_queues(job_id, kinds)
         for job, message in self._unsettled.due(time.time()):
@@ -176,10 +181,15 @@ class JobClient:
             watch.consumers.clear()
             if not (watch.tracker.finished and watch.tracker.auto_disconnect):
                 resuming.append(watch)
+        self._resume(resuming)
+        log_event(logger, logging.INFO, "jobs_resumed", jobs=len(self._watches))
+
+    def _resume(self, watches: list[_Watch], vanished: str = core.VANISHED_WHILE_DISCONNECTED) -> None:
+        """Ask the broker which of these jobs' queues exist, and go on with what it says."""
         # Every job's queues at once: on RabbitMQ 4 each queue of a lost node takes the probe's
         # whole bound to go unanswered, so one after the other would take that many times longer.
-        probes = self._probe({contract.queue_name(w.job.id, k) for w in resuming for k in w.job.queues})
-        for watch in resuming:
+        probes = self._probe({contract.queue_name(w.job.id, k) for w in watches for k in w.job.queues})
+        for watch in watches:
             try:
                 present = self._job_queues(watch.job.id, set(watch.job.queues), probes)
             except JobQueuesUnavailableError as unreachable:  # down, not gone: wait() says so
@@ -193,8 +203,7 @@ class JobClient:
                 )
                 self._carry_out(watch, watch.tracker.abandon(unreachable))
                 continue
-            self._carry_out(watch, watch.tracker.consume(frozenset(present)))
-        log_event(logger, logging.INFO, "jobs_resumed", jobs=len(self._watches))
+            self._carry_out(watch, watch.tracker.consume(frozenset(present), vanished))
 
     def _open_publish_channel(self, connection: Connection) -> None:
         channel = connection.channel()
@@ -391,15 +400,40 @@ class JobClient:
                 "first (outcomes of finished jobs are kept for the last EBB_KEEP_RESULTS jobs, "
                 "at most EBB_KEEP_RESULTS_BYTES)"
             )
-        if not watch.done.wait(timeout):
-            raise WaitTimeoutError(
-                f"job {job_id} has no result after {timeout} s; it is still running, call wait() again"
-            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not watch.done.wait(core.until_lost_check(watch.lost_checked_at, deadline, time.monotonic())):
+            self._check_lost(watch)
+            if watch.done.is_set():
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeoutError(
+                    f"job {job_id} has no result after {timeout} s; it is still running, call wait() again"
+                )
         if watch.error is not None:
             raise watch.error
         if watch.result is None:
             raise ClientClosedError(f"job {job_id} ended without a result")
         return watch.result
+
+    def _check_lost(self, watch: _Watch) -> None:
+        """Every ``core.LOST_CHECK_EVERY`` of a wait: the registry's word on a result the worker
+        gave up on (never raises: without Redis the wait goes on as before)."""
+        if time.monotonic() - watch.lost_checked_at < core.LOST_CHECK_EVERY:
+            return
+        watch.lost_checked_at = time.monotonic()
+        try:
+            record = self._registry.get(watch.job.id)
+        except RegistryUnavailableError:
+            return
+        if record is None or not record.lost:
+            return
+
+        def decide() -> None:
+            lost = watch.tracker.result_lost(record.status, record.lost, record.result_delivered, time.time())
+            self._carry_out(watch, lost)
+
+        with contextlib.suppress(EbbError):  # no broker now: the next check tries again
+            self._loop.call(decide, f"giving up on the lost result of job {watch.job.id}")
 
     def cancel_job(self, job: Job | uuid.UUID | str) -> None:
         """Ask for the job to stop: a queued job never starts, a running one is interrupted.
@@ -613,6 +647,25 @@ class JobClient:
                     watch,
                     watch.tracker.received(kind, message.body, message.content_type, message, time.time()),
                 )
+            self._after_cancels()
+
+    def _after_cancels(self) -> None:
+        """Consumers RabbitMQ cancelled: the queues that are left are consumed again, a node
+        that is down or a result queue that is gone ends the wait (``JobTracker.consumer_cancelled``).
+        Here, not in py-amqp's callback: a probe from inside it would recurse."""
+        probing: list[_Watch] = []
+        while self._cancelled:
+            watch, kind, tag = self._cancelled.popleft()
+            if watch.consumers.get(kind) == tag:
+                del watch.consumers[kind]
+            if self._watches.get(watch.job.id) is not watch or not watch.tracker.consumer_cancelled(kind):
+                continue
+            queue = contract.queue_name(watch.job.id, kind)
+            log_event(logger, logging.WARNING, "consumer_cancelled", job_id=watch.job.id, queue=queue)
+            if watch not in probing:
+                probing.append(watch)
+        if probing:
+            self._resume(probing, core.CANCELLED_VANISHED)
 
     @contextlib.contextmanager
     def _flushed(self) -> Iterator[None]:
@@ -745,7 +798,7 @@ class JobClient:
                 queue=contract.queue_name(watch.job.id, kind),
                 consumer_tag=tag,
                 callback=on_message,
-                on_cancel=_cancelled_by_broker,
+                on_cancel=lambda tag, _watch=watch, _kind=kind: self._cancelled.append((_watch, _kind, tag)),
                 nowait=True,
             )
             watch.consumers[kind] = tag
@@ -771,10 +824,6 @@ class JobClient:
             self._acks.requeue(tag)
         else:
             self._acks.ack(tag)
-
-
-def _cancelled_by_broker(consumer_tag: str) -> None:
-    """RabbitMQ cancels the consumers of a queue that is deleted; nothing more to do."""
 
 
 def _job_id(job: Job | uuid.UUID | str) -> uuid.UUID:

@@ -29,6 +29,7 @@ from ebb.errors import (
     ClientClosedError,
     EbbError,
     JobQueuesExpiredError,
+    JobResultLostError,
     MalformedMessageError,
 )
 from ebb.job import Job
@@ -38,6 +39,23 @@ logger = logging.getLogger("ebb.client")
 
 #: How long a result waits for status/progress messages it overtook in the broker.
 STRAGGLER_GRACE = 2.0
+#: Why a job ends when its result queue is gone: found so after a reconnect (or at connect)...
+VANISHED_WHILE_DISCONNECTED = "They vanished while disconnected."
+#: ... or after the broker cancelled its consumer.
+CANCELLED_VANISHED = (
+    "It was deleted while this client consumed it (by an operator or a policy, or its TTL ran "
+    "out), and RabbitMQ cancelled the consumer."
+)
+#: How often a long ``wait()`` asks the registry whether the worker gave up on the result.
+LOST_CHECK_EVERY = 10.0
+
+
+def until_lost_check(checked_at: float, deadline: float | None, now: float) -> float:
+    """How long a ``wait()`` sleeps before it next asks the registry whether the result was
+    lost (``JobTracker.result_lost``), or gives up at its deadline (monotonic times)."""
+    next_check = checked_at + LOST_CHECK_EVERY
+    return max(0.0, (next_check if deadline is None else min(next_check, deadline)) - now)
+
 
 #: A transport's handle on one delivery (py-amqp's delivery tag and channel, aio-pika's message).
 Token = TypeVar("Token")
@@ -181,18 +199,36 @@ class JobTracker(Generic[Token]):
 
     # --- inputs ----------------------------------------------------------------------------
 
-    def consume(self, present: frozenset[QueueKind]) -> list[Action]:
-        """The queues that exist (submitted, probed at connect, or probed after a reconnect)."""
+    def consume(
+        self, present: frozenset[QueueKind], vanished: str = VANISHED_WHILE_DISCONNECTED
+    ) -> list[Action]:
+        """The queues that exist (submitted, probed at connect, after a reconnect, or after the
+        broker cancelled a consumer); consumers start for those not consumed already."""
         if self.finished and self.auto_disconnect:
             return []
         if QueueKind.RESULT not in present and self.result is None:
+            # Without its result queue the job cannot end here: what is left of it goes too.
             self.finished = True
-            return [
-                Finish(None, JobQueuesExpiredError(self.job.id, "They vanished while disconnected."), True)
-            ]
+            actions: list[Action] = [StopConsuming(self.consuming)] if self.consuming else []
+            self.consuming = frozenset()
+            others = frozenset(self.job.queues) - {QueueKind.RESULT}
+            if others:  # deleting a queue that is gone already is a no-op
+                actions.append(DeleteQueues(others))
+            return [*actions, Finish(None, JobQueuesExpiredError(self.job.id, vanished), True)]
         kinds = present if self.result is None else present - {QueueKind.RESULT}
+        new = kinds - self.consuming
         self.consuming = kinds
-        return [Consume(kinds)] if kinds else []
+        return [Consume(new)] if new else []
+
+    def consumer_cancelled(self, kind: QueueKind) -> bool:
+        """RabbitMQ cancelled the consumer of one of the job's queues: the queue was deleted (an
+        operator, its TTL), or its node went down. ``True``: the transport asks the broker which
+        queues are left and hands that to :meth:`consume` (``vanished=CANCELLED_VANISHED``), or
+        the probe's ``JobQueuesUnavailableError`` to :meth:`abandon` (down, not gone)."""
+        if kind not in self.consuming or (self.finished and self.auto_disconnect):
+            return False  # the client's own cancel or delete
+        self.consuming -= {kind}
+        return True
 
     def received(
         self, kind: QueueKind, body: bytes | str, content_type: str | None, token: Token, now: float
@@ -264,6 +300,25 @@ class JobTracker(Generic[Token]):
         self.consuming = frozenset()
         self._pending = None
         self._backlog.clear()
+
+    def result_lost(self, status: str | None, lost: str | None, delivered: bool, now: float) -> list[Action]:
+        """The registry's record, read during a long wait: did the worker give up on the result?
+
+        It did when the record says what was lost and nobody took a result. Nothing will
+        arrive then: ``wait()`` ends with :class:`JobResultLostError` and the queues go (what
+        is left in them is status and progress). A result or callback in hand decides instead.
+        """
+        if not lost or delivered or self.finished or self.result is not None:
+            return []
+        if self._pending is not None or self._busy is not None:
+            return []
+        actions: list[Action] = [StopConsuming(self.consuming)] if self.consuming else []
+        self.consuming = frozenset()
+        self.finished = True
+        actions.append(DeleteQueues(frozenset(self.job.queues)))
+        actions.append(Record({"queues_deleted_at": now}))
+        actions.append(Finish(None, JobResultLostError(self.job.id, status, lost), True))
+        return actions
 
     def disconnect(self, delete: bool | None, now: float) -> list[Action]:
         """Stop listening; delete the queues if asked, or by default once the result was handled."""

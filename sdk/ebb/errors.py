@@ -98,6 +98,24 @@ class JobQueuesUnavailableError(QueueUnavailableError):
         )
 
 
+class JobResultLostError(EbbError):
+    """The job ended, but its worker could not deliver the result; the registry says how it ended.
+
+    The worker keeps trying for ``EBB_RESULT_RETRY`` (a result queue whose node is down, a
+    memory alarm); past that, or when the queue had expired, it records what was lost.
+    """
+
+    def __init__(self, job_id: uuid.UUID, status: str | None, lost: str) -> None:
+        self.job_id = job_id
+        self.status = status
+        self.lost = lost
+        super().__init__(
+            f"job {job_id} ended {status or 'in an unknown state'}, but its result will never arrive: "
+            f"{lost}. The job's queues are deleted; submit it again if you need its output "
+            f"(ebb status {job_id} shows what the worker recorded)"
+        )
+
+
 class JobFailedError(EbbError):
     """Raised by ``JobResult.raise_for_status()`` for a job that ended in ERROR."""
 

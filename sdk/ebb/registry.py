@@ -4,8 +4,10 @@ One hash per job, ``ebb:job:<uuid>``, written by the SDK at submission and when 
 consumed, by the worker as the job runs, and by the audit when queues go away. Every write
 renews the key's expiry (the job's TTL plus a grace period), so Redis never fills up.
 
-Redis is a side channel: when it is down, writes are skipped with one warning per outage and
-jobs carry on; only lookups (``JobClient.job_status``) fail, with a clear error.
+Redis is a side channel: when it is down, writes are kept (one warning per outage) and jobs
+carry on; only lookups (``JobClient.job_status``) fail, with a clear error. What was kept goes
+out with the next write that gets through, filling only the fields nobody has set since: a job
+submitted during an outage gets its record, and a worker's RUNNING is never set back to SUBMITTED.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ return rows
 """
 #: After a failed write, how long the registry stays quiet before trying Redis again.
 RETRY_AFTER = 5.0
+#: Jobs whose missed writes are kept for later; past this, the oldest are dropped (logged).
+MAX_KEPT = 10_000
 
 
 class Registry:
@@ -51,41 +55,79 @@ class Registry:
         self._quiet_until = 0.0
         self._hmget_many = self._redis.register_script(HMGET_MANY)
         self._lock = threading.Lock()
+        #: Writes Redis missed: job id -> (TTL, fields, monotonic time the record expires).
+        self._kept: dict[uuid.UUID, tuple[timedelta, dict[str, Any], float]] = {}
 
     @property
     def client(self) -> redis.Redis:
         return self._redis
 
     def write(self, job_id: uuid.UUID, ttl: timedelta, fields: dict[str, Any]) -> bool:
-        """Set ``fields`` and renew the record's expiry; ``False`` (logged) when Redis is away."""
-        if time.monotonic() < self._quiet_until:
-            return False
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            self._stage_write(pipe, job_id, ttl, fields)
-            pipe.execute()
-        except redis.RedisError as exc:
-            self._went_away(exc, job_id)
-            return False
-        return True
+        """Set ``fields`` and renew the record's expiry; ``False`` (logged) when Redis is away:
+        then they are kept, and written later where nobody has set them since."""
+        return self._write({job_id: (ttl, fields)}, 1000, job_id)
 
     def write_many(
         self, updates: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]], *, batch: int = 1000
     ) -> bool:
         """``write`` for many jobs (job id -> (TTL, fields)), one pipelined round trip per ``batch``."""
+        return self._write(updates, batch, None)
+
+    def _write(
+        self,
+        updates: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]],
+        batch: int,
+        job_id_for_log: uuid.UUID | None,
+    ) -> bool:
         if time.monotonic() < self._quiet_until:
+            self._keep(updates)
             return False
+        kept = self._take_kept()
         items = list(updates.items())
         try:
+            if kept:
+                pipe = self._redis.pipeline(transaction=False)
+                for job_id, (ttl, fields) in kept.items():
+                    self._stage_fill(pipe, job_id, ttl, fields)
+                pipe.execute()
+                log_event(logger, logging.INFO, "registry_writes_caught_up", jobs=len(kept))
+                kept = {}
             for start in range(0, len(items), batch):
                 pipe = self._redis.pipeline(transaction=False)
                 for job_id, (ttl, fields) in items[start : start + batch]:
                     self._stage_write(pipe, job_id, ttl, fields)
                 pipe.execute()
         except redis.RedisError as exc:
-            self._went_away(exc, None)
+            self._keep(kept)
+            self._keep(updates)  # some may have got through: writing them again changes nothing
+            self._went_away(exc, job_id_for_log)
             return False
         return True
+
+    def _keep(self, updates: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for job_id, (ttl, fields) in updates.items():
+                _, before, _ = self._kept.pop(job_id, (ttl, {}, 0.0))
+                self._kept[job_id] = (ttl, {**before, **fields}, now + ttl.total_seconds())
+            while len(self._kept) > MAX_KEPT:
+                dropped = next(iter(self._kept))
+                del self._kept[dropped]
+                log_event(logger, logging.WARNING, "registry_write_dropped", job_id=dropped)
+
+    def _take_kept(self) -> dict[uuid.UUID, tuple[timedelta, dict[str, Any]]]:
+        now = time.monotonic()
+        with self._lock:
+            kept, self._kept = self._kept, {}
+        return {job_id: (ttl, fields) for job_id, (ttl, fields, until) in kept.items() if until > now}
+
+    def _stage_fill(self, pipe: Any, job_id: uuid.UUID, ttl: timedelta, fields: dict[str, Any]) -> None:
+        """A missed write, late: only fields still unset (the worker may have moved the job on)."""
+        key = job_key(job_id)
+        for name, value in {**fields, "ttl": ttl}.items():
+            if value is not None:
+                pipe.hsetnx(key, name, _encode(value))
+        pipe.expire(key, max(1, int((ttl + self._grace).total_seconds())))
 
     def _stage_write(self, pipe: Any, job_id: uuid.UUID, ttl: timedelta, fields: dict[str, Any]) -> None:
         key = job_key(job_id)

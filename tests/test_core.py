@@ -28,6 +28,7 @@ from ebb.contract import (
     encode_message,
 )
 from ebb.core import (
+    CANCELLED_VANISHED,
     Ack,
     Action,
     Callback,
@@ -686,6 +687,44 @@ def test_abandon_after_the_queues_expired_adds_nothing() -> None:
     d = Driver(present=UPDATES)
     d.run(d.tracker.abandon(ClientClosedError("closed")))
     assert isinstance(d.finish.error, JobQueuesExpiredError)
+
+
+# --- a consumer cancelled by the broker ------------------------------------------------------
+
+
+def cancelled_after_s1(kind: QueueKind) -> Driver:
+    """A job that got status 1, then RabbitMQ cancelled the consumer of its ``kind`` queue."""
+    d = Driver()
+    d.send("s1")
+    actions = d.tracker.consumer_cancelled(kind)
+    assert actions is not None
+    d.run(actions)
+    return d
+
+
+def test_a_cancelled_result_consumer_whose_queue_is_gone_ends_the_job_and_its_other_queues() -> None:
+    d = cancelled_after_s1(QueueKind.RESULT)
+    assert d.stopped == [UPDATES]  # the others stop, for the probe to decide
+    d.run(d.tracker.consume(frozenset(), CANCELLED_VANISHED))  # the probe: the result queue is gone
+    assert d.deleted == [UPDATES]
+    assert isinstance(d.finish.error, JobQueuesExpiredError)
+    assert "RabbitMQ cancelled the consumer" in str(d.finish.error)
+    assert d.tracker.consumer_cancelled(QueueKind.STATUS) is None  # its own delete: nothing more
+
+
+def test_a_cancelled_consumer_whose_queues_are_back_is_consumed_again_and_the_result_comes_once() -> None:
+    d = cancelled_after_s1(QueueKind.PROGRESS)
+    assert d.stopped == [frozenset({QueueKind.RESULT, QueueKind.STATUS})]
+    d.run(d.tracker.consume(ALL, CANCELLED_VANISHED))
+    assert d.consumed == [ALL, ALL]
+    d.send("r(s1)")
+    assert d.delivered == ["s1", "r"] and d.finish.result == d.sent["r"]
+
+
+def test_a_consumer_cancel_after_the_job_finished_is_nothing() -> None:
+    d = Driver()
+    d.send("r")
+    assert d.tracker.consumer_cancelled(QueueKind.RESULT) is None
 
 
 # --- a result the worker gave up on (the registry says so) -----------------------------------

@@ -159,6 +159,8 @@ class AsyncJobClient:
         self._tags = itertools.count(1)
         #: Consumer tag -> (job, queue kind): whose consumer RabbitMQ cancelled.
         self._consumer_of: dict[str, tuple[_Watch, QueueKind]] = {}
+        self._cancelled: list[tuple[_Watch, QueueKind]] = []
+        self._cancel_runner: asyncio.Future[None] | None = None
         # One submit at a time on the wire (its declares, its task, the task's confirm: one round
         # trip). RabbitMQ's channel works harder per job with several outstanding: 1,000 at once
         # cost its channel process 27 % more reductions per job, two at once 10 % more, than
@@ -232,13 +234,13 @@ class AsyncJobClient:
             tls = links.tls_context(self.settings) if url.startswith("amqps:") else None
             connection = _Connection(url, context=tls)
             await connection.connect()
-            self._consume = cast(aiormq.Channel, await connection.channel(publisher_confirms=False))
+            self._consume = cast(aiormq.Channel, await _channel(connection, publisher_confirms=False))
             self._consume.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
             await self._consume.basic_qos(prefetch_count=0)
-            self._publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._publish = await _channel(connection, publisher_confirms=True, on_return_raises=True)
             # The task-sent events go unconfirmed (monitoring only, as Celery sends its events)
             # on a channel of their own: a refused one closes it, never the consumers' channel.
-            self._events = await connection.channel(publisher_confirms=False)
+            self._events = await _channel(connection, publisher_confirms=False)
             await self._events.exchange_declare(EVENT_EXCHANGE, exchange_type="topic", durable=True)
         self._acks.clear()
         self._connection = connection
@@ -258,6 +260,7 @@ class AsyncJobClient:
                 watch.tracker.connection_lost()
                 watch.consumers.clear()
             self._consumer_of.clear()
+            self._cancelled.clear()  # the reconnect probes every job
             deadline = time.monotonic() + self.settings.reconnect_timeout
             delay = 0.25
             while not self._closing:
@@ -268,7 +271,11 @@ class AsyncJobClient:
                         await self._delete_queues(job_id, kinds)
                     await self._resend_unsettled()
                     break
-                except AMQP_ERRORS as exc:
+                except Exception as exc:  # never let the reconnect die: the client would be stuck
+                    if not isinstance(exc, AMQP_ERRORS):
+                        log_event(
+                            logger, logging.WARNING, "reconnect_attempt_failed", error=redact(repr(exc))
+                        )
                     if time.monotonic() > deadline:
                         self._failure = exc
                         await self._fail_all(
@@ -330,20 +337,36 @@ class AsyncJobClient:
 
     def _on_consumer_cancelled(self, frame: Basic.Cancel) -> None:
         """RabbitMQ cancelled a consumer (queue deleted, or its node down): as JobClient does,
-        probe and go on, in a task of its own (aiormq's reader runs this callback)."""
+        probe and go on. A node going down cancels many at once: one task probes them together
+        (aiormq's reader runs this callback, so never here)."""
         found = self._consumer_of.pop(str(frame.consumer_tag), None)
-        if found is not None:
-            self._spawn(self._after_cancel(*found))
+        if found is None:
+            return
+        self._cancelled.append(found)
+        if self._cancel_runner is None or self._cancel_runner.done():
+            self._cancel_runner = self._spawn(self._after_cancels())
 
-    async def _after_cancel(self, watch: _Watch, kind: QueueKind) -> None:
-        watch.consumers.pop(kind, None)
-        async with watch.lock:
-            if self._watches.get(watch.job.id) is not watch or not watch.tracker.consumer_cancelled(kind):
-                return
-        queue = contract.queue_name(watch.job.id, kind)
-        log_event(logger, logging.WARNING, "consumer_cancelled", job_id=watch.job.id, queue=queue)
-        with contextlib.suppress(*AMQP_ERRORS, EbbError):  # the connection broke: the reconnect resumes it
-            await self._resume([watch], core.CANCELLED_VANISHED)
+    async def _after_cancels(self) -> None:
+        await asyncio.sleep(0.1)  # the rest of the burst joins this round
+        while self._cancelled:
+            cancelled, self._cancelled = self._cancelled, []
+            probing: list[_Watch] = []
+            for watch, kind in cancelled:
+                watch.consumers.pop(kind, None)
+                async with watch.lock:
+                    current = self._watches.get(watch.job.id) is watch
+                    actions = watch.tracker.consumer_cancelled(kind) if current else None
+                    if actions is None:
+                        continue
+                    with contextlib.suppress(*AMQP_ERRORS, EbbError):
+                        await self._carry_out(watch, actions)
+                queue = contract.queue_name(watch.job.id, kind)
+                log_event(logger, logging.WARNING, "consumer_cancelled", job_id=watch.job.id, queue=queue)
+                if watch not in probing:
+                    probing.append(watch)
+            if probing:
+                with contextlib.suppress(*AMQP_ERRORS, EbbError):  # broken: the reconnect resumes them
+                    await self._resume(probing, core.CANCELLED_VANISHED)
 
     async def _fail_all(self, error: EbbError) -> None:
         for watch in list(self._watches.values()):
@@ -556,8 +579,13 @@ class AsyncJobClient:
         )
         self._watches[job_id] = watch
         self._finished.pop(job_id)
-        async with watch.lock:
-            await self._carry_out(watch, watch.tracker.consume(frozenset(present)))
+        try:
+            async with watch.lock:
+                await self._carry_out(watch, watch.tracker.consume(frozenset(present)))
+        except BrokerUnavailableError as exc:
+            # Connected all the same: the reconnect resumes the job with the others (a caller
+            # who tried again was told "already connected", chaos run).
+            log_event(logger, logging.WARNING, "job_connected_before_a_reconnect", job_id=job_id, error=exc)
         if record_ttl is not None:
             await asyncio.to_thread(
                 self._registry.write, job_id, record_ttl, {"queues_last_in_use": time.time()}
@@ -788,7 +816,7 @@ class AsyncJobClient:
         assert self._connection is not None
         try:
             async with _broker_call("opening a channel"), asyncio.timeout(self.settings.broker_timeout):
-                return await self._connection.channel(publisher_confirms=False)
+                return await _channel(self._connection, publisher_confirms=False)
         except AMQP_ERRORS as exc:
             raise _unavailable(exc, "opening a channel for a passive declare") from exc
 
@@ -819,13 +847,14 @@ class AsyncJobClient:
         """The confirming channel; reopened if a failed call closed it (aiormq closes a channel
         whose call was cancelled or timed out)."""
         if self._publish.is_closed and self._connection is not None and not self._connection.is_closed:
-            self._publish = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._publish = await _channel(self._connection, publisher_confirms=True, on_return_raises=True)
         return self._publish
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _on_message(self, watch: _Watch, kind: QueueKind, message: DeliveredMessage) -> None:
         if self._watches.get(watch.job.id) is not watch:
@@ -1021,6 +1050,20 @@ _IDLE_PROBES = 4
 
 def _job_queues(job_id: uuid.UUID, kinds: set[QueueKind], probes: dict[str, Probe]) -> set[QueueKind]:
     return job_queues_present(job_id, {k: probes[contract.queue_name(job_id, k)] for k in kinds})
+
+
+async def _channel(connection: aiormq.abc.AbstractConnection, **options: Any) -> aiormq.abc.AbstractChannel:
+    """aiormq's ``channel()``, whose connection closed under it raises a bare ``RuntimeError``:
+    a ``ConnectionError`` here, so that callers get ``BrokerUnavailableError`` (a chaos run saw the
+    RuntimeError reach a caller, and end the reconnect for good)."""
+    if connection.is_closed:
+        raise ConnectionError(f"{connection!r} closed")
+    try:
+        return await connection.channel(**options)
+    except RuntimeError as exc:
+        if isinstance(exc, aiormq.exceptions.ChannelInvalidStateError) or not connection.is_closed:
+            raise
+        raise ConnectionError(str(exc)) from exc
 
 
 async def _abandoned(declare: asyncio.Future[Any], channel: aiormq.abc.AbstractChannel) -> None:

@@ -352,7 +352,18 @@ class JobClient:
             with self._lock:
                 self._watches[job_id] = watch
                 self._finished.pop(job_id)
-            self._carry_out(watch, watch.tracker.consume(frozenset(present)))
+            try:
+                self._carry_out(watch, watch.tracker.consume(frozenset(present)))
+            except (OSError, amqp.exceptions.AMQPError) as exc:
+                # Connected all the same: the reconnect this break brings resumes the job with
+                # the others (a caller who tried again was told "already connected", chaos run).
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "job_connected_before_a_reconnect",
+                    job_id=job_id,
+                    error=repr(exc),
+                )
             return True
 
         if not self._loop.call(connect, f"connecting to job {job_id}"):
@@ -658,8 +669,12 @@ class JobClient:
             watch, kind, tag = self._cancelled.popleft()
             if watch.consumers.get(kind) == tag:
                 del watch.consumers[kind]
-            if self._watches.get(watch.job.id) is not watch or not watch.tracker.consumer_cancelled(kind):
+            actions = (
+                watch.tracker.consumer_cancelled(kind) if self._watches.get(watch.job.id) is watch else None
+            )
+            if actions is None:
                 continue
+            self._carry_out(watch, actions)
             queue = contract.queue_name(watch.job.id, kind)
             log_event(logger, logging.WARNING, "consumer_cancelled", job_id=watch.job.id, queue=queue)
             if watch not in probing:

@@ -203,7 +203,7 @@ class JobTracker(Generic[Token]):
         self, present: frozenset[QueueKind], vanished: str = VANISHED_WHILE_DISCONNECTED
     ) -> list[Action]:
         """The queues that exist (submitted, probed at connect, after a reconnect, or after the
-        broker cancelled a consumer); consumers start for those not consumed already."""
+        broker cancelled a consumer): consume them."""
         if self.finished and self.auto_disconnect:
             return []
         if QueueKind.RESULT not in present and self.result is None:
@@ -216,19 +216,21 @@ class JobTracker(Generic[Token]):
                 actions.append(DeleteQueues(others))
             return [*actions, Finish(None, JobQueuesExpiredError(self.job.id, vanished), True)]
         kinds = present if self.result is None else present - {QueueKind.RESULT}
-        new = kinds - self.consuming
         self.consuming = kinds
-        return [Consume(new)] if new else []
+        return [Consume(kinds)] if kinds else []
 
-    def consumer_cancelled(self, kind: QueueKind) -> bool:
+    def consumer_cancelled(self, kind: QueueKind) -> list[Action] | None:
         """RabbitMQ cancelled the consumer of one of the job's queues: the queue was deleted (an
-        operator, its TTL), or its node went down. ``True``: the transport asks the broker which
-        queues are left and hands that to :meth:`consume` (``vanished=CANCELLED_VANISHED``), or
-        the probe's ``JobQueuesUnavailableError`` to :meth:`abandon` (down, not gone)."""
+        operator, its TTL), or its node went down. ``None``: nothing to do (the client's own
+        cancel or delete). Otherwise the transport carries out the actions (the job's other
+        consumers stop), asks the broker which queues are left, and hands that to
+        :meth:`consume` (``vanished=CANCELLED_VANISHED``), or the probe's
+        ``JobQueuesUnavailableError`` to :meth:`abandon` (down, not gone)."""
         if kind not in self.consuming or (self.finished and self.auto_disconnect):
-            return False  # the client's own cancel or delete
-        self.consuming -= {kind}
-        return True
+            return None
+        others = self.consuming - {kind}
+        self.consuming = frozenset()
+        return [StopConsuming(others)] if others else []
 
     def received(
         self, kind: QueueKind, body: bytes | str, content_type: str | None, token: Token, now: float

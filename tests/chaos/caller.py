@@ -45,6 +45,8 @@ WAIT_PHASE = 240.0
 WAIT_CALL = 30.0
 #: Whether a failure is the broker or Redis out of reach: try again later, as a caller would.
 RETRYABLE = (UnavailableError, ClientClosedError)
+#: Between rounds of connects that could not be made yet (a careful caller does not spin).
+RETRY_PAUSE = 0.5
 
 
 class Plan:
@@ -259,6 +261,8 @@ def run_sync(args: argparse.Namespace, history: History) -> None:
             if state.waited(job_id, ok, history):
                 client = _reopen_sync(client, rec, settings, deadline, state)
                 break
+        if not state.waiting:  # only jobs to connect to, their node or the broker still away
+            time.sleep(RETRY_PAUSE)
     history.record("caller_done", waiting=sorted(state.waiting), unconnected=sorted(state.to_connect))
     history.record("memory", rss_kb=rss_kb())
     client.close()
@@ -374,6 +378,8 @@ async def run_async(args: argparse.Namespace, history: History) -> None:
             if state.waited(job_id, ok, history):
                 client = await _reopen_async(client, rec, settings, deadline, state)
                 break
+        if not state.waiting:  # only jobs to connect to, their node or the broker still away
+            await asyncio.sleep(RETRY_PAUSE)
     history.record("caller_done", waiting=sorted(state.waiting), unconnected=sorted(state.to_connect))
     history.record("memory", rss_kb=rss_kb())
     await client.close()

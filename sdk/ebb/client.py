@@ -52,7 +52,7 @@ from ebb.job import Job
 from ebb.logfmt import log_event
 from ebb.records import NOT_SUBMITTED, SUBMITTED, JobRecord
 from ebb.registry import Registry
-from ebb.sync import Acks, BrokerLoop, Confirms, QueueProbes
+from ebb.sync import AMQP_ERRORS, Acks, BrokerLoop, Confirms, QueueProbes
 from ebb.unsettled import UnsettledTasks, unconfirmed_task
 from ebb.workers import WorkflowCatalog, WorkflowInfo
 
@@ -213,7 +213,7 @@ class JobClient:
 
     def _on_lost(self, cause: BaseException) -> None:
         self._confirms.fail_all()
-        self._run_settled()
+        self._run_settled(connection_lost=True)
         for watch in list(self._watches.values()):
             watch.tracker.connection_lost()
 
@@ -590,16 +590,19 @@ class JobClient:
             with self._lock:
                 self._watches[job.id] = watch
                 self._finished.pop(job.id)
+            future.set_result(job)  # confirmed: a break below is the reconnect's to resume
             self._carry_out(watch, watch.tracker.consume(job.queues))
-            future.set_result(job)
             return
         if outcome in ("returned", "nacked"):
-            self._delete_queues(job.id, job.queues)
-            # Returned: no such queue, or (RabbitMQ 3) its node is down; nacked: RabbitMQ 4's
-            # answer for a queue whose node is down, or a refusal. A probe tells which.
             queue = self.settings.task_queue
-            why = task_not_taken(queue, job.id, outcome, self._probe({queue})[queue])
-            future.set_exception(BrokerUnavailableError(why))
+            why = f"RabbitMQ refused ({outcome}) the task of job {job.id}; it was not submitted"
+            try:
+                self._delete_queues(job.id, job.queues)
+                # Returned: no such queue, or (RabbitMQ 3) its node is down; nacked: RabbitMQ 4's
+                # answer for a queue whose node is down, or a refusal. A probe tells which.
+                why = task_not_taken(queue, job.id, outcome, self._probe({queue})[queue])
+            finally:  # the caller hears it even when the connection broke meanwhile
+                future.set_exception(BrokerUnavailableError(why))
             return
         self._unsettled.add(job, message, time.time())
         future.set_exception(
@@ -708,9 +711,21 @@ class JobClient:
                 if watch is not None:
                     self._carry_out(watch, watch.tracker.tick(now))
 
-    def _run_settled(self) -> None:
+    def _run_settled(self, *, connection_lost: bool = False) -> None:
+        """Run what the broker's confirms decided. Once the connection is known lost, one whose
+        broker work fails is logged and the rest still run: raising there would end the
+        reconnect for good (a long chaos run on 4.3 saw a sync client give up so)."""
+        broken: BaseException | None = None
         while self._settled:
-            self._settled.popleft()()
+            try:
+                self._settled.popleft()()
+            except AMQP_ERRORS as exc:
+                if not connection_lost:
+                    broken = broken or exc
+                    continue
+                log_event(logger, logging.WARNING, "settle_after_connection_lost_failed", error=repr(exc))
+        if broken is not None:
+            raise broken
 
     def _carry_out(self, watch: _Watch, actions: list[core.Action]) -> None:
         """Do what the tracker decided, in order; a callback's outcome goes back to the tracker.

@@ -144,6 +144,21 @@ class _Memory:
     unexpiring: set[str]
 
 
+@dataclass(slots=True)
+class _Seen:
+    """This run's findings as the memory phases of ``_reconcile`` need them."""
+
+    #: Every queue listed (on a cluster, plus the unlisted ones the broker still declares).
+    present: set[str] = field(default_factory=set)
+    in_use: set[str] = field(default_factory=set)
+    #: Registered jobs with a queue in use -> that queue's expiry (s), to renew their records.
+    in_use_jobs: dict[uuid.UUID, float] = field(default_factory=dict)
+    #: Unused queues no earlier audit remembered: their first-seen memo is written now.
+    newly_suspect: list[QueueFinding] = field(default_factory=list)
+    #: Suspects unused for ``confirm_after``: orphans, reported by whoever memoizes them first.
+    to_confirm: list[QueueFinding] = field(default_factory=list)
+
+
 class Auditor:
     def __init__(self, settings: Settings, api: BrokerAPI | None = None, registry: Registry | None = None):
         self.settings = settings
@@ -247,84 +262,111 @@ class Auditor:
     def _reconcile(
         self, report: AuditReport, memory: _Memory, now: float, delete: bool, clustered: bool
     ) -> None:
-        suspects, orphans = memory.suspects, memory.orphans
-        present: set[str] = set()
-        in_use: set[str] = set()
-        in_use_jobs: dict[uuid.UUID, float] = {}
-        newly_suspect: list[QueueFinding] = []
-        to_confirm: list[QueueFinding] = []
-        for finding in report.findings:
-            present.add(finding.queue)
-            if finding.state == SUSPECT:
-                first_seen = suspects.get(finding.queue)
-                if first_seen is None:
-                    newly_suspect.append(finding)
-                    continue
-                seen_at = _memo_time(first_seen)
-                if finding.expires_s is not None:
-                    # Unused since at least the first audit that saw it so: RabbitMQ removes it
-                    # one TTL after it was last used, so no later than first_seen + TTL.
-                    finding.idle_s = round(now - seen_at, 1)
-                    finding.removal_estimate = seen_at + finding.expires_s
-                if finding.queue in orphans:
-                    finding.state = ORPHANED
-                elif now - seen_at >= self.confirm_after:
-                    finding.state = ORPHANED
-                    to_confirm.append(finding)
-            elif finding.state == IN_USE:
-                in_use.add(finding.queue)
-                if finding.registered and finding.job_id and finding.expires_s:
-                    in_use_jobs[uuid.UUID(finding.job_id)] = finding.expires_s
-
-        for group in _batches(newly_suspect):
-            memos = [x for f in group for x in (f.queue, _orphan_memo(f, now))]
-            self._hsetnx_many(keys=[self.suspects_key], args=memos)
-        # On a cluster, remembered queues the listing left out are gone only if the broker no
-        # longer declares them: a node killed a moment ago drops out of the listing before it is
-        # seen down. (One node down answers no listing at all.)
-        unlisted = (suspects.keys() | orphans.keys()) - present if clustered else set()
-        if unlisted:
-            present |= self.api.still_declared(unlisted)
-        # A suspect gone before it was confirmed: its caller deleted it (the registry says so),
-        # or the broker removed it, a TTL shorter than confirmation takes: an orphan all the
-        # same, found and removed at once. Whoever deletes the suspect memo reports it.
-        gone_suspects = [q for q in suspects if q not in present or q in in_use]
-        expired_unconfirmed: list[tuple[str, str]] = []
+        """This run's findings against what earlier audits remembered, phase by phase, in an order
+        that matters: each phase's atomic Redis calls decide which auditor reports what."""
+        seen = self._sort_findings(report.findings, memory, now)
+        self._set_memos(self.suspects_key, seen.newly_suspect, now)
+        if clustered:
+            seen.present |= self._unlisted_still_declared(memory, seen.present)
+        gone_unconfirmed = self._forget_gone_suspects(memory, seen)
+        self._confirm_orphans(report, seen.to_confirm, now)
+        removed = self._forget_vanished_orphans(memory.orphans, seen)
         known: dict[uuid.UUID, JobRecord] = {}  # registry records read this run, by job
-        for batch in _batches(gone_suspects):
-            for queue, won in zip(batch, self._hdel_each(keys=[self.suspects_key], args=batch), strict=True):
-                if won and queue not in present and queue not in orphans:
-                    expired_unconfirmed.append((queue, suspects[queue]))
+        if gone_unconfirmed:
+            removed += self._removed_by_broker(gone_unconfirmed, known)
+        if removed:
+            self._report_removed(report, removed, now, known)
+        self._handle_unexpiring(report, memory.unexpiring, delete)
+        if seen.in_use_jobs:
+            self.registry.touch_in_use(
+                {job: timedelta(seconds=s) for job, s in seen.in_use_jobs.items()}, now
+            )
 
-        # Orphans confirmed this run: exactly one auditor wins HSETNX and logs it.
-        confirmed: list[QueueFinding] = []
-        for group in _batches(to_confirm):
-            memos = [x for f in group for x in (f.queue, _orphan_memo(f, now))]
-            won = self._hsetnx_many(keys=[self.orphans_key], args=memos)
-            confirmed.extend(finding for finding, first in zip(group, won, strict=True) if first)
+    def _sort_findings(self, findings: list[QueueFinding], memory: _Memory, now: float) -> _Seen:
+        """Which queues are here and in use, and which suspects are new or due for confirmation
+        (the memory's phases act on these); suspects remembered long enough become orphans."""
+        seen = _Seen()
+        for finding in findings:
+            seen.present.add(finding.queue)
+            if finding.state == SUSPECT:
+                self._judge_suspect(seen, finding, memory, now)
+            elif finding.state == IN_USE:
+                seen.in_use.add(finding.queue)
+                if finding.registered and finding.job_id and finding.expires_s:
+                    seen.in_use_jobs[uuid.UUID(finding.job_id)] = finding.expires_s
+        return seen
+
+    def _judge_suspect(self, seen: _Seen, finding: QueueFinding, memory: _Memory, now: float) -> None:
+        """An unused queue: new, still a suspect, an orphan already reported, or one to confirm."""
+        first_seen = memory.suspects.get(finding.queue)
+        if first_seen is None:
+            seen.newly_suspect.append(finding)
+            return
+        seen_at = _memo_time(first_seen)
+        if finding.expires_s is not None:
+            # Unused since at least the first audit that saw it so: RabbitMQ removes it
+            # one TTL after it was last used, so no later than first_seen + TTL.
+            finding.idle_s = round(now - seen_at, 1)
+            finding.removal_estimate = seen_at + finding.expires_s
+        if finding.queue in memory.orphans:
+            finding.state = ORPHANED
+        elif now - seen_at >= self.confirm_after:
+            finding.state = ORPHANED
+            seen.to_confirm.append(finding)
+
+    def _unlisted_still_declared(self, memory: _Memory, present: set[str]) -> set[str]:
+        """On a cluster, remembered queues the listing left out are gone only if the broker no
+        longer declares them: a node killed a moment ago drops out of the listing before it is
+        seen down. (One node down answers no listing at all.)"""
+        unlisted = (memory.suspects.keys() | memory.orphans.keys()) - present
+        return self.api.still_declared(unlisted) if unlisted else set()
+
+    def _forget_gone_suspects(self, memory: _Memory, seen: _Seen) -> list[tuple[str, str]]:
+        """A suspect gone before it was confirmed: its caller deleted it (the registry says so),
+        or the broker removed it, a TTL shorter than confirmation takes: an orphan all the
+        same, found and removed at once. Whoever deletes the suspect memo reports it: returned
+        here with its memo, for ``_removed_by_broker`` to tell which."""
+        gone = [q for q in memory.suspects if q not in seen.present or q in seen.in_use]
+        return [
+            (queue, memory.suspects[queue])
+            for queue in self._delete_memos(self.suspects_key, gone)
+            if queue not in seen.present and queue not in memory.orphans
+        ]
+
+    def _confirm_orphans(self, report: AuditReport, to_confirm: list[QueueFinding], now: float) -> None:
+        """Orphans confirmed this run: exactly one auditor wins HSETNX and logs it."""
+        confirmed = self._set_memos(self.orphans_key, to_confirm, now)
         report.new_orphans += len(confirmed)
         self._log_orphans(confirmed)
 
-        # Orphans seen before that are gone now (or have a consumer again): whoever deletes the
-        # memo reports it.
-        vanished = [q for q in orphans if q not in present or q in in_use]
+    def _forget_vanished_orphans(self, orphans: dict[str, str], seen: _Seen) -> list[tuple[str, str]]:
+        """Orphans seen before that are gone now (or have a consumer again): whoever deletes the
+        memo reports it, a reclaimed one here, a removed one returned with its memo."""
+        vanished = [q for q in orphans if q not in seen.present or q in seen.in_use]
         removed: list[tuple[str, str]] = []
-        for batch in _batches(vanished):
-            for queue, won in zip(batch, self._hdel_each(keys=[self.orphans_key], args=batch), strict=True):
-                if not won:
-                    continue
-                if queue in in_use:
-                    log_event(logger, logging.INFO, "orphan_reclaimed", job_id=_job_id(queue), queue=queue)
-                else:
-                    removed.append((queue, orphans[queue]))
-        if expired_unconfirmed:
-            removed += self._removed_by_broker(expired_unconfirmed, known)
-        if removed:
-            self._report_removed(report, removed, now, known)
+        for queue in self._delete_memos(self.orphans_key, vanished):
+            if queue in seen.in_use:
+                log_event(logger, logging.INFO, "orphan_reclaimed", job_id=_job_id(queue), queue=queue)
+            else:
+                removed.append((queue, orphans[queue]))
+        return removed
 
-        self._handle_unexpiring(report, memory.unexpiring, delete)
-        if in_use_jobs:
-            self.registry.touch_in_use({job: timedelta(seconds=s) for job, s in in_use_jobs.items()}, now)
+    def _set_memos(self, key: str, findings: list[QueueFinding], now: float) -> list[QueueFinding]:
+        """``HSETNX`` each finding's memo into the hash ``key``: the findings whose memo this call set
+        (this auditor, and no other, reports those)."""
+        won_here: list[QueueFinding] = []
+        for group in _batches(findings):
+            memos = [x for f in group for x in (f.queue, _orphan_memo(f, now))]
+            won = self._hsetnx_many(keys=[key], args=memos)
+            won_here.extend(finding for finding, first in zip(group, won, strict=True) if first)
+        return won_here
+
+    def _delete_memos(self, key: str, queues: list[str]) -> Iterator[str]:
+        """``HDEL`` each queue's memo from the hash ``key``, a batch per round trip: yields the queues
+        whose memo this call deleted (this auditor, and no other, reports those)."""
+        for batch in _batches(queues):
+            won = self._hdel_each(keys=[key], args=batch)
+            yield from (queue for queue, deleted in zip(batch, won, strict=True) if deleted)
 
     def _report_down_nodes(self, report: AuditReport) -> int:
         """One line per down node per run, with how many job queues wait on it (never orphans);
@@ -356,20 +398,7 @@ class Auditor:
             if record is not None and _deleted_by_caller(record, parsed[1] if parsed else None):
                 continue
             orphans.append((queue, memo))
-            _, _, messages = memo.partition("|")
-            log_event(
-                logger,
-                logging.WARNING,
-                "orphan_found",
-                job_id=_job_id(queue),
-                queue=queue,
-                messages=int(messages) if messages.isdigit() else None,
-                idle_s=None,
-                ttl_s=record.ttl.total_seconds() if record is not None and record.ttl else None,
-                removal_estimate=None,
-                registry_status=record.status if record is not None and record.status else "unknown",
-                detail="removed by the broker (TTL) before this audit confirmed it",
-            )
+            _log_found_removed(queue, memo, record)
         return orphans
 
     def _log_orphans(self, findings: list[QueueFinding]) -> None:
@@ -409,10 +438,7 @@ class Auditor:
         """Log each orphan the broker removed, with what was lost, and mark the jobs' records.
         ``known``: records already read this run (the rest are read here)."""
         parsed_names = {queue: parse_queue_name(queue) for queue, _ in removed}
-        records = {
-            **self._records_of([(q, m) for q, m in removed if (p := parsed_names[q]) and p[0] not in known]),
-            **known,
-        }
+        records = self._records_of_removed(removed, parsed_names, known)
         updates: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]] = {}
         for queue, memo in removed:
             parsed = parsed_names[queue]
@@ -421,44 +447,75 @@ class Auditor:
             lost = _what_was_lost(queue, memo, record)
             report.removed.append({"queue": queue, "job_id": str(job_id) if job_id else None, "lost": lost})
             log_event(logger, logging.WARNING, "orphan_removed", job_id=job_id, queue=queue, lost=lost)
-            if job_id is None:
-                continue
-            # A job submitted while Redis was down has no record: write what the audit saw, so
-            # that ebb status says its queues expired, not "unknown job" (found by the chaos run).
-            ttl = record.ttl if record is not None and record.ttl is not None else self.settings.max_ttl
-            fields = updates.setdefault(job_id, (ttl, {"queues_removed_at": now}))[1]
-            delivered = record is not None and record.result_delivered
-            if not delivered and parsed and parsed[1] is QueueKind.RESULT:
-                fields["lost"] = lost
+            if parsed is not None:
+                self._mark_removed(updates, parsed, record, lost, now)
         if updates:
             self.registry.write_many(updates)
 
+    def _records_of_removed(
+        self,
+        removed: list[tuple[str, str]],
+        parsed_names: dict[str, tuple[uuid.UUID, QueueKind] | None],
+        known: dict[uuid.UUID, JobRecord],
+    ) -> dict[uuid.UUID, JobRecord]:
+        """The records of the removed queues' jobs: ``known`` ones as read earlier this run, the
+        rest read now."""
+        unread = [(q, m) for q, m in removed if (p := parsed_names[q]) and p[0] not in known]
+        return {**self._records_of(unread), **known}
+
+    def _mark_removed(
+        self,
+        updates: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]],
+        parsed: tuple[uuid.UUID, QueueKind],
+        record: JobRecord | None,
+        lost: str,
+        now: float,
+    ) -> None:
+        """Add to ``updates`` when the job's queues went and, for an undelivered result, what was
+        lost."""
+        job_id, kind = parsed
+        # A job submitted while Redis was down has no record: write what the audit saw, so
+        # that ebb status says its queues expired, not "unknown job" (found by the chaos run).
+        ttl = record.ttl if record is not None and record.ttl is not None else self.settings.max_ttl
+        fields = updates.setdefault(job_id, (ttl, {"queues_removed_at": now}))[1]
+        delivered = record is not None and record.result_delivered
+        if not delivered and kind is QueueKind.RESULT:
+            fields["lost"] = lost
+
     def _handle_unexpiring(self, report: AuditReport, known: set[str], delete: bool) -> None:
+        """Queues without any expiry: reported once each (``known``: those reported before, until
+        they go), and deleted when unused if ``delete``."""
         unexpiring = [f for f in report.findings if f.state == NO_EXPIRY]
         if unexpiring:
-            stamp = repr(time.time())
-            won = self._hsetnx_many(
-                keys=[self.unexpiring_key], args=[x for f in unexpiring for x in (f.queue, stamp)]
-            )
-            for finding, first in zip(unexpiring, won, strict=True):
-                if first:
-                    log_event(
-                        logger,
-                        logging.WARNING,
-                        "queue_without_expiry",
-                        job_id=finding.job_id,
-                        queue=finding.queue,
-                        consumers=finding.consumers,
-                        messages=finding.messages,
-                        action="deleting when unused"
-                        if delete
-                        else "kept (EBB_AUDIT_DELETE_UNEXPIRING=false)",
-                    )
+            self._report_unexpiring(unexpiring, delete)
         stale = known - {f.queue for f in unexpiring}
         if stale:
             self.redis.hdel(self.unexpiring_key, *stale)
-        if not delete:
-            return
+        if delete:
+            self._delete_unused(report, unexpiring)
+
+    def _report_unexpiring(self, unexpiring: list[QueueFinding], delete: bool) -> None:
+        """Exactly one auditor wins HSETNX for a queue without expiry and logs it."""
+        stamp = repr(time.time())
+        won = self._hsetnx_many(
+            keys=[self.unexpiring_key], args=[x for f in unexpiring for x in (f.queue, stamp)]
+        )
+        action = "deleting when unused" if delete else "kept (EBB_AUDIT_DELETE_UNEXPIRING=false)"
+        for finding, first in zip(unexpiring, won, strict=True):
+            if first:
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "queue_without_expiry",
+                    job_id=finding.job_id,
+                    queue=finding.queue,
+                    consumers=finding.consumers,
+                    messages=finding.messages,
+                    action=action,
+                )
+
+    def _delete_unused(self, report: AuditReport, unexpiring: list[QueueFinding]) -> None:
+        """Delete the queues without expiry that have no consumer (the broker refuses if one came)."""
         for finding in unexpiring:
             if finding.consumers != 0:
                 continue  # in use, or stats not in yet: never delete what someone may be reading
@@ -478,6 +535,25 @@ class Auditor:
 
 def _log_degraded(exc: Exception) -> None:
     log_event(logger, logging.WARNING, "audit_degraded", error=repr(exc), detail="no registry, no dedup")
+
+
+def _log_found_removed(queue: str, memo: str, record: JobRecord | None) -> None:
+    """``orphan_found`` for an orphan the broker removed before it was confirmed: what the memo and
+    the record tell, in place of what the listing would have."""
+    _, _, messages = memo.partition("|")
+    log_event(
+        logger,
+        logging.WARNING,
+        "orphan_found",
+        job_id=_job_id(queue),
+        queue=queue,
+        messages=int(messages) if messages.isdigit() else None,
+        idle_s=None,
+        ttl_s=record.ttl.total_seconds() if record is not None and record.ttl else None,
+        removal_estimate=None,
+        registry_status=record.status if record is not None and record.status else "unknown",
+        detail="removed by the broker (TTL) before this audit confirmed it",
+    )
 
 
 def _job_id(queue: str) -> str | None:

@@ -7,6 +7,12 @@ message is dropped and logged instead of resurrecting the queue.
 When the queue's node is down, RabbitMQ 3 returns the message too (a passive declare then says
 which node), RabbitMQ 4 nacks it and names no node anywhere over AMQP: the management API does
 (``BrokerAPI.down_home``), asked once per result.
+
+During a resource alarm (memory, disk) RabbitMQ blocks the connection at its first publish and
+reads nothing more from it until the alarm clears; the message it was sent is confirmed then
+(3.10 and 4.3 alike). The publish waits for that confirm however long the alarm lasts: another
+connection would be blocked as well, and giving up would drop a result the broker holds. The
+block and the unblock are logged, with the job whose message waits.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -56,8 +63,14 @@ class ReplyPublisher:
         self._connection = links.broker_connection(
             settings,
             heartbeat=settings.heartbeat,
-            transport_options={"confirm_publish": True},
+            transport_options={
+                "confirm_publish": True,
+                "on_blocked": self._on_blocked,
+                "on_unblocked": self._on_unblocked,
+            },
         )
+        self._publishing: str | None = None  # the queue whose message waits for its confirm
+        self._blocked_at: float | None = None
         self._returned: set[str] = set()
         self._producer = Producer(
             self._connection, serializer="json", auto_declare=False, on_return=self._on_return
@@ -76,6 +89,29 @@ class ReplyPublisher:
                 cls._instance = cls(settings)
                 cls._instance_pid = os.getpid()
             return cls._instance
+
+    def _on_blocked(self, reason: str) -> None:
+        """RabbitMQ's ``connection.blocked``, read while a confirm is awaited: a silent wait of
+        unknown length otherwise. (py-amqp drops RabbitMQ's reason and passes a fixed one.)"""
+        self._blocked_at = time.monotonic()
+        queue = self._publishing
+        log_event(
+            logger,
+            logging.WARNING,
+            "publish_blocked",
+            job_id=_job_of(queue),
+            queue=queue,
+            reason="RabbitMQ blocked the connection: a resource alarm is raised (rabbitmq-diagnostics "
+            "alarms); the message is confirmed once it clears",
+        )
+
+    def _on_unblocked(self) -> None:
+        queue = self._publishing
+        held = None if self._blocked_at is None else round(time.monotonic() - self._blocked_at, 2)
+        self._blocked_at = None
+        log_event(
+            logger, logging.INFO, "publish_unblocked", job_id=_job_of(queue), queue=queue, blocked_s=held
+        )
 
     def _on_return(self, exception: Exception, exchange: str, routing_key: str, message: Any) -> None:
         self._returned.add(routing_key)
@@ -97,8 +133,7 @@ class ReplyPublisher:
         refused for good (a 406: too large, say) raises :class:`PublishRefused`.
         """
         body = contract.encode_message(message)
-        parsed = contract.parse_queue_name(queue)
-        job_id = parsed[0] if parsed else None
+        job_id = _job_of(queue)
         deadline = time.monotonic() + keep_trying_for
         delay = 0.5
         nacked: str | None = None  # why a nack, looked up once
@@ -153,6 +188,7 @@ class ReplyPublisher:
         """``confirmed``, ``returned`` (unroutable: ``mandatory``) or ``nacked``."""
         with self._lock:
             self._returned.discard(queue)
+            self._publishing = queue
             try:
                 self._producer.publish(
                     body,
@@ -175,6 +211,8 @@ class ReplyPublisher:
                 # A channel error closed the producer's channel: the next publish opens another.
                 self._producer.revive(self._connection.channel())
                 raise PublishRefused(f"RabbitMQ refused the message for {queue}: {exc!r}") from exc
+            finally:
+                self._publishing = None
             returned = queue in self._returned
             self._returned.discard(queue)
         return "returned" if returned else "confirmed"
@@ -222,3 +260,9 @@ class ReplyPublisher:
         except (ManagementError, ValueError) as exc:
             log_event(logger, logging.INFO, "queue_node_unknown", queue=queue, error=exc)
             return None
+
+
+def _job_of(queue: str | None) -> uuid.UUID | None:
+    """The job a reply queue belongs to (``None`` for another queue)."""
+    parsed = contract.parse_queue_name(queue) if queue else None
+    return parsed[0] if parsed else None

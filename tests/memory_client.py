@@ -57,8 +57,8 @@ def run_sync(jobs: int, window: int, checkpoints: set[int]) -> dict[str, Any]:
                 print(done, rss_bytes(), flush=True)
         channel = client._consume_channel
         return {
-            "watches": len(client._watches),
-            "finished_kept": len(client._finished),
+            "watches": len(client._core.watches),
+            "finished_kept": len(client._core.finished),
             "consumer_callbacks": len(channel.callbacks),
             "cancel_callbacks": len(channel.cancel_callbacks),
         }
@@ -96,11 +96,11 @@ async def run_async(jobs: int, window: int, checkpoints: set[int]) -> dict[str, 
         # A result that overtook its progress starts a straggler timer, which runs out by itself
         # (STRAGGLER_GRACE) even when the stragglers came: once it has, no task may be left.
         await asyncio.sleep(STRAGGLER_GRACE + 0.5)
-        channel = client._consume
+        channel = client._consume_channel
         assert isinstance(channel, aiormq.Channel)
         return {
-            "watches": len(client._watches),
-            "finished_kept": len(client._finished),
+            "watches": len(client._core.watches),
+            "finished_kept": len(client._core.finished),
             "consumer_callbacks": len(channel.consumers),
             "tasks_besides_the_supervisor": len(client._tasks) - 1,
         }

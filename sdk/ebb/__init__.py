@@ -4,6 +4,7 @@ from ebb.client import JobClient
 from ebb.config import Settings
 from ebb.contract import JobError, JobResult, JobStatus, ProgressUpdate, QueueKind, StatusUpdate
 from ebb.errors import (
+    BrokerBlockedError,
     BrokerCredentialsRefusedError,
     BrokerUnavailableError,
     CallbackError,
@@ -33,6 +34,7 @@ from ebb.records import JobRecord
 from ebb.workers import WorkflowInfo
 
 __all__ = [
+    "BrokerBlockedError",
     "BrokerCredentialsRefusedError",
     "BrokerUnavailableError",
     "CallbackError",

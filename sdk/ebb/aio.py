@@ -1,13 +1,14 @@
-"""``AsyncJobClient``: the same jobs from asyncio, on the same job core as ``JobClient``.
+"""``AsyncJobClient``: the caller core (``ebb.caller``) on the asyncio transport.
 
-The policy (dedupe, stragglers, raising callbacks, when queues go) is ``ebb.core``'s, exactly as
-in the sync client; this module is only the asyncio transport, over aiormq (the AMQP client
-aio-pika is built on): one connection per client, no thread and no task per job. A delivery
-only feeds the job's tracker; a callback runs in a short task of its own (plain functions in
-asyncio's default executor), so a slow or raising callback never holds up other jobs'
-deliveries or the heartbeat. Every wait on the broker is bounded by ``EBB_BROKER_TIMEOUT``, and
-a connection silent for a heartbeat interval and a second (aiormq's own test, within two intervals as
-in the sync client) is closed and replaced.
+The same core as ``JobClient`` decides everything (``CallerCore`` for the client's life,
+``JobTracker`` for each job's messages); this module is only the asyncio transport, method for
+method as ``ebb.client`` is the threaded one, over aiormq (the AMQP client aio-pika is built
+on): one connection per client, no thread and no task per job. A delivery only feeds the job's
+tracker; a callback runs in a short task of its own (plain functions in asyncio's default
+executor), so a slow or raising callback never holds up other jobs' deliveries or the
+heartbeat. Every wait on the broker is bounded by ``EBB_BROKER_TIMEOUT``, and a connection
+silent for a heartbeat interval and a second (aiormq's own test, within two intervals as in the
+sync client) is closed and replaced.
 """
 
 from __future__ import annotations
@@ -31,19 +32,21 @@ import aiormq
 import aiormq.exceptions
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
+from pamqp.commands import Connection as ConnectionMethods
 
-from ebb import checks, contract, core, links
+from ebb import contract, core, links
 from ebb.acks import AckBatch
 from ebb.broker_replies import (
     PROBE_BATCH,
     Present,
     Probe,
     Unreachable,
-    job_queues_present,
+    consumers_reading,
     probe_bound,
     queue_unreachable,
     task_not_taken,
 )
+from ebb.caller import CallerCore, ConnectPlan, Watch, job_id_of
 from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
 from ebb.config import Settings
 from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
@@ -53,24 +56,22 @@ from ebb.errors import (
     EbbError,
     InvalidArgumentError,
     JobQueuesExpiredError,
-    JobQueuesUnavailableError,
-    QueueUnavailableError,
     RegistryUnavailableError,
-    UnknownJobError,
-    WaitTimeoutError,
+    broker_unavailable,
 )
 from ebb.job import Job
 from ebb.logfmt import log_event
-from ebb.records import NOT_SUBMITTED, SUBMITTED, JobRecord
+from ebb.records import JobRecord
 from ebb.redact import redact
 from ebb.registry import Registry
-from ebb.unsettled import UnsettledTasks, unconfirmed_task
 from ebb.workers import WorkflowCatalog, WorkflowInfo
 
 logger = logging.getLogger("ebb.client")
 
 Callback = Callable[[Job, Any], Any]
 Event = StatusUpdate | ProgressUpdate | JobResult
+#: The task as aiormq publishes it: body and properties.
+Task = tuple[bytes, Basic.Properties]
 #: What the broker library raises when a connection or channel fails.
 AMQP_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
@@ -79,24 +80,25 @@ AMQP_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
+#: A broker call that broke, as the library raised it or as translated for a caller.
+_BROKEN: tuple[type[BaseException], ...] = (BrokerUnavailableError, *AMQP_ERRORS)
 
 
 @dataclass(eq=False)
-class _Watch:
-    job: Job
-    tracker: core.JobTracker[DeliveredMessage]
-    callbacks: dict[core.Callback, Callback]
-    record_ttl: timedelta | None
-    consumers: dict[QueueKind, str] = field(default_factory=dict)
-    result: JobResult | None = None
-    error: EbbError | None = None
+class _Watch(Watch):
+    """A job of this client; ``wait()`` awaits ``done``, its core calls hold ``lock``."""
+
     done: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: What arrived for ``events()``: kept only for a job without callbacks.
     events: deque[Event] | None = None
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    #: When ``wait()`` last asked the registry whether the result was lost (``core.LOST_CHECK_EVERY``).
-    lost_checked_at: float = field(default_factory=time.monotonic)
+
+
+def _new_watch(
+    job: Job, tracker: core.JobTracker[Any], callbacks: dict[core.Callback, Any], record_ttl: timedelta | None
+) -> _Watch:
+    return _Watch(job, tracker, callbacks, record_ttl, events=None if callbacks else deque())
 
 
 class _WriteBatch:
@@ -148,31 +150,29 @@ class AsyncJobClient:
         if broker_url is not None:
             base = dataclasses.replace(base, broker_url=broker_url)
         self.settings = base
+        self._core: CallerCore[_Watch, Task] = CallerCore(base, _new_watch)
         self._registry = Registry(base)
         self._writes = _WriteBatch(self._registry)
         self._catalog = WorkflowCatalog(
             self._registry.client, base.task_queue, enabled=base.check_workflows, settings=base
         )
         self._messages = TaskMessages()
-        self._watches: dict[uuid.UUID, _Watch] = {}
-        self._finished = core.FinishedJobs(base.keep_results, base.keep_results_bytes)
         self._tags = itertools.count(1)
         #: Consumer tag -> (job, queue kind): whose consumer RabbitMQ cancelled.
         self._consumer_of: dict[str, tuple[_Watch, QueueKind]] = {}
-        self._cancelled: list[tuple[_Watch, QueueKind]] = []
+        self._cancelled: list[tuple[_Watch, QueueKind, str]] = []
         self._cancel_runner: asyncio.Future[None] | None = None
+        #: Set while RabbitMQ does not block the connection (see ``CallerCore.blocked``).
+        self._unblocked = asyncio.Event()
+        self._unblocked.set()
         # One submit at a time on the wire (its declares, its task, the task's confirm: one round
         # trip). RabbitMQ's channel works harder per job with several outstanding: 1,000 at once
         # cost its channel process 27 % more reductions per job, two at once 10 % more, than
         # one at a time. A burst of submits still goes at one per round trip (~1 ms locally).
         self._submitting = asyncio.Lock()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        #: Queue deletes the connection cut off: done again after the reconnect.
-        self._cleanup_pending: dict[uuid.UUID, frozenset[QueueKind]] = {}
-        #: Tasks whose confirm never came, sent again after the next reconnect (ebb.unsettled).
-        self._unsettled: UnsettledTasks[tuple[bytes, Basic.Properties]] = UnsettledTasks()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._connection: aiormq.Connection | None = None
-        self._consume: aiormq.Channel
+        self._consume_channel: aiormq.Channel
         self._publish: aiormq.abc.AbstractChannel
         self._events: aiormq.abc.AbstractChannel
         #: Probe channels that answered, kept for the next probes (as ``QueueProbes`` keeps them).
@@ -181,8 +181,6 @@ class AsyncJobClient:
         # One burst of work (what the reader handed over before the loop idles) ends in one
         # flush: a multiple-ack, one pipelined registry write, then the waiters wake.
         self._acks = AckBatch()
-        self._records: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]] = {}
-        self._to_signal: list[_Watch] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._failure: BaseException | None = None
@@ -216,7 +214,7 @@ class AsyncJobClient:
         urls = self._urls()
         for n, url in enumerate(urls):
             try:
-                await self._connect_to(url)
+                await self._open_connection(url)
                 return
             except AMQP_ERRORS as exc:
                 if n == len(urls) - 1:
@@ -229,14 +227,16 @@ class AsyncJobClient:
                     error=redact(repr(exc)),
                 )
 
-    async def _connect_to(self, url: str) -> None:
+    async def _open_connection(self, url: str) -> None:
         async with asyncio.timeout(self.settings.broker_timeout):
             tls = links.tls_context(self.settings) if url.startswith("amqps:") else None
             connection = _Connection(url, context=tls)
+            connection.on_blocked, connection.on_unblocked = self._on_blocked, self._on_unblocked
             await connection.connect()
-            self._consume = cast(aiormq.Channel, await _channel(connection, publisher_confirms=False))
-            self._consume.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
-            await self._consume.basic_qos(prefetch_count=0)
+            self._on_unblocked()  # a new connection is not blocked until it publishes into an alarm
+            self._consume_channel = cast(aiormq.Channel, await _channel(connection, publisher_confirms=False))
+            self._consume_channel.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
+            await self._consume_channel.basic_qos(prefetch_count=0)
             self._publish = await _channel(connection, publisher_confirms=True, on_return_raises=True)
             # The task-sent events go unconfirmed (monitoring only, as Celery sends its events)
             # on a channel of their own: a refused one closes it, never the consumers' channel.
@@ -247,6 +247,26 @@ class AsyncJobClient:
         self._probes = []
         self._ready.set()
 
+    async def _on_connected(self) -> None:
+        """After a reconnect: the deletes and tasks owed to the broker, then every job resumed."""
+        for job_id, kinds in list(self._core.deletes_owed.items()):
+            await self._delete_queues(job_id, kinds)
+        for job, task in list(self._core.unsettled.due(time.time())):
+            try:
+                outcome = await self._send_task(job, task)
+            except BrokerUnavailableError as exc:
+                outcome = redact(repr(exc))
+            self._resend_settled(job, outcome)
+        await self._resume(self._core.resumable())
+        log_event(logger, logging.INFO, "jobs_resumed", jobs=len(self._core.watches))
+
+    async def _resume(self, watches: list[_Watch], vanished: str = core.VANISHED_WHILE_DISCONNECTED) -> None:
+        """Ask the broker which of these jobs' queues exist (all at once), and go on with what it says."""
+        probes = await self._probe(self._core.queue_names(watches))
+        for watch in watches:
+            async with watch.lock:
+                await self._carry_out(watch, self._core.probed(watch, probes, vanished))
+
     async def _supervise(self) -> None:
         """Watch the connection; when it dies (or goes silent), reconnect and resume every job."""
         while not self._closing:
@@ -256,20 +276,13 @@ class AsyncJobClient:
                 return
             self._ready.clear()
             log_event(logger, logging.WARNING, "connection_lost", action="reconnecting")
-            for watch in list(self._watches.values()):
-                watch.tracker.connection_lost()
-                watch.consumers.clear()
-            self._consumer_of.clear()
-            self._cancelled.clear()  # the reconnect probes every job
+            self._on_lost()
             deadline = time.monotonic() + self.settings.reconnect_timeout
             delay = 0.25
             while not self._closing:
                 try:
                     await self._connect()
-                    await self._resume()
-                    for job_id, kinds in list(self._cleanup_pending.items()):
-                        await self._delete_queues(job_id, kinds)
-                    await self._resend_unsettled()
+                    await self._on_connected()
                     break
                 except Exception as exc:  # never let the reconnect die: the client would be stuck
                     if not isinstance(exc, AMQP_ERRORS):
@@ -277,12 +290,7 @@ class AsyncJobClient:
                             logger, logging.WARNING, "reconnect_attempt_failed", error=redact(repr(exc))
                         )
                     if time.monotonic() > deadline:
-                        self._failure = exc
-                        await self._fail_all(
-                            ClientClosedError(
-                                f"the client lost its broker connection for good: {redact(repr(exc))}"
-                            )
-                        )
+                        await self._on_failure(exc)
                         return
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 3.0)
@@ -305,72 +313,36 @@ class AsyncJobClient:
                 return
             await asyncio.wait({closing}, timeout=0.25)
 
-    async def _resume(
-        self, watches: list[_Watch] | None = None, vanished: str = core.VANISHED_WHILE_DISCONNECTED
-    ) -> None:
-        """Ask the broker which jobs' queues exist (all jobs after a reconnect), and go on."""
-        resuming = watches or [
-            watch
-            for watch in list(self._watches.values())
-            if not (watch.tracker.finished and watch.tracker.auto_disconnect)
-        ]
-        # Every job's queues at once, as JobClient does (a lost node's queue on RabbitMQ 4 takes
-        # the probe's whole bound to go unanswered).
-        probes = await self._probe({contract.queue_name(w.job.id, k) for w in resuming for k in w.job.queues})
-        for watch in resuming:
-            try:
-                present = _job_queues(watch.job.id, set(watch.job.queues), probes)
-            except JobQueuesUnavailableError as unreachable:  # down, not gone: wait() says so
-                log_event(
-                    logger,
-                    logging.WARNING,
-                    "job_queues_unreachable",
-                    job_id=watch.job.id,
-                    queue=unreachable.queue,
-                    node=unreachable.node,
-                )
-                async with watch.lock:
-                    await self._carry_out(watch, watch.tracker.abandon(unreachable))
-                continue
-            async with watch.lock:
-                await self._carry_out(watch, watch.tracker.consume(frozenset(present), vanished))
+    def _on_lost(self) -> None:
+        self._core.connection_lost()
+        self._consumer_of.clear()
+        self._cancelled.clear()  # the reconnect probes every job
+
+    async def _on_failure(self, exc: BaseException) -> None:
+        self._failure = exc
+        for watch, actions in self._core.failed(exc):
+            await self._carry_out(watch, actions)
+
+    def _on_blocked(self, reason: str) -> None:
+        """RabbitMQ's ``connection.blocked`` (aiormq's reader calls this: no I/O here)."""
+        self._unblocked.clear()
+        self._core.blocked(reason)
+
+    def _on_unblocked(self) -> None:
+        self._core.unblocked()
+        self._unblocked.set()
 
     def _on_consumer_cancelled(self, frame: Basic.Cancel) -> None:
-        """RabbitMQ cancelled a consumer (queue deleted, or its node down): as JobClient does,
-        probe and go on. A node going down cancels many at once: one task probes them together
-        (aiormq's reader runs this callback, so never here)."""
-        found = self._consumer_of.pop(str(frame.consumer_tag), None)
+        """RabbitMQ cancelled a consumer (queue deleted, or its node down). A node going down
+        cancels many at once: one task probes them together (aiormq's reader runs this
+        callback, so never here)."""
+        tag = str(frame.consumer_tag)
+        found = self._consumer_of.pop(tag, None)
         if found is None:
             return
-        self._cancelled.append(found)
+        self._cancelled.append((*found, tag))
         if self._cancel_runner is None or self._cancel_runner.done():
             self._cancel_runner = self._spawn(self._after_cancels())
-
-    async def _after_cancels(self) -> None:
-        await asyncio.sleep(0.1)  # the rest of the burst joins this round
-        while self._cancelled:
-            cancelled, self._cancelled = self._cancelled, []
-            probing: list[_Watch] = []
-            for watch, kind in cancelled:
-                watch.consumers.pop(kind, None)
-                async with watch.lock:
-                    current = self._watches.get(watch.job.id) is watch
-                    actions = watch.tracker.consumer_cancelled(kind) if current else None
-                    if actions is None:
-                        continue
-                    with contextlib.suppress(*AMQP_ERRORS, EbbError):
-                        await self._carry_out(watch, actions)
-                queue = contract.queue_name(watch.job.id, kind)
-                log_event(logger, logging.WARNING, "consumer_cancelled", job_id=watch.job.id, queue=queue)
-                if watch not in probing:
-                    probing.append(watch)
-            if probing:
-                with contextlib.suppress(*AMQP_ERRORS, EbbError):  # broken: the reconnect resumes them
-                    await self._resume(probing, core.CANCELLED_VANISHED)
-
-    async def _fail_all(self, error: EbbError) -> None:
-        for watch in list(self._watches.values()):
-            await self._carry_out(watch, watch.tracker.abandon(error))
 
     async def _channel_ready(self) -> None:
         if self._failure is not None or self._closing:
@@ -395,146 +367,38 @@ class AsyncJobClient:
         updates: bool = False,
     ) -> Job:
         """As ``JobClient.submit_job``; callbacks may be plain or coroutine functions."""
-        params_dict = checks.job_params(workflow, params, self.settings.max_params_bytes)
-        ttl = checks.validate_ttl(
-            auto_cleanup_after_ttl, default=self.settings.default_ttl, maximum=self.settings.max_ttl
+        plan = self._core.plan_submit(
+            workflow,
+            params,
+            on_finished=on_finished,
+            on_progress=on_progress,
+            on_status=on_status,
+            auto_disconnect=auto_disconnect_on_result,
+            ttl=auto_cleanup_after_ttl,
+            reference=reference,
+            job_timeout=job_timeout,
+            updates=updates,
         )
-        timeout = checks.job_timeout_seconds(job_timeout)
         await self._channel_ready()
         if not self._catalog.knows(workflow):
             await asyncio.to_thread(self._catalog.check, workflow, self._consumers_from_thread)
-        params_dict = self._catalog.params_for(workflow, params_dict)
-        kinds = checks.wanted_queues(on_progress, on_status, updates=updates)
-        job = Job(id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=kinds, reference=reference)
-        watch = self._watch(job, ttl, auto_disconnect_on_result, on_finished, on_progress, on_status)
-        request = contract.TaskRequest(
-            job.id, workflow, params_dict, job.queues, ttl.total_seconds(), timeout
-        )
-        now = time.time()
-        await self._writes.write(
-            job.id,
-            ttl,
-            {
-                "workflow": workflow,
-                "reference": reference,
-                "status": SUBMITTED,
-                "submitted_at": now,
-                "result_delivered": False,
-                "queues_last_in_use": now,
-            },
-        )
-        try:
-            async with self._submitting:
-                await self._send(watch, request)
-        except BrokerUnavailableError as exc:
-            if exc.job_id is None:
-                await self._writes.write(job.id, ttl, {"status": NOT_SUBMITTED})
-            raise
-        log_event(logger, logging.INFO, "job_submitted", job_id=job.id, workflow=workflow, ttl=ttl)
-        return job
-
-    async def _send(self, watch: _Watch, request: contract.TaskRequest) -> None:
+        params_dict = self._catalog.params_for(workflow, plan.params)
+        watch, request, record = self._core.submission(plan, params_dict, time.time())
         job = watch.job
-        message, sent_event = self._messages.task(request)
-        task = (
-            message.body.encode() if isinstance(message.body, str) else message.body,
-            _properties(message),
-        )
-        bound = self.settings.broker_timeout
+        await self._writes.write(job.id, job.ttl, record)
         try:
-            await self._send_task(job, task)
-        except aiormq.exceptions.DeliveryError as refused:
-            await self._delete_queues(job.id, job.queues)
-            # As JobClient: returned (no such queue, or RabbitMQ 3 and its node down) or nacked
-            # (RabbitMQ 4 and its node down, or a refusal): a probe tells which.
-            task_queue = self.settings.task_queue
-            outcome = "nacked" if isinstance(refused.frame, Basic.Nack) else "returned"
-            probe = (await self._probe({task_queue}))[task_queue]
-            raise BrokerUnavailableError(task_not_taken(task_queue, job.id, outcome, probe)) from None
-        except BrokerUnavailableError as lost:
-            if lost.job_id is None:  # its queues were not declared: the task was certainly not sent
+            await self._until_unblocked()
+            async with self._submitting:
+                await self._submit_on_loop(watch, request)
+        except EbbError as exc:
+            error, fields = self._core.submit_failed(watch, exc)
+            if fields is not None:
+                await self._writes.write(job.id, job.ttl, fields)
+            if error is exc:
                 raise
-            self._unsettled.add(job, task, time.time())
-            raise BrokerUnavailableError(
-                unconfirmed_task(job.id, "connection lost", bound), job_id=job.id
-            ) from lost
-        except AMQP_ERRORS as exc:
-            self._unsettled.add(job, task, time.time())
-            raise BrokerUnavailableError(
-                unconfirmed_task(job.id, redact(repr(exc)), bound), job_id=job.id
-            ) from exc
-        await self._announce(self._messages.sent_event(sent_event, self.settings.task_queue))
-        self._watches[job.id] = watch
-        self._finished.pop(job.id)
-        async with watch.lock:
-            await self._carry_out(watch, watch.tracker.consume(job.queues))
-
-    async def _send_task(self, job: Job, task: tuple[bytes, Basic.Properties]) -> None:
-        """The job's queue declares, then its task (mandatory, confirmed), each within the bound.
-
-        ``BrokerUnavailableError`` without a job id: not sent; with one, or any other broker
-        error from the publish: sent, perhaps, and never confirmed.
-        """
-        try:
-            channel = await self._publish_channel()
-        except AMQP_ERRORS as exc:
-            raise _unavailable(exc, f"opening a channel for job {job.id}") from exc
-        # nowait: the task's confirm below means these were done before it.
-        await self._declare_queues(job, nowait=True, channel=channel)
-        body, properties = task
-        bound = self.settings.broker_timeout
-        async with _broker_call(f"publishing job {job.id}", job.id), asyncio.timeout(bound):
-            await channel.basic_publish(
-                body, routing_key=self.settings.task_queue, properties=properties, mandatory=True
-            )
-
-    async def _declare_queues(
-        self, job: Job, *, nowait: bool, channel: aiormq.abc.AbstractChannel | None = None
-    ) -> None:
-        """The job's queues, with the arguments they were submitted with (a no-op where they exist)."""
-        try:
-            channel = channel or await self._publish_channel()
-            async with (
-                _broker_call(f"declaring the queues of job {job.id}"),
-                asyncio.timeout(self.settings.broker_timeout),
-            ):
-                for kind in sorted(job.queues):
-                    name = contract.queue_name(job.id, kind)
-                    arguments = contract.job_queue_arguments(job.ttl, self.settings.queue_type)
-                    if nowait:
-                        await channel.queue_declare(name, durable=True, arguments=arguments, nowait=True)
-                    else:
-                        await channel.queue_declare(name, durable=True, arguments=arguments)
-        except AMQP_ERRORS as exc:
-            raise _unavailable(exc, f"declaring the queues of job {job.id}") from exc
-
-    async def _resend_unsettled(self) -> None:
-        """After a reconnect: the tasks whose confirm never came, sent again (ebb.unsettled)."""
-        for job, task in list(self._unsettled.due(time.time())):
-            outcome: str | None = None
-            try:
-                await self._send_task(job, task)
-            except aiormq.exceptions.DeliveryError as refused:
-                outcome = "nacked" if isinstance(refused.frame, Basic.Nack) else "returned"
-            except BrokerUnavailableError as exc:
-                outcome = redact(repr(exc))
-            except AMQP_ERRORS as exc:
-                outcome = redact(repr(exc))
-            for event, level, fields in self._unsettled.settled(job, outcome):
-                log_event(logger, level, event, job_id=job.id, queue=self.settings.task_queue, **fields)
-
-    async def _announce(self, event: Any) -> None:
-        """The task-sent event, for Flower: unconfirmed, so nobody waits for the broker."""
-        if self._events.is_closed:
-            return
-        with contextlib.suppress(*AMQP_ERRORS):
-            async with asyncio.timeout(self.settings.broker_timeout):
-                await self._events.basic_publish(
-                    event.body.encode() if isinstance(event.body, str) else event.body,
-                    exchange=EVENT_EXCHANGE,
-                    routing_key=EVENT_ROUTING_KEY,
-                    properties=_properties(event),
-                )
+            raise error from exc
+        log_event(logger, logging.INFO, "job_submitted", job_id=job.id, workflow=workflow, ttl=job.ttl)
+        return job
 
     async def connect_to_submitted_job(
         self,
@@ -546,68 +410,44 @@ class AsyncJobClient:
         auto_disconnect_on_result: bool = True,
         auto_cleanup_after_ttl: timedelta | float | None = None,
     ) -> Job:
-        """As ``JobClient.connect_to_submitted_job``: passive probes only, then what waited."""
-        job_id, known = checks.reconnect_target(
+        """As ``JobClient.connect_to_submitted_job``; a job connected without callbacks is read
+        with ``events()``."""
+        plan = self._core.plan_connect(
             job,
-            checks.wanted_queues(on_progress, on_status),
-            auto_cleanup_after_ttl,
-            default_ttl=self.settings.default_ttl,
-            max_ttl=self.settings.max_ttl,
+            on_finished=on_finished,
+            on_progress=on_progress,
+            on_status=on_status,
+            auto_disconnect=auto_disconnect_on_result,
+            ttl=auto_cleanup_after_ttl,
+            for_events=True,
         )
-        wanted = checks.wanted_queues(on_progress, on_status)
-        if on_finished is None and on_progress is None and on_status is None:  # for events()
-            wanted = known.queues if known is not None else frozenset(QueueKind)
-        if job_id in self._watches:
-            raise InvalidArgumentError(f"job {job_id} is already connected to this client")
         await self._channel_ready()
-        record_ttl: timedelta | None
-        if known is not None:
-            handle, record_ttl = known, known.ttl
-        else:
-            handle, record_ttl = await asyncio.to_thread(
-                self._registry.describe, job_id, self.settings.default_ttl
-            )
-        probe = wanted if known is not None else frozenset(QueueKind)
-        unsent = self._unsettled.job(job_id)
-        if unsent is not None:  # its task goes again after a reconnect: so do its queues
-            await self._declare_queues(unsent, nowait=False)
-        present = await self._probe_queues(job_id, set(probe))
-        if QueueKind.RESULT not in present:
-            raise JobQueuesExpiredError(job_id, await asyncio.to_thread(self._registry.story, job_id))
-        watch = self._watch(
-            handle, record_ttl, auto_disconnect_on_result, on_finished, on_progress, on_status
+        handle, record_ttl = (
+            (plan.known, plan.known.ttl)
+            if plan.known
+            else await asyncio.to_thread(self._registry.describe, plan.job_id, self.settings.default_ttl)
         )
-        self._watches[job_id] = watch
-        self._finished.pop(job_id)
-        try:
-            async with watch.lock:
-                await self._carry_out(watch, watch.tracker.consume(frozenset(present)))
-        except BrokerUnavailableError as exc:
-            # Connected all the same: the reconnect resumes the job with the others (a caller
-            # who tried again was told "already connected", chaos run).
-            log_event(logger, logging.WARNING, "job_connected_before_a_reconnect", job_id=job_id, error=exc)
-        if record_ttl is not None:
-            await asyncio.to_thread(
-                self._registry.write, job_id, record_ttl, {"queues_last_in_use": time.time()}
+        connected = await self._connect_on_loop(plan, handle, record_ttl)
+        if not connected:
+            raise JobQueuesExpiredError(
+                plan.job_id, await asyncio.to_thread(self._registry.story, plan.job_id)
             )
-        log_event(logger, logging.INFO, "job_connected", job_id=job_id)
+        log_event(logger, logging.INFO, "job_connected", job_id=plan.job_id)
         return handle
 
     async def disconnect_from_submitted_job(
         self, job: Job | uuid.UUID | str, *, delete_queues: bool | None = None
     ) -> None:
         """As ``JobClient.disconnect_from_submitted_job``."""
-        job_id = _job_id(job)
-        watch = self._watches.get(job_id)
-        if watch is None:
-            raise InvalidArgumentError(f"job {job_id} is not connected to this client")
+        job_id = job_id_of(job)
+        watch = self._core.connected_job(job_id)
         async with watch.lock:
-            await self._carry_out(watch, watch.tracker.disconnect(delete_queues, time.time()))
+            await self._carry_out(watch, self._core.disconnect(watch, delete_queues, time.time()))
         log_event(logger, logging.INFO, "job_disconnected", job_id=job_id)
 
     async def wait(self, job: Job | uuid.UUID | str, timeout: float | None = None) -> JobResult:
         """As ``JobClient.wait``. Cancelling it (or a timeout around it) never loses the job."""
-        watch = self._known(_job_id(job))
+        watch = self._core.known(job_id_of(job))
         deadline = None if timeout is None else time.monotonic() + timeout
         while not watch.done.is_set():
             with contextlib.suppress(TimeoutError):
@@ -618,34 +458,12 @@ class AsyncJobClient:
             if not watch.done.is_set():
                 await self._check_lost(watch)
             if not watch.done.is_set() and deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeoutError(
-                    f"job {watch.job.id} has no result after {timeout} s; it is still running, "
-                    "call wait() again"
-                )
-        if watch.error is not None:
-            raise watch.error
-        if watch.result is None:
-            raise ClientClosedError(f"job {watch.job.id} ended without a result")
-        return watch.result
-
-    async def _check_lost(self, watch: _Watch) -> None:
-        """As ``JobClient._check_lost``: the registry's word on a result the worker gave up on."""
-        if time.monotonic() - watch.lost_checked_at < core.LOST_CHECK_EVERY:
-            return
-        watch.lost_checked_at = time.monotonic()
-        try:
-            record = await asyncio.to_thread(self._registry.get, watch.job.id)
-        except RegistryUnavailableError:
-            return
-        if record is None or not record.lost:
-            return
-        lost = watch.tracker.result_lost(record.status, record.lost, record.result_delivered, time.time())
-        with contextlib.suppress(EbbError):  # no broker now: the deletes wait for the reconnect
-            await self._carry_out(watch, lost)
+                raise self._core.wait_timed_out(watch, timeout)
+        return self._core.outcome(watch)
 
     async def events(self, job: Job | uuid.UUID | str) -> AsyncIterator[Event]:
         """Status and progress updates, then the result; what waited in the queues comes first."""
-        watch = self._known(_job_id(job))
+        watch = self._core.known(job_id_of(job))
         if watch.events is None:
             raise InvalidArgumentError(
                 f"job {watch.job.id} was submitted or connected with callbacks; events() reads a job "
@@ -667,23 +485,13 @@ class AsyncJobClient:
 
     async def cancel_job(self, job: Job | uuid.UUID | str) -> None:
         """As ``JobClient.cancel_job``."""
-        job_id = _job_id(job)
-        record = await asyncio.to_thread(self._registry.get, job_id)
-        if record is None:
-            raise UnknownJobError(job_id)
-        if record.ttl is None or not await asyncio.to_thread(
-            self._registry.write, job_id, record.ttl, {"cancel_requested_at": time.time()}
-        ):
-            raise RegistryUnavailableError(f"could not record the cancellation of job {job_id} in Redis")
+        job_id = job_id_of(job)
+        record = await asyncio.to_thread(self._registry.request_cancel, job_id, time.time())
         log_event(logger, logging.INFO, "job_cancel_requested", job_id=job_id, status=record.status)
 
     async def job_status(self, job: Job | uuid.UUID | str) -> JobRecord:
         """As ``JobClient.job_status``: Redis only, never renews a queue's TTL."""
-        job_id = _job_id(job)
-        record = await asyncio.to_thread(self._registry.get, job_id)
-        if record is None:
-            raise UnknownJobError(job_id)
-        return record
+        return await asyncio.to_thread(self._registry.record_of, job_id_of(job))
 
     async def list_workflows(self) -> list[WorkflowInfo]:
         return await asyncio.to_thread(self._catalog.list)
@@ -691,21 +499,8 @@ class AsyncJobClient:
     async def close(self) -> None:
         """Close the connection; unfinished jobs keep their queues until their TTL runs out."""
         self._closing = True
-        now = time.time()
-        for watch in list(self._watches.values()):
-            if watch.record_ttl is not None:
-                await asyncio.to_thread(
-                    self._registry.write, watch.job.id, watch.record_ttl, {"queues_last_in_use": now}
-                )
-            await self._carry_out(
-                watch,
-                watch.tracker.abandon(
-                    ClientClosedError(
-                        f"job {watch.job.id}: the client was closed before the result arrived; the "
-                        "queues keep what arrives until their TTL runs out: connect_to_submitted_job"
-                    )
-                ),
-            )
+        for watch, actions in self._core.close(time.time()):  # their TTL clock starts now
+            await self._carry_out(watch, actions)
         if self._flusher is not None:  # the last records and wake-ups, before the connection goes
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 async with asyncio.timeout(self.settings.broker_timeout):
@@ -715,36 +510,35 @@ class AsyncJobClient:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._connection is not None:
+            # RabbitMQ reads nothing from a connection it blocks (a resource alarm): its close-ok
+            # never comes, so that close is given a moment, not the usual bound.
+            bound = 5.0 if self._core.blocked_by is None else 0.5
             with contextlib.suppress(BaseException):
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(bound):
                     await self._connection.close()
 
     # --- helpers -------------------------------------------------------------------------
 
-    def _known(self, job_id: uuid.UUID) -> _Watch:
-        watch = self._watches.get(job_id) or self._finished.get(job_id)
-        if watch is None:
-            raise InvalidArgumentError(
-                f"job {job_id} is not known to this client; submit it or connect_to_submitted_job "
-                "first (outcomes of finished jobs are kept for the last EBB_KEEP_RESULTS jobs)"
-            )
-        assert isinstance(watch, _Watch)
-        return watch
+    async def _until_unblocked(self) -> None:
+        """While RabbitMQ blocks the connection, a submit waits (within its bound) for the unblock."""
+        if self._core.blocked_by is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.broker_timeout):
+                    await self._unblocked.wait()
 
-    def _watch(
-        self,
-        job: Job,
-        record_ttl: timedelta | None,
-        auto_disconnect: bool,
-        on_finished: Callback | None,
-        on_progress: Callback | None,
-        on_status: Callback | None,
-    ) -> _Watch:
-        callbacks = core.callbacks_by_name(on_finished, on_progress, on_status)
-        watch = _Watch(job, core.JobTracker(job, auto_disconnect=auto_disconnect), callbacks, record_ttl)
-        if not callbacks:
-            watch.events = deque()
-        return watch
+    async def _check_lost(self, watch: _Watch) -> None:
+        """As ``JobClient._check_lost``: the registry's word on a result the worker gave up on."""
+        if not self._core.lost_check_due(watch, time.monotonic()):
+            return
+        try:
+            record = await asyncio.to_thread(self._registry.get, watch.job.id)
+        except RegistryUnavailableError:
+            return
+        if record is None or not record.lost:
+            return
+        with contextlib.suppress(EbbError):  # no broker now: the deletes wait for the reconnect
+            async with watch.lock:
+                await self._carry_out(watch, self._core.result_lost(watch, record, time.time()))
 
     def _consumers_from_thread(self) -> int:
         loop = self._loop
@@ -759,10 +553,167 @@ class AsyncJobClient:
 
     async def _task_queue_consumers(self) -> int:
         queue = self.settings.task_queue
-        found = (await self._probe({queue}))[queue]
-        if isinstance(found, Unreachable):
-            raise QueueUnavailableError(queue, found.node)
-        return found.consumers if isinstance(found, Present) else 0
+        return consumers_reading(queue, (await self._probe({queue}))[queue])
+
+    # --- on the event loop ---------------------------------------------------------------
+
+    async def _submit_on_loop(self, watch: _Watch, request: contract.TaskRequest) -> None:
+        await self._channel_ready()
+        blocked = self._core.may_publish()
+        if blocked is not None:  # nothing goes out: RabbitMQ would not read it
+            raise blocked
+        message, sent_event = self._messages.task(request)
+        task = (
+            message.body.encode() if isinstance(message.body, str) else message.body,
+            _properties(message),
+        )
+        outcome = await self._send_task(watch.job, task, watch)
+        if outcome is None:  # the task-sent event, for Flower
+            await self._announce(self._messages.sent_event(sent_event, self.settings.task_queue))
+        await self._task_settled(watch, outcome, task)
+
+    async def _send_task(self, job: Job, task: Task, watch: _Watch | None = None) -> str | None:
+        """The job's queue declares, then its task (mandatory, confirmed), within the bound: None
+        when the broker took it, else why not ("returned", "nacked", "timeout", what broke).
+
+        ``BrokerUnavailableError`` when it could not be sent at all.
+        """
+        try:
+            channel = await self._publish_channel()
+        except AMQP_ERRORS as exc:
+            raise broker_unavailable(exc, f"opening a channel for job {job.id}") from exc
+        # nowait: the task's confirm below means these were done before it.
+        await self._declare_queues(job, nowait=True, channel=channel)
+        if watch is not None:
+            self._core.publishing(watch)
+        body, properties = task
+        try:
+            async with (
+                _broker_call(f"publishing job {job.id}", job.id),
+                asyncio.timeout(self.settings.broker_timeout),
+            ):
+                await channel.basic_publish(
+                    body, routing_key=self.settings.task_queue, properties=properties, mandatory=True
+                )
+        except aiormq.exceptions.DeliveryError as refused:
+            return "nacked" if isinstance(refused.frame, Basic.Nack) else "returned"
+        except TimeoutError:
+            return "timeout"
+        except BrokerUnavailableError:
+            return "connection lost"
+        except AMQP_ERRORS as exc:
+            return redact(repr(exc))
+        return None
+
+    def _resend_settled(self, job: Job, outcome: str | None) -> None:
+        """The broker's answer to a task sent again after a reconnect."""
+        for event, level, fields in self._core.unsettled.settled(job, outcome):
+            log_event(logger, level, event, job_id=job.id, queue=self.settings.task_queue, **fields)
+
+    async def _task_settled(self, watch: _Watch, outcome: str | None, task: Task) -> None:
+        """The broker's answer to a job's task publish (the declares before it are done then)."""
+        if outcome is None:
+            actions = self._core.task_confirmed(watch)
+            try:
+                async with watch.lock:
+                    await self._carry_out(watch, actions)
+            except _BROKEN as exc:
+                # Confirmed: a break now is the reconnect's to resume; the submit succeeded.
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "job_connected_before_a_reconnect",
+                    job_id=watch.job.id,
+                    error=exc,
+                )
+            return
+        if outcome in ("returned", "nacked"):
+            queue = self.settings.task_queue
+            why = f"RabbitMQ refused ({outcome}) the task of job {watch.job.id}; it was not submitted"
+            await self._carry_out(watch, self._core.task_refused(watch))
+            # Returned: no such queue, or (RabbitMQ 3) its node is down; nacked: RabbitMQ 4's
+            # answer for a queue whose node is down, or a refusal. A probe tells which.
+            with contextlib.suppress(EbbError, *AMQP_ERRORS):
+                why = task_not_taken(queue, watch.job.id, outcome, (await self._probe({queue}))[queue])
+            raise BrokerUnavailableError(why)
+        raise self._core.task_unconfirmed(watch, task, outcome, time.time())
+
+    async def _connect_on_loop(self, plan: ConnectPlan, handle: Job, record_ttl: timedelta | None) -> bool:
+        """Probe the job's queues and consume them; False when its result queue is gone."""
+        self._core.begin_connect(plan.job_id)
+        try:
+            unsent = self._core.unsettled.job(plan.job_id)
+            if unsent is not None:  # its task goes again after a reconnect: so do its queues
+                await self._declare_queues(unsent, nowait=False)
+            probes = await self._probe({contract.queue_name(plan.job_id, k) for k in plan.wanted})
+            connected = self._core.connected(plan, handle, record_ttl, probes, time.time())
+        finally:
+            self._core.end_connect(plan.job_id)
+        if connected is None:
+            return False
+        watch, actions = connected
+        try:
+            async with watch.lock:
+                await self._carry_out(watch, actions)
+        except _BROKEN as exc:
+            # Connected all the same: the reconnect resumes the job with the others (a caller
+            # who tried again was told "already connected", chaos run).
+            log_event(
+                logger, logging.WARNING, "job_connected_before_a_reconnect", job_id=plan.job_id, error=exc
+            )
+        return True
+
+    async def _declare_queues(
+        self, job: Job, *, nowait: bool, channel: aiormq.abc.AbstractChannel | None = None
+    ) -> None:
+        """The job's queues, with the arguments they were submitted with (a no-op where they exist)."""
+        try:
+            channel = channel or await self._publish_channel()
+            async with (
+                _broker_call(f"declaring the queues of job {job.id}"),
+                asyncio.timeout(self.settings.broker_timeout),
+            ):
+                for kind in sorted(job.queues):
+                    name = contract.queue_name(job.id, kind)
+                    arguments = contract.job_queue_arguments(job.ttl, self.settings.queue_type)
+                    if nowait:
+                        await channel.queue_declare(name, durable=True, arguments=arguments, nowait=True)
+                    else:
+                        await channel.queue_declare(name, durable=True, arguments=arguments)
+        except AMQP_ERRORS as exc:
+            raise broker_unavailable(exc, f"declaring the queues of job {job.id}") from exc
+
+    async def _announce(self, event: Any) -> None:
+        """The task-sent event, for Flower: unconfirmed, so nobody waits for the broker."""
+        if self._events.is_closed:
+            return
+        with contextlib.suppress(*AMQP_ERRORS):
+            async with asyncio.timeout(self.settings.broker_timeout):
+                await self._events.basic_publish(
+                    event.body.encode() if isinstance(event.body, str) else event.body,
+                    exchange=EVENT_EXCHANGE,
+                    routing_key=EVENT_ROUTING_KEY,
+                    properties=_properties(event),
+                )
+
+    async def _after_cancels(self) -> None:
+        """Consumers RabbitMQ cancelled: the core decides, then the jobs are probed together."""
+        await asyncio.sleep(0.1)  # the rest of the burst joins this round
+        while self._cancelled:
+            cancelled, self._cancelled = self._cancelled, []
+            probing: list[_Watch] = []
+            for watch, kind, tag in cancelled:
+                async with watch.lock:
+                    actions = self._core.consumer_cancelled(watch, kind, tag)
+                    if actions is None:
+                        continue
+                    with contextlib.suppress(*AMQP_ERRORS, EbbError):
+                        await self._carry_out(watch, actions)
+                if watch not in probing:
+                    probing.append(watch)
+            if probing:
+                with contextlib.suppress(*AMQP_ERRORS, EbbError):  # broken: the reconnect resumes them
+                    await self._resume(probing, core.CANCELLED_VANISHED)
 
     async def _probe(self, names: set[str]) -> dict[str, Probe]:
         """As ``JobClient._probe``: passive declares, all at once, each on a channel of its own;
@@ -804,7 +755,7 @@ class AsyncJobClient:
         except aiormq.exceptions.ChannelNotFoundEntity as exc:  # a 404 closed the channel
             return True, queue_unreachable(str(exc))
         except AMQP_ERRORS as exc:
-            raise _unavailable(exc, f"a passive declare of {name}") from exc
+            raise broker_unavailable(exc, f"a passive declare of {name}") from exc
         self._keep_probe(channel)
         return True, Present(int(ok.message_count or 0), int(ok.consumer_count or 0))
 
@@ -818,7 +769,7 @@ class AsyncJobClient:
             async with _broker_call("opening a channel"), asyncio.timeout(self.settings.broker_timeout):
                 return await _channel(self._connection, publisher_confirms=False)
         except AMQP_ERRORS as exc:
-            raise _unavailable(exc, "opening a channel for a passive declare") from exc
+            raise broker_unavailable(exc, "opening a channel for a passive declare") from exc
 
     def _keep_probe(self, channel: aiormq.abc.AbstractChannel) -> None:
         if len(self._probes) < _IDLE_PROBES:
@@ -826,13 +777,9 @@ class AsyncJobClient:
         else:
             self._spawn(_close_quietly(channel, self.settings.broker_timeout))
 
-    async def _probe_queues(self, job_id: uuid.UUID, kinds: set[QueueKind]) -> set[QueueKind]:
-        """As ``JobClient._probe_queues``: ``JobQueuesUnavailableError`` for a node that is down."""
-        return _job_queues(job_id, kinds, await self._probe({contract.queue_name(job_id, k) for k in kinds}))
-
     async def _delete_queues(self, job_id: uuid.UUID, kinds: frozenset[QueueKind]) -> None:
-        """Delete them; when the connection breaks first, again after the reconnect (as JobClient)."""
-        self._cleanup_pending[job_id] = kinds
+        """Delete them; owed until done, so a delete the connection cuts off is done after the reconnect."""
+        self._core.delete_started(job_id, kinds)
         names = [contract.queue_name(job_id, k) for k in sorted(kinds)]
         with contextlib.suppress(BrokerUnavailableError, *AMQP_ERRORS):
             channel = await self._publish_channel()
@@ -841,7 +788,9 @@ class AsyncJobClient:
                     await channel.queue_delete(name, nowait=True)
                 if names:  # the last one waits, so all are gone when this returns
                     await channel.queue_delete(names[-1])
-            self._cleanup_pending.pop(job_id, None)
+            for name in names:
+                log_event(logger, logging.DEBUG, "queue_deleted", job_id=job_id, queue=name)
+            self._core.delete_done(job_id)
 
     async def _publish_channel(self) -> aiormq.abc.AbstractChannel:
         """The confirming channel; reopened if a failed call closed it (aiormq closes a channel
@@ -857,10 +806,10 @@ class AsyncJobClient:
         return task
 
     async def _on_message(self, watch: _Watch, kind: QueueKind, message: DeliveredMessage) -> None:
-        if self._watches.get(watch.job.id) is not watch:
+        if self._core.watches.get(watch.job.id) is not watch:  # it left: keep the message queued
             await self._reject(message)
             return
-        if message.channel is self._consume and isinstance(message.delivery, Basic.Deliver):
+        if message.channel is self._consume_channel and isinstance(message.delivery, Basic.Deliver):
             assert message.delivery.delivery_tag is not None
             self._acks.delivered(message.delivery.delivery_tag)
         content_type = message.header.properties.content_type
@@ -873,41 +822,53 @@ class AsyncJobClient:
     async def _carry_out(
         self, watch: _Watch, actions: list[core.Action], *, inline: bool = False
     ) -> core.Deliver | None:
-        """Do what the tracker decided. A Deliver (one at a time per job) runs in a task of its
-        own, or is returned when ``inline``: ``_deliver``, already in one, runs it next."""
+        """Do what the core decided, in order. A Deliver (one at a time per job) runs in a task of
+        its own, or is returned when ``inline``: ``_deliver``, already in one, runs it next.
+
+        When the connection breaks under a broker action, the rest is still carried out without
+        the broker (a delete is owed until after the reconnect), and then the error is raised,
+        as ``JobClient._carry_out`` does.
+        """
         deliver: core.Deliver | None = None
+        broken: BaseException | None = None
         for action in actions:
             if isinstance(action, core.Deliver):
                 if inline:
                     deliver = action
                 else:
                     self._spawn(self._deliver(watch, action))
-            elif isinstance(action, core.Ack):
-                self._ack(action.token)
-            elif isinstance(action, core.Requeue):
-                await self._reject(action.token)
-            elif isinstance(action, core.Consume):
-                await self._start_consuming(watch, action.kinds)
-            elif isinstance(action, core.StopConsuming):
-                for kind in action.kinds:
-                    tag = watch.consumers.pop(kind, None)
-                    if tag is not None:
-                        self._consumer_of.pop(tag, None)
-                        with contextlib.suppress(*AMQP_ERRORS):
-                            await self._consume.basic_cancel(tag, nowait=True)
-            elif isinstance(action, core.DeleteQueues):
-                for kind in action.kinds:
-                    self._consumer_of.pop(watch.consumers.pop(kind, ""), None)
-                await self._delete_queues(watch.job.id, action.kinds)
             elif isinstance(action, core.Record):
-                if watch.record_ttl is not None:  # batched: one Redis round trip per burst
-                    self._records.setdefault(watch.job.id, (watch.record_ttl, {}))[1].update(action.fields)
-                    self._schedule_flush()
+                self._core.record(watch, action)
+                self._schedule_flush()
             elif isinstance(action, core.WakeAt):
                 self._spawn(self._wake(watch, action.at))
             elif isinstance(action, core.Finish):
                 self._finish(watch, action)
+            elif broken is not None:
+                if isinstance(action, core.DeleteQueues):
+                    self._core.delete_started(watch.job.id, action.kinds)
+            else:
+                try:
+                    await self._on_broker(watch, action)
+                except _BROKEN as exc:  # the reconnect resumes the job; finish first
+                    broken = exc
+        if broken is not None:
+            raise broken
         return deliver
+
+    async def _on_broker(self, watch: _Watch, action: core.Action) -> None:
+        if isinstance(action, core.Ack):
+            self._ack(action.token)
+        elif isinstance(action, core.Requeue):
+            await self._reject(action.token)
+        elif isinstance(action, core.Consume):
+            await self._consume(watch, action.kinds)
+        elif isinstance(action, core.StopConsuming):
+            await self._stop_consuming(watch, action.kinds)
+        elif isinstance(action, core.DeleteQueues):
+            for kind in action.kinds:  # RabbitMQ cancels their consumers with the queue
+                self._consumer_of.pop(watch.consumers.pop(kind, ""), None)
+            await self._delete_queues(watch.job.id, action.kinds)
 
     async def _deliver(self, watch: _Watch, action: core.Deliver) -> None:
         """Run the callback (plain functions in a thread), report back, and go on with the next
@@ -939,22 +900,15 @@ class AsyncJobClient:
             await self._carry_out(watch, watch.tracker.tick(time.time()))
 
     def _finish(self, watch: _Watch, action: core.Finish) -> None:
-        if action.result is not None:
-            self._unsettled.discard(watch.job.id)
-        watch.result, watch.error = action.result, action.error
         if action.retire:
-            if self._watches.get(watch.job.id) is watch:
-                del self._watches[watch.job.id]
-            self._finished.add(watch.job.id, watch, action.size)
-            watch.callbacks = {}
             for tag in watch.consumers.values():
                 self._consumer_of.pop(tag, None)
-        self._to_signal.append(watch)  # once its registry record is written: see _flush
+        self._core.finish(watch, action)
         self._schedule_flush()
 
     def _ack(self, message: DeliveredMessage) -> None:
         """Batched: sent with the burst's flush, on the channel the delivery came on."""
-        if message.channel is self._consume and isinstance(message.delivery, Basic.Deliver):
+        if message.channel is self._consume_channel and isinstance(message.delivery, Basic.Deliver):
             assert message.delivery.delivery_tag is not None
             self._acks.ack(message.delivery.delivery_tag)
             self._schedule_flush()
@@ -966,7 +920,7 @@ class AsyncJobClient:
             return
         tag = message.delivery.delivery_tag
         assert tag is not None
-        if channel is self._consume:
+        if channel is self._consume_channel:
             self._acks.settled_otherwise(tag)
         with contextlib.suppress(*AMQP_ERRORS):
             await channel.basic_reject(tag, requeue=True)
@@ -982,7 +936,7 @@ class AsyncJobClient:
         so one turn is not enough to collect a burst; RabbitMQ pays per ack frame.
         """
         size = -1
-        while size != (size := self._acks.pending + len(self._records) + len(self._to_signal)):
+        while size != (size := self._acks.pending + self._core.burst_size):
             await asyncio.sleep(0)
 
     async def _flush(self) -> None:
@@ -996,16 +950,15 @@ class AsyncJobClient:
             while True:
                 await self._burst_settled()
                 plan = self._acks.take()
-                records, self._records = self._records, {}
-                signal, self._to_signal = self._to_signal, []
+                records, signal = self._core.take_burst()
                 if plan is None and not records and not signal:
                     return
-                if plan is not None and not self._consume.is_closed:
+                if plan is not None and not self._consume_channel.is_closed:
                     with contextlib.suppress(*AMQP_ERRORS):
                         if plan.multiple_up_to is not None:
-                            await self._consume.basic_ack(plan.multiple_up_to, multiple=True)
+                            await self._consume_channel.basic_ack(plan.multiple_up_to, multiple=True)
                         for tag in plan.singles:
-                            await self._consume.basic_ack(tag)
+                            await self._consume_channel.basic_ack(tag)
                 if records:
                     await self._writes.write_many(records)
                 for watch in signal:
@@ -1014,7 +967,7 @@ class AsyncJobClient:
         finally:
             self._flusher = None
 
-    async def _start_consuming(self, watch: _Watch, kinds: frozenset[QueueKind]) -> None:
+    async def _consume(self, watch: _Watch, kinds: frozenset[QueueKind]) -> None:
         for kind in sorted(kinds):
             tag = f"ebb.{next(self._tags)}"
 
@@ -1023,33 +976,52 @@ class AsyncJobClient:
 
             try:
                 # nowait (aiormq's basic_consume always waits): register the consumer, then send.
-                self._consume.consumers[tag] = on_message
+                self._consume_channel.consumers[tag] = on_message
                 async with _broker_call("consuming"), asyncio.timeout(self.settings.broker_timeout):
-                    await self._consume.rpc(
+                    await self._consume_channel.rpc(
                         Basic.Consume(
                             queue=contract.queue_name(watch.job.id, kind), consumer_tag=tag, nowait=True
                         )
                     )
             except AMQP_ERRORS as exc:
-                raise _unavailable(exc, f"consuming the queues of job {watch.job.id}") from exc
+                raise broker_unavailable(exc, f"consuming the queues of job {watch.job.id}") from exc
             watch.consumers[kind] = tag
             self._consumer_of[tag] = (watch, kind)
+
+    async def _stop_consuming(self, watch: _Watch, kinds: frozenset[QueueKind]) -> None:
+        for kind in kinds:
+            tag = watch.consumers.pop(kind, None)
+            if tag is not None:
+                self._consumer_of.pop(tag, None)
+                with contextlib.suppress(*AMQP_ERRORS):
+                    await self._consume_channel.basic_cancel(tag, nowait=True)
 
 
 class _Connection(aiormq.Connection):
     """aiormq's connection with its own test of a silent connection ("stuck": no frame for
     (heartbeat + 1) s times this) at one: a heartbeat interval and a second, in which RabbitMQ
-    sends two heartbeats. aiormq then stops reading, and the connection closes."""
+    sends two heartbeats. aiormq then stops reading, and the connection closes. It also tells
+    the client when RabbitMQ blocks it (a resource alarm), with RabbitMQ's reason."""
 
     HEARTBEAT_GRACE_MULTIPLIER = 1
+    on_blocked: Callable[[str], None] | None = None
+    on_unblocked: Callable[[], None] | None = None
+
+    # aiormq's reader calls its private handlers (``__handle_connection_blocked``, mangled to
+    # these names): ours hear the reason, then aiormq's own run.
+    async def _Connection__handle_connection_blocked(self, frame: ConnectionMethods.Blocked) -> None:
+        if self.on_blocked is not None:
+            self.on_blocked(str(frame.reason or ""))
+        await getattr(aiormq.Connection, "_Connection__handle_connection_blocked")(self, frame)  # noqa: B009
+
+    async def _Connection__handle_connection_unblocked(self, frame: ConnectionMethods.Unblocked) -> None:
+        if self.on_unblocked is not None:
+            self.on_unblocked()
+        await getattr(aiormq.Connection, "_Connection__handle_connection_unblocked")(self, frame)  # noqa: B009
 
 
 #: Probe channels kept open between probes (as ``QueueProbes.IDLE``).
 _IDLE_PROBES = 4
-
-
-def _job_queues(job_id: uuid.UUID, kinds: set[QueueKind], probes: dict[str, Probe]) -> set[QueueKind]:
-    return job_queues_present(job_id, {k: probes[contract.queue_name(job_id, k)] for k in kinds})
 
 
 async def _channel(connection: aiormq.abc.AbstractConnection, **options: Any) -> aiormq.abc.AbstractChannel:
@@ -1117,15 +1089,3 @@ async def _broker_call(what: str, job_id: uuid.UUID | None = None) -> AsyncItera
         raise BrokerUnavailableError(
             f"{what}: the connection was lost; the client reconnects by itself", job_id=job_id
         ) from exc
-
-
-def _unavailable(exc: BaseException, what: str) -> BrokerUnavailableError:
-    if isinstance(exc, BrokerUnavailableError):
-        return exc
-    error = BrokerUnavailableError(f"{what}: {redact(repr(exc))}; the client reconnects by itself")
-    error.__cause__ = exc
-    return error
-
-
-def _job_id(job: Job | uuid.UUID | str) -> uuid.UUID:
-    return job.id if isinstance(job, Job) else contract.parse_job_id(job)

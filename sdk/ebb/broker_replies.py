@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ebb.contract import QueueKind, queue_name
-from ebb.errors import JobQueuesUnavailableError
+from ebb.errors import JobQueuesUnavailableError, QueueUnavailableError
 
 _HOME_NODE_DOWN = re.compile(r"home node '([^']+)' of durable queue .* is down or inaccessible")
 _STOPPING = ("process is stopped by supervisor", "is stopping", "shutdown")
@@ -86,6 +86,14 @@ def job_queues_present(job_id: uuid.UUID, probes: Mapping[QueueKind, Probe]) -> 
         if isinstance(probe, Unreachable):
             raise JobQueuesUnavailableError(job_id, queue_name(job_id, kind), probe.node)
     return {kind for kind, probe in probes.items() if isinstance(probe, Present)}
+
+
+def consumers_reading(queue: str, probe: Probe) -> int:
+    """How many consumers (workers) read a queue, from its probe: ``QueueUnavailableError``
+    when its node is down, 0 when it does not exist."""
+    if isinstance(probe, Unreachable):
+        raise QueueUnavailableError(queue, probe.node)
+    return probe.consumers if isinstance(probe, Present) else 0
 
 
 def task_not_taken(queue: str, job_id: object, outcome: str, probe: Probe) -> str:

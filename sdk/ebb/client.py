@@ -1,10 +1,10 @@
-"""``JobClient``: argument checks, then the job core (``ebb.core``) on the one-thread transport.
+"""``JobClient``: the caller core (``ebb.caller``) on the one-thread transport.
 
-The client keeps one :class:`~ebb.core.JobTracker` per connected job and carries out what it
-decides on the AMQP connection that :class:`~ebb.sync.BrokerLoop` owns. Policy (dedupe, the
-straggler grace, what a raising callback means, when queues go) lives in the tracker; this
-module holds only I/O: declares, publishes and their confirms, consumers, probes, deletes,
-registry writes and the user's callbacks.
+Every decision is the core's: ``CallerCore`` for the client's life (submit, connect, resume,
+cancels, alarms, close), ``JobTracker`` for each job's messages. This module only does the I/O
+they ask for, on the AMQP connection that :class:`~ebb.sync.BrokerLoop` owns: declares,
+publishes and their confirms, consumers, probes, deletes, registry writes and the user's
+callbacks. ``ebb.aio`` is the same transport over asyncio, method for method.
 """
 
 from __future__ import annotations
@@ -30,30 +30,24 @@ import amqp
 from amqp import spec
 from kombu.connection import Connection
 
-from ebb import checks, contract, core, links
-from ebb.broker_replies import Present, Probe, Unreachable, job_queues_present, probe_bound, task_not_taken
+from ebb import contract, core, links
+from ebb.broker_replies import Probe, consumers_reading, probe_bound, task_not_taken
+from ebb.caller import CallerCore, ConnectPlan, Watch, job_id_of
 from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
 from ebb.config import Settings
 from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
 from ebb.errors import (
     BrokerUnavailableError,
-    ClientClosedError,
     ClientUsageError,
     EbbError,
-    InvalidArgumentError,
     JobQueuesExpiredError,
-    JobQueuesUnavailableError,
-    QueueUnavailableError,
     RegistryUnavailableError,
-    UnknownJobError,
-    WaitTimeoutError,
 )
 from ebb.job import Job
 from ebb.logfmt import log_event
-from ebb.records import NOT_SUBMITTED, SUBMITTED, JobRecord
+from ebb.records import JobRecord
 from ebb.registry import Registry
-from ebb.sync import AMQP_ERRORS, Acks, BrokerLoop, Confirms, QueueProbes
-from ebb.unsettled import UnsettledTasks, unconfirmed_task
+from ebb.sync import AMQP_ERRORS, Acks, BrokerLoop, Confirms, QueueProbes, listen_for_blocks
 from ebb.workers import WorkflowCatalog, WorkflowInfo
 
 logger = logging.getLogger("ebb.client")
@@ -64,21 +58,16 @@ OnStatus = Callable[[Job, StatusUpdate], Any]
 
 
 @dataclass(eq=False)
-class _Watch:
-    """One job this client is connected to: its tracker, callbacks and consumers, and its outcome."""
+class _Watch(Watch):
+    """A job of this client; ``wait()`` blocks on ``done``."""
 
-    job: Job
-    tracker: core.JobTracker[amqp.Message]
-    callbacks: dict[core.Callback, Callable[[Job, Any], Any]]
-    #: The TTL the registry record has; ``None`` when unknown (a bare id with no record).
-    record_ttl: timedelta | None
-    consumers: dict[QueueKind, str] = field(default_factory=dict)
-    result: JobResult | None = None
-    error: EbbError | None = None
-    abandoned: bool = False  # the submitting caller gave up waiting for the task's confirm
     done: threading.Event = field(default_factory=threading.Event)
-    #: When ``wait()`` last asked the registry whether the result was lost (``core.LOST_CHECK_EVERY``).
-    lost_checked_at: float = field(default_factory=time.monotonic)
+
+
+def _new_watch(
+    job: Job, tracker: core.JobTracker[Any], callbacks: dict[core.Callback, Any], record_ttl: timedelta | None
+) -> _Watch:
+    return _Watch(job, tracker, callbacks, record_ttl)
 
 
 class JobClient:
@@ -94,27 +83,22 @@ class JobClient:
         if broker_url is not None:
             base = dataclasses.replace(base, broker_url=broker_url)
         self.settings = base
+        self._core: CallerCore[_Watch, amqp.Message] = CallerCore(base, _new_watch)
         self._registry = Registry(base)
         self._catalog = WorkflowCatalog(
             self._registry.client, base.task_queue, enabled=base.check_workflows, settings=base
         )
         self._messages = TaskMessages()
-        self._watches: dict[uuid.UUID, _Watch] = {}
-        self._finished = core.FinishedJobs(base.keep_results, base.keep_results_bytes)
         self._inbox: deque[tuple[_Watch, QueueKind, amqp.Message]] = deque()
         #: Consumers RabbitMQ cancelled (queue deleted, or its node down): (job, queue, tag).
         self._cancelled: deque[tuple[_Watch, QueueKind, str]] = deque()
         self._settled: deque[Callable[[], None]] = deque()
-        self._timers: list[tuple[float, int, uuid.UUID]] = []
+        self._timers: list[tuple[float, int, _Watch]] = []
         self._timer_seq = itertools.count()
         self._tags = itertools.count(1)
-        self._lock = threading.Lock()
-        self._cleanup_pending: dict[uuid.UUID, frozenset[QueueKind]] = {}
-        #: Tasks whose confirm never came (the connection died or the bound ran out): sent again,
-        #: with their queues' declares, after the next reconnect (see ``ebb.unsettled``).
-        self._unsettled: UnsettledTasks[amqp.Message] = UnsettledTasks()
-        self._records: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]] = {}
-        self._to_signal: list[_Watch] = []
+        #: Set while RabbitMQ does not block the connection (see ``CallerCore.blocked``).
+        self._unblocked = threading.Event()
+        self._unblocked.set()
         self._consume_channel: amqp.Channel
         self._publish_channel: amqp.Channel
         self._events_channel: amqp.Channel
@@ -153,10 +137,12 @@ class JobClient:
         except Exception as exc:
             tried = getattr(connection, "current_url", None)
             raise links.broker_connect_error(exc, self.settings, tried) from exc
+        listen_for_blocks(connection.connection, self._on_blocked, self._on_unblocked)
         return connection
 
     def _on_connected(self, connection: Connection, reconnected: bool) -> None:
         """Open the channels; after a reconnect, resume every job this client was watching."""
+        self._on_unblocked()  # a new connection is not blocked until it publishes into an alarm
         with self._loop.bounded():
             self._consume_channel = connection.channel()
             self._consume_channel.basic_qos(0, 0, False)
@@ -172,38 +158,18 @@ class JobClient:
             return
         self._inbox.clear()  # unacked deliveries of the old channel come again
         self._cancelled.clear()  # so do the consumers
-        for job_id, kinds in list(self._cleanup_pending.items()):
+        for job_id, kinds in list(self._core.deletes_owed.items()):
             self._delete_queues(job_id, kinds)
-        for job, message in self._unsettled.due(time.time()):
+        for job, message in self._core.unsettled.due(time.time()):
             self._send_task(job, message, functools.partial(self._resend_settled, job))
-        resuming = []
-        for watch in list(self._watches.values()):
-            watch.consumers.clear()
-            if not (watch.tracker.finished and watch.tracker.auto_disconnect):
-                resuming.append(watch)
-        self._resume(resuming)
-        log_event(logger, logging.INFO, "jobs_resumed", jobs=len(self._watches))
+        self._resume(self._core.resumable())
+        log_event(logger, logging.INFO, "jobs_resumed", jobs=len(self._core.watches))
 
     def _resume(self, watches: list[_Watch], vanished: str = core.VANISHED_WHILE_DISCONNECTED) -> None:
-        """Ask the broker which of these jobs' queues exist, and go on with what it says."""
-        # Every job's queues at once: on RabbitMQ 4 each queue of a lost node takes the probe's
-        # whole bound to go unanswered, so one after the other would take that many times longer.
-        probes = self._probe({contract.queue_name(w.job.id, k) for w in watches for k in w.job.queues})
+        """Ask the broker which of these jobs' queues exist (all at once), and go on with what it says."""
+        probes = self._probe(self._core.queue_names(watches))
         for watch in watches:
-            try:
-                present = self._job_queues(watch.job.id, set(watch.job.queues), probes)
-            except JobQueuesUnavailableError as unreachable:  # down, not gone: wait() says so
-                log_event(
-                    logger,
-                    logging.WARNING,
-                    "job_queues_unreachable",
-                    job_id=watch.job.id,
-                    queue=unreachable.queue,
-                    node=unreachable.node,
-                )
-                self._carry_out(watch, watch.tracker.abandon(unreachable))
-                continue
-            self._carry_out(watch, watch.tracker.consume(frozenset(present), vanished))
+            self._carry_out(watch, self._core.probed(watch, probes, vanished))
 
     def _open_publish_channel(self, connection: Connection) -> None:
         channel = connection.channel()
@@ -214,17 +180,21 @@ class JobClient:
     def _on_lost(self, cause: BaseException) -> None:
         self._confirms.fail_all()
         self._run_settled(connection_lost=True)
-        for watch in list(self._watches.values()):
-            watch.tracker.connection_lost()
+        self._core.connection_lost()
 
     def _on_failure(self, exc: BaseException) -> None:
-        error = ClientClosedError(
-            f"the client lost its broker connection ({exc!r}); the job's queues keep what arrives "
-            "until their TTL runs out: reconnect with a new JobClient and connect_to_submitted_job"
-        )
-        for watch in list(self._watches.values()):
-            self._carry_out(watch, watch.tracker.abandon(error))
+        for watch, actions in self._core.failed(exc):
+            self._carry_out(watch, actions)
         self._flush_without_broker()
+
+    def _on_blocked(self, reason: str) -> None:
+        """RabbitMQ's ``connection.blocked`` (read on the loop thread: no I/O here)."""
+        self._unblocked.clear()
+        self._core.blocked(reason)
+
+    def _on_unblocked(self) -> None:
+        self._core.unblocked()
+        self._unblocked.set()
 
     # --- public API ----------------------------------------------------------------------
 
@@ -251,48 +221,39 @@ class JobClient:
         all three with ``updates=True``, so that a later reconnect can read status and progress.
         ``job_timeout`` limits the job's running time (time spent queued does not count); a job
         that runs longer is stopped and ends with status TIMEOUT. Waits at most
-        ``EBB_BROKER_TIMEOUT`` for the broker; a dead connection is noticed within two
-        heartbeat intervals (``EBB_HEARTBEAT``).
+        ``EBB_BROKER_TIMEOUT`` for the broker (and as long again for a resource alarm to clear:
+        :class:`ebb.BrokerBlockedError`); a dead connection is noticed within two heartbeat
+        intervals (``EBB_HEARTBEAT``).
         """
-        params_dict = checks.job_params(workflow, params, self.settings.max_params_bytes)
-        ttl = checks.validate_ttl(
-            auto_cleanup_after_ttl, default=self.settings.default_ttl, maximum=self.settings.max_ttl
+        plan = self._core.plan_submit(
+            workflow,
+            params,
+            on_finished=on_finished,
+            on_progress=on_progress,
+            on_status=on_status,
+            auto_disconnect=auto_disconnect_on_result,
+            ttl=auto_cleanup_after_ttl,
+            reference=reference,
+            job_timeout=job_timeout,
+            updates=updates,
         )
-        timeout = checks.job_timeout_seconds(job_timeout)
         self._catalog.check(workflow, self._task_queue_consumers)
-        params_dict = self._catalog.params_for(workflow, params_dict)
-        kinds = checks.wanted_queues(on_progress, on_status, updates=updates)
-        job = Job(id=uuid.uuid4(), workflow=workflow, ttl=ttl, queues=kinds, reference=reference)
-        watch = self._watch(job, ttl, auto_disconnect_on_result, on_finished, on_progress, on_status)
-        request = contract.TaskRequest(
-            job.id, workflow, params_dict, job.queues, ttl.total_seconds(), timeout
-        )
-        now = time.time()
-        # Written before the task exists, so the worker's RUNNING can never be overwritten.
-        self._registry.write(
-            job.id,
-            ttl,
-            {
-                "workflow": workflow,
-                "reference": reference,
-                "status": SUBMITTED,
-                "submitted_at": now,
-                "result_delivered": False,
-                "queues_last_in_use": now,
-            },
-        )
+        params_dict = self._catalog.params_for(workflow, plan.params)
+        watch, request, record = self._core.submission(plan, params_dict, time.time())
+        job = watch.job
+        self._registry.write(job.id, job.ttl, record)
         try:
+            self._until_unblocked()
             future: Future[Job] = self._loop.submit(lambda f: self._submit_on_loop(watch, request, f))
             self._loop.result(future, f"submitting job {job.id}")
-        except BrokerUnavailableError as exc:
-            watch.abandoned = True
-            if exc.job_id is None:  # certainly not published
-                self._registry.write(job.id, ttl, {"status": NOT_SUBMITTED})
-            raise
-        except EbbError:
-            self._registry.write(job.id, ttl, {"status": NOT_SUBMITTED})
-            raise
-        log_event(logger, logging.INFO, "job_submitted", job_id=job.id, workflow=workflow, ttl=ttl)
+        except EbbError as exc:
+            error, fields = self._core.submit_failed(watch, exc)
+            if fields is not None:
+                self._registry.write(job.id, job.ttl, fields)
+            if error is exc:
+                raise
+            raise error from exc
+        log_event(logger, logging.INFO, "job_submitted", job_id=job.id, workflow=workflow, ttl=job.ttl)
         return job
 
     def connect_to_submitted_job(
@@ -313,64 +274,25 @@ class JobClient:
         Given a bare id, the job's workflow and TTL come from the registry.
         Raises :class:`JobQueuesExpiredError` when the result queue no longer exists.
         """
-        wanted = checks.wanted_queues(on_progress, on_status)
-        job_id, known = checks.reconnect_target(
+        plan = self._core.plan_connect(
             job,
-            wanted,
-            auto_cleanup_after_ttl,
-            default_ttl=self.settings.default_ttl,
-            max_ttl=self.settings.max_ttl,
+            on_finished=on_finished,
+            on_progress=on_progress,
+            on_status=on_status,
+            auto_disconnect=auto_disconnect_on_result,
+            ttl=auto_cleanup_after_ttl,
         )
         handle, record_ttl = (
-            (known, known.ttl) if known else self._registry.describe(job_id, self.settings.default_ttl)
+            (plan.known, plan.known.ttl)
+            if plan.known
+            else self._registry.describe(plan.job_id, self.settings.default_ttl)
         )
-
-        def connect() -> bool:
-            if job_id in self._watches:
-                raise InvalidArgumentError(f"job {job_id} is already connected to this client")
-            unsent = self._unsettled.job(job_id)
-            if unsent is not None:  # its task goes again after a reconnect: so do its queues
-                with self._loop.bounded():
-                    for kind in sorted(unsent.queues):
-                        queue = contract.job_queue(job_id, kind, unsent.ttl, self.settings.queue_type)
-                        queue.queue_declare(channel=self._publish_channel)
-            present = self._probe_queues(job_id, set(wanted))
-            if QueueKind.RESULT not in present:
-                return False
-            for kind in wanted - present:
-                log_event(
-                    logger,
-                    logging.WARNING,
-                    "queue_missing",
-                    job_id=job_id,
-                    queue=contract.queue_name(job_id, kind),
-                    detail="job was submitted without it; its callback will not be called",
-                )
-            watch = self._watch(
-                handle, record_ttl, auto_disconnect_on_result, on_finished, on_progress, on_status
-            )
-            with self._lock:
-                self._watches[job_id] = watch
-                self._finished.pop(job_id)
-            try:
-                self._carry_out(watch, watch.tracker.consume(frozenset(present)))
-            except (OSError, amqp.exceptions.AMQPError) as exc:
-                # Connected all the same: the reconnect this break brings resumes the job with
-                # the others (a caller who tried again was told "already connected", chaos run).
-                log_event(
-                    logger,
-                    logging.WARNING,
-                    "job_connected_before_a_reconnect",
-                    job_id=job_id,
-                    error=repr(exc),
-                )
-            return True
-
-        if not self._loop.call(connect, f"connecting to job {job_id}"):
-            raise JobQueuesExpiredError(job_id, self._registry.story(job_id))
-        if record_ttl is not None:
-            self._registry.write(job_id, record_ttl, {"queues_last_in_use": time.time()})
-        log_event(logger, logging.INFO, "job_connected", job_id=job_id)
+        connected = self._loop.call(
+            lambda: self._connect_on_loop(plan, handle, record_ttl), f"connecting to job {plan.job_id}"
+        )
+        if not connected:
+            raise JobQueuesExpiredError(plan.job_id, self._registry.story(plan.job_id))
+        log_event(logger, logging.INFO, "job_connected", job_id=plan.job_id)
         return handle
 
     def disconnect_from_submitted_job(
@@ -382,13 +304,11 @@ class JobClient:
         kept otherwise (their TTL starts, so you can reconnect until it runs out). Pass
         ``delete_queues=True`` to abandon an unfinished job's queues, ``False`` to keep them.
         """
-        job_id = _job_id(job)
+        job_id = job_id_of(job)
 
         def disconnect() -> None:
-            watch = self._watches.get(job_id)
-            if watch is None:
-                raise InvalidArgumentError(f"job {job_id} is not connected to this client")
-            self._carry_out(watch, watch.tracker.disconnect(delete_queues, time.time()))
+            watch = self._core.connected_job(job_id)
+            self._carry_out(watch, self._core.disconnect(watch, delete_queues, time.time()))
 
         self._loop.call(disconnect, f"disconnecting from job {job_id}")
         log_event(logger, logging.INFO, "job_disconnected", job_id=job_id)
@@ -402,49 +322,15 @@ class JobClient:
         """
         if self._loop.on_loop_thread:
             raise ClientUsageError("wait() cannot be called from a callback: it would block the client")
-        job_id = _job_id(job)
-        with self._lock:
-            watch = self._watches.get(job_id) or self._finished.get(job_id)
-        if watch is None:
-            raise InvalidArgumentError(
-                f"job {job_id} is not known to this client; submit it or connect_to_submitted_job "
-                "first (outcomes of finished jobs are kept for the last EBB_KEEP_RESULTS jobs, "
-                "at most EBB_KEEP_RESULTS_BYTES)"
-            )
+        watch = self._core.known(job_id_of(job))
         deadline = None if timeout is None else time.monotonic() + timeout
         while not watch.done.wait(core.until_lost_check(watch.lost_checked_at, deadline, time.monotonic())):
             self._check_lost(watch)
             if watch.done.is_set():
                 break
             if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeoutError(
-                    f"job {job_id} has no result after {timeout} s; it is still running, call wait() again"
-                )
-        if watch.error is not None:
-            raise watch.error
-        if watch.result is None:
-            raise ClientClosedError(f"job {job_id} ended without a result")
-        return watch.result
-
-    def _check_lost(self, watch: _Watch) -> None:
-        """Every ``core.LOST_CHECK_EVERY`` of a wait: the registry's word on a result the worker
-        gave up on (never raises: without Redis the wait goes on as before)."""
-        if time.monotonic() - watch.lost_checked_at < core.LOST_CHECK_EVERY:
-            return
-        watch.lost_checked_at = time.monotonic()
-        try:
-            record = self._registry.get(watch.job.id)
-        except RegistryUnavailableError:
-            return
-        if record is None or not record.lost:
-            return
-
-        def decide() -> None:
-            lost = watch.tracker.result_lost(record.status, record.lost, record.result_delivered, time.time())
-            self._carry_out(watch, lost)
-
-        with contextlib.suppress(EbbError):  # no broker now: the next check tries again
-            self._loop.call(decide, f"giving up on the lost result of job {watch.job.id}")
+                raise self._core.wait_timed_out(watch, timeout)
+        return self._core.outcome(watch)
 
     def cancel_job(self, job: Job | uuid.UUID | str) -> None:
         """Ask for the job to stop: a queued job never starts, a running one is interrupted.
@@ -453,14 +339,8 @@ class JobClient:
         job's queues, which are cleaned up as for any result. A job that already finished keeps
         its result. Needs the registry (Redis): raises ``RegistryUnavailableError`` without it.
         """
-        job_id = _job_id(job)
-        record = self._registry.get(job_id)
-        if record is None:
-            raise UnknownJobError(job_id)
-        if record.ttl is None or not self._registry.write(
-            job_id, record.ttl, {"cancel_requested_at": time.time()}
-        ):
-            raise RegistryUnavailableError(f"could not record the cancellation of job {job_id} in Redis")
+        job_id = job_id_of(job)
+        record = self._registry.request_cancel(job_id, time.time())
         log_event(logger, logging.INFO, "job_cancel_requested", job_id=job_id, status=record.status)
 
     def job_status(self, job: Job | uuid.UUID | str) -> JobRecord:
@@ -469,11 +349,7 @@ class JobClient:
         Never renews the queues' TTL. Raises :class:`UnknownJobError` for a job the registry
         has no record of, ``RegistryUnavailableError`` when Redis cannot be reached.
         """
-        job_id = _job_id(job)
-        record = self._registry.get(job_id)
-        if record is None:
-            raise UnknownJobError(job_id)
-        return record
+        return self._registry.record_of(job_id_of(job))
 
     def list_workflows(self) -> list[WorkflowInfo]:
         """Workflows the live workers on this client's task queue advertise (read from Redis)."""
@@ -482,26 +358,19 @@ class JobClient:
     def close(self) -> None:
         """Close the connection. Jobs still running keep their queues until their TTL runs out."""
         self._loop.stop()
-        with self._lock:
-            open_watches = list(self._watches.values())
-        now = time.time()
-        for watch in open_watches:  # their TTL clock starts now
-            if watch.record_ttl is not None:
-                self._registry.write(watch.job.id, watch.record_ttl, {"queues_last_in_use": now})
-            self._carry_out(
-                watch,
-                watch.tracker.abandon(
-                    ClientClosedError(
-                        f"job {watch.job.id}: the client was closed before the result arrived; the "
-                        "queues keep what arrives until their TTL runs out: connect_to_submitted_job"
-                    )
-                ),
-            )
+        for watch, actions in self._core.close(time.time()):  # their TTL clock starts now
+            self._carry_out(watch, actions)
         self._flush_without_broker()
         connection = self._loop.connection
         if connection is not None:
-            with contextlib.suppress(Exception):  # already broken: nothing left to release
-                connection.release()
+            # py-amqp waits for the broker's close-ok without a bound of its own (heartbeats keep
+            # its reads alive), and RabbitMQ reads nothing from a connection it blocks (a resource
+            # alarm): that one is dropped without the handshake, which could never end.
+            if self._core.blocked_by is None:
+                with contextlib.suppress(Exception), self._loop.bounded():  # broken: nothing to release
+                    connection.release()
+            with contextlib.suppress(Exception):
+                connection.collect()
 
     def __enter__(self) -> JobClient:
         return self
@@ -516,39 +385,51 @@ class JobClient:
 
     # --- helpers on the caller's thread --------------------------------------------------
 
-    def _watch(
-        self,
-        job: Job,
-        record_ttl: timedelta | None,
-        auto_disconnect: bool,
-        on_finished: OnFinished | None,
-        on_progress: OnProgress | None,
-        on_status: OnStatus | None,
-    ) -> _Watch:
-        callbacks = core.callbacks_by_name(on_finished, on_progress, on_status)
-        return _Watch(job, core.JobTracker(job, auto_disconnect=auto_disconnect), callbacks, record_ttl)
+    def _until_unblocked(self) -> None:
+        """While RabbitMQ blocks the connection, a submit waits (within its bound) for the unblock."""
+        if self._core.blocked_by is not None and not self._loop.on_loop_thread:
+            self._unblocked.wait(self.settings.broker_timeout)
+
+    def _check_lost(self, watch: _Watch) -> None:
+        """Every ``core.LOST_CHECK_EVERY`` of a wait: the registry's word on a result the worker
+        gave up on (never raises: without Redis the wait goes on as before)."""
+        if not self._core.lost_check_due(watch, time.monotonic()):
+            return
+        try:
+            record = self._registry.get(watch.job.id)
+        except RegistryUnavailableError:
+            return
+        if record is None or not record.lost:
+            return
+
+        def decide() -> None:
+            self._carry_out(watch, self._core.result_lost(watch, record, time.time()))
+
+        with contextlib.suppress(EbbError):  # no broker now: the next check tries again
+            self._loop.call(decide, f"giving up on the lost result of job {watch.job.id}")
 
     def _task_queue_consumers(self) -> int:
         """Workers reading the task queue, asked with a passive declare (the workers' queue, no TTL)."""
 
         def probe() -> int:
             queue = self.settings.task_queue
-            found = self._probe({queue})[queue]
-            if isinstance(found, Unreachable):
-                raise QueueUnavailableError(queue, found.node)
-            return found.consumers if isinstance(found, Present) else 0
+            return consumers_reading(queue, self._probe({queue})[queue])
 
         return self._loop.call(probe, "asking for the task queue's consumers")
 
     # --- on the loop thread --------------------------------------------------------------
 
     def _submit_on_loop(self, watch: _Watch, request: contract.TaskRequest, future: Future[Job]) -> None:
+        blocked = self._core.may_publish()
+        if blocked is not None:  # nothing goes out: RabbitMQ would not read it
+            future.set_exception(blocked)
+            return
         message, sent_event = self._messages.task(request)
 
         def settled(outcome: str | None) -> None:
             self._task_settled(watch, future, outcome, message)
 
-        self._send_task(watch.job, message, settled)
+        self._send_task(watch.job, message, settled, watch)
         if self._events_channel.is_open:  # the task-sent event, for Flower
             self._events_channel.basic_publish(
                 self._messages.sent_event(sent_event, self.settings.task_queue),
@@ -556,12 +437,20 @@ class JobClient:
                 routing_key=EVENT_ROUTING_KEY,
             )
 
-    def _send_task(self, job: Job, message: amqp.Message, settled: Callable[[str | None], None]) -> None:
+    def _send_task(
+        self,
+        job: Job,
+        message: amqp.Message,
+        settled: Callable[[str | None], None],
+        watch: _Watch | None = None,
+    ) -> None:
         """The job's queue declares, then its task (mandatory, confirmed): one round trip."""
         channel = self._publish_channel
         for kind in sorted(job.queues):
             queue = contract.job_queue(job.id, kind, job.ttl, self.settings.queue_type)
             queue.queue_declare(nowait=True, channel=channel)
+        if watch is not None:
+            self._core.publishing(watch)
         # The task queue belongs to the workers: callers never declare it (and need no permission
         # to), and a task with no queue to go to comes back (mandatory) instead of vanishing.
         self._confirms.publish(
@@ -576,40 +465,60 @@ class JobClient:
 
     def _resend_settled(self, job: Job, outcome: str | None) -> None:
         """The broker's answer to a task sent again after a reconnect."""
-        for event, level, fields in self._unsettled.settled(job, outcome):
+        for event, level, fields in self._core.unsettled.settled(job, outcome):
             log_event(logger, level, event, job_id=job.id, queue=self.settings.task_queue, **fields)
 
     def _task_settled(
         self, watch: _Watch, future: Future[Job], outcome: str | None, message: amqp.Message
     ) -> None:
         """The broker's answer to a job's task publish (the declares before it are done then)."""
-        job = watch.job
         if outcome is None:
-            if watch.abandoned:  # the caller stopped waiting: its queues wait (TTL) for a reconnect
-                return
-            with self._lock:
-                self._watches[job.id] = watch
-                self._finished.pop(job.id)
-            future.set_result(job)  # confirmed: a break below is the reconnect's to resume
-            self._carry_out(watch, watch.tracker.consume(job.queues))
+            actions = self._core.task_confirmed(watch)
+            future.set_result(watch.job)  # confirmed: a break below is the reconnect's to resume
+            self._carry_out(watch, actions)
             return
         if outcome in ("returned", "nacked"):
             queue = self.settings.task_queue
-            why = f"RabbitMQ refused ({outcome}) the task of job {job.id}; it was not submitted"
+            why = f"RabbitMQ refused ({outcome}) the task of job {watch.job.id}; it was not submitted"
             try:
-                self._delete_queues(job.id, job.queues)
+                self._carry_out(watch, self._core.task_refused(watch))
                 # Returned: no such queue, or (RabbitMQ 3) its node is down; nacked: RabbitMQ 4's
                 # answer for a queue whose node is down, or a refusal. A probe tells which.
-                why = task_not_taken(queue, job.id, outcome, self._probe({queue})[queue])
+                why = task_not_taken(queue, watch.job.id, outcome, self._probe({queue})[queue])
             finally:  # the caller hears it even when the connection broke meanwhile
                 future.set_exception(BrokerUnavailableError(why))
             return
-        self._unsettled.add(job, message, time.time())
-        future.set_exception(
-            BrokerUnavailableError(
-                unconfirmed_task(job.id, outcome, self.settings.broker_timeout), job_id=job.id
+        future.set_exception(self._core.task_unconfirmed(watch, message, outcome, time.time()))
+
+    def _connect_on_loop(self, plan: ConnectPlan, handle: Job, record_ttl: timedelta | None) -> bool:
+        """Probe the job's queues and consume them; False when its result queue is gone."""
+        self._core.begin_connect(plan.job_id)
+        try:
+            unsent = self._core.unsettled.job(plan.job_id)
+            if unsent is not None:  # its task goes again after a reconnect: so do its queues
+                with self._loop.bounded():
+                    for kind in sorted(unsent.queues):
+                        queue = contract.job_queue(plan.job_id, kind, unsent.ttl, self.settings.queue_type)
+                        queue.queue_declare(channel=self._publish_channel)
+            probes = self._probe({contract.queue_name(plan.job_id, k) for k in plan.wanted})
+            connected = self._core.connected(plan, handle, record_ttl, probes, time.time())
+        finally:
+            self._core.end_connect(plan.job_id)
+        if connected is None:
+            return False
+        try:
+            self._carry_out(*connected)
+        except AMQP_ERRORS as exc:
+            # Connected all the same: the reconnect this break brings resumes the job with
+            # the others (a caller who tried again was told "already connected", chaos run).
+            log_event(
+                logger,
+                logging.WARNING,
+                "job_connected_before_a_reconnect",
+                job_id=plan.job_id,
+                error=repr(exc),
             )
-        )
+        return True
 
     def _open_probe_channel(self) -> amqp.Channel:
         connection = self._loop.connection
@@ -622,17 +531,8 @@ class JobClient:
         closes its channel, and a queue that does not answer in time costs only its own."""
         return self._probes.probe(sorted(names), probe_bound(self.settings.broker_timeout))
 
-    def _probe_queues(self, job_id: uuid.UUID, kinds: set[QueueKind]) -> set[QueueKind]:
-        """Which of the job's queues exist (``job_queues_present``): ``JobQueuesUnavailableError``
-        when one is on a node that is down: not gone, out of reach."""
-        return self._job_queues(job_id, kinds, self._probe({contract.queue_name(job_id, k) for k in kinds}))
-
-    @staticmethod
-    def _job_queues(job_id: uuid.UUID, kinds: set[QueueKind], probes: dict[str, Probe]) -> set[QueueKind]:
-        return job_queues_present(job_id, {k: probes[contract.queue_name(job_id, k)] for k in kinds})
-
     def _delete_queues(self, job_id: uuid.UUID, kinds: frozenset[QueueKind]) -> None:
-        self._cleanup_pending[job_id] = kinds  # done again after a reconnect if cut off here
+        self._core.delete_started(job_id, kinds)  # done again after a reconnect if cut off here
         channel = self._publish_channel
         names = [contract.queue_name(job_id, k) for k in sorted(kinds)]
         for name in names[:-1]:
@@ -648,38 +548,31 @@ class JobClient:
             )
         for name in names:
             log_event(logger, logging.DEBUG, "queue_deleted", job_id=job_id, queue=name)
-        self._cleanup_pending.pop(job_id, None)
+        self._core.delete_done(job_id)
 
     def _after_io(self) -> None:
         with self._flushed():
             while self._inbox:
-                watch, kind, message = self._inbox.popleft()
-                if self._watches.get(watch.job.id) is not watch:  # it left: keep the message queued
-                    self._settle(message, requeue=True)
-                    continue
-                self._carry_out(
-                    watch,
-                    watch.tracker.received(kind, message.body, message.content_type, message, time.time()),
-                )
+                self._on_message(*self._inbox.popleft())
             self._after_cancels()
 
+    def _on_message(self, watch: _Watch, kind: QueueKind, message: amqp.Message) -> None:
+        if self._core.watches.get(watch.job.id) is not watch:  # it left: keep the message queued
+            self._settle(message, requeue=True)
+            return
+        actions = watch.tracker.received(kind, message.body, message.content_type, message, time.time())
+        self._carry_out(watch, actions)
+
     def _after_cancels(self) -> None:
-        """Consumers RabbitMQ cancelled: the queues that are left are consumed again, a node
-        that is down or a result queue that is gone ends the wait (``JobTracker.consumer_cancelled``).
+        """Consumers RabbitMQ cancelled: the core decides, then the jobs are probed together.
         Here, not in py-amqp's callback: a probe from inside it would recurse."""
         probing: list[_Watch] = []
         while self._cancelled:
             watch, kind, tag = self._cancelled.popleft()
-            if watch.consumers.get(kind) == tag:
-                del watch.consumers[kind]
-            actions = (
-                watch.tracker.consumer_cancelled(kind) if self._watches.get(watch.job.id) is watch else None
-            )
+            actions = self._core.consumer_cancelled(watch, kind, tag)
             if actions is None:
                 continue
             self._carry_out(watch, actions)
-            queue = contract.queue_name(watch.job.id, kind)
-            log_event(logger, logging.WARNING, "consumer_cancelled", job_id=watch.job.id, queue=queue)
             if watch not in probing:
                 probing.append(watch)
         if probing:
@@ -706,10 +599,8 @@ class JobClient:
             self._run_settled()
             now = time.time()
             while self._timers and self._timers[0][0] <= now:
-                _, _, job_id = heapq.heappop(self._timers)
-                watch = self._watches.get(job_id)
-                if watch is not None:
-                    self._carry_out(watch, watch.tracker.tick(now))
+                _, _, watch = heapq.heappop(self._timers)
+                self._carry_out(watch, watch.tracker.tick(now))
 
     def _run_settled(self, *, connection_lost: bool = False) -> None:
         """Run what the broker's confirms decided. Once the connection is known lost, one whose
@@ -728,10 +619,10 @@ class JobClient:
             raise broken
 
     def _carry_out(self, watch: _Watch, actions: list[core.Action]) -> None:
-        """Do what the tracker decided, in order; a callback's outcome goes back to the tracker.
+        """Do what the core decided, in order; a callback's outcome goes back to the tracker.
 
         When the connection breaks under a broker action, the rest is still carried out without
-        the broker (a delete is left for after the reconnect), and then the error is raised: a
+        the broker (a delete is owed until after the reconnect), and then the error is raised: a
         result already handed to ``on_finished`` must still end ``wait()`` (the chaos run caught
         a delete cut off by ``stop_app`` that left ``wait()`` waiting for ever).
         """
@@ -743,15 +634,14 @@ class JobClient:
                 error = self._run_callback(watch, action)
                 todo.extendleft(reversed(watch.tracker.delivered(error, time.time())))
             elif isinstance(action, core.Record):
-                if watch.record_ttl is not None:  # batched: one Redis round trip per burst
-                    self._records.setdefault(watch.job.id, (watch.record_ttl, {}))[1].update(action.fields)
+                self._core.record(watch, action)
             elif isinstance(action, core.WakeAt):
-                heapq.heappush(self._timers, (action.at, next(self._timer_seq), watch.job.id))
+                heapq.heappush(self._timers, (action.at, next(self._timer_seq), watch))
             elif isinstance(action, core.Finish):
                 self._finish(watch, action)
             elif broken is not None:
                 if isinstance(action, core.DeleteQueues):
-                    self._cleanup_pending[watch.job.id] = action.kinds
+                    self._core.delete_started(watch.job.id, action.kinds)
             else:
                 try:
                     self._on_broker(watch, action)
@@ -774,6 +664,9 @@ class JobClient:
                 watch.consumers.pop(kind, None)
             self._delete_queues(watch.job.id, action.kinds)
 
+    def _finish(self, watch: _Watch, action: core.Finish) -> None:
+        self._core.finish(watch, action)  # its waiter wakes with the burst's flush
+
     def _run_callback(self, watch: _Watch, action: core.Deliver) -> Exception | None:
         callback = watch.callbacks.get(action.callback)
         if callback is None:
@@ -783,18 +676,6 @@ class JobClient:
         except Exception as exc:
             return exc
         return None
-
-    def _finish(self, watch: _Watch, action: core.Finish) -> None:
-        watch.result, watch.error = action.result, action.error
-        if action.result is not None:
-            self._unsettled.discard(watch.job.id)
-        if action.retire:
-            with self._lock:
-                if self._watches.get(watch.job.id) is watch:
-                    del self._watches[watch.job.id]
-                self._finished.add(watch.job.id, watch, action.size)
-            watch.callbacks = {}  # a finished job keeps no reference to the caller's objects
-        self._to_signal.append(watch)  # once its registry record is written: see _flush
 
     def _flush_without_broker(self) -> None:
         """The loop is gone: no acks to send, but records to write and waiters to wake."""
@@ -808,10 +689,9 @@ class JobClient:
         delivered, and a burst of 1,000 results costs one Redis round trip, not 1,000.
         """
         self._acks.flush()
-        if self._records:
-            records, self._records = self._records, {}
+        records, signal = self._core.take_burst()
+        if records:
             self._registry.write_many(records)
-        signal, self._to_signal = self._to_signal, []
         for watch in signal:
             watch.done.set()
 
@@ -854,7 +734,3 @@ class JobClient:
             self._acks.requeue(tag)
         else:
             self._acks.ack(tag)
-
-
-def _job_id(job: Job | uuid.UUID | str) -> uuid.UUID:
-    return job.id if isinstance(job, Job) else contract.parse_job_id(job)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Final
 
+from ebb.redact import redact
+
 if TYPE_CHECKING:
     from ebb.contract import JobResult
 
@@ -101,8 +103,9 @@ class JobQueuesUnavailableError(QueueUnavailableError):
 class JobResultLostError(EbbError):
     """The job ended, but its worker could not deliver the result; the registry says how it ended.
 
-    The worker keeps trying for ``EBB_RESULT_RETRY`` (a result queue whose node is down, a
-    memory alarm); past that, or when the queue had expired, it records what was lost.
+    The worker keeps trying for ``EBB_RESULT_RETRY`` (a result queue whose node is down);
+    past that, or when the queue had expired, it records what was lost. (A resource alarm
+    loses nothing: RabbitMQ holds the result and confirms it once the alarm clears.)
     """
 
     def __init__(self, job_id: uuid.UUID, status: str | None, lost: str) -> None:
@@ -173,6 +176,26 @@ class BrokerUnavailableError(UnavailableError):
         super().__init__(message)
 
 
+class BrokerBlockedError(BrokerUnavailableError):
+    """RabbitMQ blocked this client's connection: a memory or disk alarm is raised.
+
+    While it lasts the broker reads nothing this connection publishes. ``reason`` is RabbitMQ's
+    own word ("low on memory", "low on disk space"). ``job_id`` as for
+    :class:`BrokerUnavailableError`: ``None`` when nothing was published (submit again once the
+    alarm clears), the job's id when its task went out before the block (do not submit it
+    again: ``connect_to_submitted_job(job_id)``).
+    """
+
+    def __init__(self, reason: str, detail: str, *, job_id: uuid.UUID | None = None) -> None:
+        self.reason = reason
+        super().__init__(
+            f"RabbitMQ has blocked this client's connection ({reason}): a resource alarm is raised "
+            f"on the broker, which reads nothing this client publishes until it clears; {detail}. "
+            "Free memory or disk on the broker (rabbitmq-diagnostics alarms shows which)",
+            job_id=job_id,
+        )
+
+
 class CredentialsRefusedError(UnavailableError):
     """A server refused Ebb's login: a wrong user or password, or a user without the vhost.
 
@@ -240,3 +263,17 @@ class InvalidParamsError(InvalidArgumentError):
 def _short_repr(value: object, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def broker_unavailable(
+    exc: BaseException, what: str, job_id: uuid.UUID | None = None
+) -> BrokerUnavailableError:
+    """A transport's error (py-amqp, aiormq, a socket) as the one a caller sees, the original as
+    its cause, with no password in its text."""
+    if isinstance(exc, BrokerUnavailableError):
+        return exc
+    error = BrokerUnavailableError(
+        f"{what}: {redact(repr(exc))}; the client reconnects by itself", job_id=job_id
+    )
+    error.__cause__ = exc
+    return error

@@ -26,10 +26,10 @@ import redis
 from ebb import links
 from ebb.config import Settings
 from ebb.contract import QueueKind
-from ebb.errors import RegistryUnavailableError
+from ebb.errors import RegistryUnavailableError, UnknownJobError
 from ebb.job import Job
 from ebb.logfmt import log_event
-from ebb.records import KEY_PREFIX, JobRecord, job_key
+from ebb.records import FIELDS, KEY_PREFIX, JobRecord, job_key
 
 logger = logging.getLogger("ebb.registry")
 
@@ -79,6 +79,9 @@ class Registry:
         batch: int,
         job_id_for_log: uuid.UUID | None,
     ) -> bool:
+        for fields in (fields for _, fields in updates.values()):
+            if not fields.keys() <= _FIELDS:  # a typo would be a field nobody ever reads
+                raise ValueError(f"not fields of a job's record: {sorted(fields.keys() - _FIELDS)}")
         if time.monotonic() < self._quiet_until:
             self._keep(updates)
             return False
@@ -196,6 +199,20 @@ class Registry:
             return None
         return JobRecord.from_hash(job_id, {str(k): str(v) for k, v in data.items()})
 
+    def record_of(self, job_id: uuid.UUID) -> JobRecord:
+        """``get``, for a caller who names a job: ``UnknownJobError`` when there is no record."""
+        record = self.get(job_id)
+        if record is None:
+            raise UnknownJobError(job_id)
+        return record
+
+    def request_cancel(self, job_id: uuid.UUID, now: float) -> JobRecord:
+        """Record that the job's caller asked it to stop (workers look before and while it runs)."""
+        record = self.record_of(job_id)
+        if record.ttl is None or not self.write(job_id, record.ttl, {"cancel_requested_at": now}):
+            raise RegistryUnavailableError(f"could not record the cancellation of job {job_id} in Redis")
+        return record
+
     def describe(self, job_id: uuid.UUID, default_ttl: timedelta) -> tuple[Job, timedelta | None]:
         """A handle for a bare job id: workflow and TTL from the record, placeholders without one.
 
@@ -257,6 +274,9 @@ class Registry:
         except redis.RedisError as exc:
             raise links.registry_error(exc, self._settings, "the job registry cannot be read") from exc
         return found
+
+
+_FIELDS = frozenset(FIELDS)
 
 
 def _encode(value: Any) -> str | float | int:

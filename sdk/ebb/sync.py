@@ -37,7 +37,13 @@ from kombu.connection import Connection
 
 from ebb.acks import AckBatch
 from ebb.broker_replies import PROBE_BATCH, Present, Probe, Unreachable, queue_unreachable
-from ebb.errors import BrokerUnavailableError, ClientClosedError, ClientUsageError, EbbError
+from ebb.errors import (
+    BrokerUnavailableError,
+    ClientClosedError,
+    ClientUsageError,
+    EbbError,
+    broker_unavailable,
+)
 from ebb.logfmt import log_event
 from ebb.redact import redact
 
@@ -61,15 +67,19 @@ AMQP_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def unavailable(exc: BaseException, what: str, job_id: Any = None) -> BrokerUnavailableError:
-    """Translate a transport error into the one a caller sees (the original stays as the cause)."""
-    if isinstance(exc, BrokerUnavailableError):
-        return exc
-    error = BrokerUnavailableError(
-        f"{what}: {redact(repr(exc))}; the client reconnects by itself", job_id=job_id
-    )
-    error.__cause__ = exc
-    return error
+def listen_for_blocks(
+    connection: amqp.Connection, on_blocked: Callable[[str], None], on_unblocked: Callable[[], None]
+) -> None:
+    """Hear RabbitMQ's ``connection.blocked`` (a resource alarm) with its reason, and the unblock.
+
+    py-amqp reads the method without its argument (its reason, "low on memory") and calls its
+    own handler; this reads the reason too and calls ours, on the thread that reads frames.
+    """
+    methods = dict(connection._METHODS)
+    methods[spec.Connection.Blocked] = spec.method(spec.Connection.Blocked, "s")
+    connection._METHODS = methods
+    connection._callbacks[spec.Connection.Blocked] = lambda reason="": on_blocked(str(reason))
+    connection._callbacks[spec.Connection.Unblocked] = lambda *_: on_unblocked()
 
 
 class Confirms:
@@ -543,7 +553,7 @@ class BrokerLoop:
         """Reconnect with backoff until ``reconnect_timeout``; then give up for good."""
         self._reconnecting = True
         log_event(logger, logging.WARNING, "connection_lost", error=repr(cause), action="reconnecting")
-        self._fail_pending_commands(unavailable(cause, "the broker connection was lost"))
+        self._fail_pending_commands(broker_unavailable(cause, "the broker connection was lost"))
         self._on_lost(cause)
         if self.connection is not None:
             with contextlib.suppress(Exception):
@@ -591,7 +601,9 @@ class BrokerLoop:
         except BaseException as exc:
             if not future.done():
                 broker = isinstance(exc, AMQP_ERRORS) and not isinstance(exc, EbbError)
-                future.set_exception(unavailable(exc, "RabbitMQ failed the request") if broker else exc)
+                future.set_exception(
+                    broker_unavailable(exc, "RabbitMQ failed the request") if broker else exc
+                )
             if _connection_broken(exc):
                 return exc
             if not isinstance(exc, Exception):

@@ -127,6 +127,26 @@ def test_a_failed_submit_is_recorded_not_submitted_only_when_its_task_certainly_
     assert watch.job.id not in caller.watches
 
 
+@pytest.mark.parametrize(
+    ("probe", "says"),
+    [
+        (None, "does not exist"),
+        (Unreachable("rabbit@n2"), "rabbit@n2"),
+        (Present(0, 1), "refused (nacked)"),
+        ("unprobed", "refused (nacked)"),
+    ],
+    ids=["task queue gone", "task queue's node down", "refused", "no probe possible"],
+)
+def test_a_refused_task_is_explained_by_the_task_queues_probe(
+    caller: CallerCore[Any, str], probe: Any, says: str
+) -> None:
+    watch, _, _ = submitted(caller)
+    caller.publishing(watch)
+    caller.task_refused(watch)
+    error = caller.refused_error(watch, "nacked", probe)
+    assert says in str(error) and str(watch.job.id) in str(error) and error.job_id is None
+
+
 def test_while_rabbitmq_blocks_the_connection_nothing_is_published_and_the_error_names_the_alarm(
     caller: CallerCore[Any, str],
 ) -> None:

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import aiormq
 import aiormq.exceptions
@@ -44,7 +44,6 @@ from ebb.broker_replies import (
     consumers_reading,
     probe_bound,
     queue_unreachable,
-    task_not_taken,
 )
 from ebb.caller import CallerCore, ConnectPlan, Watch, job_id_of
 from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
@@ -629,13 +628,13 @@ class AsyncJobClient:
             return
         if outcome in ("returned", "nacked"):
             queue = self.settings.task_queue
-            why = f"RabbitMQ refused ({outcome}) the task of job {watch.job.id}; it was not submitted"
-            await self._carry_out(watch, self._core.task_refused(watch))
-            # Returned: no such queue, or (RabbitMQ 3) its node is down; nacked: RabbitMQ 4's
-            # answer for a queue whose node is down, or a refusal. A probe tells which.
-            with contextlib.suppress(EbbError, *AMQP_ERRORS):
-                why = task_not_taken(queue, watch.job.id, outcome, (await self._probe({queue}))[queue])
-            raise BrokerUnavailableError(why)
+            probe: Probe | Literal["unprobed"] = "unprobed"
+            try:
+                await self._carry_out(watch, self._core.task_refused(watch))
+                probe = (await self._probe({queue}))[queue]  # why it was refused
+            except _BROKEN:  # the caller hears it even when the connection broke meanwhile
+                pass
+            raise self._core.refused_error(watch, outcome, probe)
         raise self._core.task_unconfirmed(watch, task, outcome, time.time())
 
     async def _connect_on_loop(self, plan: ConnectPlan, handle: Job, record_ttl: timedelta | None) -> bool:

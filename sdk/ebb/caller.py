@@ -22,10 +22,10 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from ebb import checks, contract
-from ebb.broker_replies import Probe, job_queues_present
+from ebb.broker_replies import Probe, job_queues_present, task_not_taken
 from ebb.config import Settings
 from ebb.contract import JobResult, QueueKind, TaskRequest
 from ebb.core import (
@@ -232,6 +232,18 @@ class CallerCore(Generic[W, Message]):
         task queue to say why: ``broker_replies.task_not_taken``)."""
         watch.refused = True
         return [DeleteQueues(watch.job.queues)]
+
+    def refused_error(
+        self, watch: W, outcome: str, probe: Probe | Literal["unprobed"]
+    ) -> BrokerUnavailableError:
+        """What the caller of a refused task hears, from a probe of the task queue made then
+        (returned: no such queue, or on RabbitMQ 3 its node is down; nacked: RabbitMQ 4's answer
+        for a node that is down, or a refusal), or without one when the probe could not be made."""
+        if probe == "unprobed":
+            return BrokerUnavailableError(
+                f"RabbitMQ refused ({outcome}) the task of job {watch.job.id}; it was not submitted"
+            )
+        return BrokerUnavailableError(task_not_taken(self.settings.task_queue, watch.job.id, outcome, probe))
 
     def task_unconfirmed(
         self, watch: W, message: Message, outcome: str, now: float

@@ -24,20 +24,19 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import amqp
 from amqp import spec
 from kombu.connection import Connection
 
 from ebb import contract, core, links
-from ebb.broker_replies import Probe, consumers_reading, probe_bound, task_not_taken
+from ebb.broker_replies import Probe, consumers_reading, probe_bound
 from ebb.caller import CallerCore, ConnectPlan, Watch, job_id_of
 from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
 from ebb.config import Settings
 from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
 from ebb.errors import (
-    BrokerUnavailableError,
     ClientUsageError,
     EbbError,
     JobQueuesExpiredError,
@@ -479,14 +478,12 @@ class JobClient:
             return
         if outcome in ("returned", "nacked"):
             queue = self.settings.task_queue
-            why = f"RabbitMQ refused ({outcome}) the task of job {watch.job.id}; it was not submitted"
+            probe: Probe | Literal["unprobed"] = "unprobed"
             try:
                 self._carry_out(watch, self._core.task_refused(watch))
-                # Returned: no such queue, or (RabbitMQ 3) its node is down; nacked: RabbitMQ 4's
-                # answer for a queue whose node is down, or a refusal. A probe tells which.
-                why = task_not_taken(queue, watch.job.id, outcome, self._probe({queue})[queue])
+                probe = self._probe({queue})[queue]  # why it was refused
             finally:  # the caller hears it even when the connection broke meanwhile
-                future.set_exception(BrokerUnavailableError(why))
+                future.set_exception(self._core.refused_error(watch, outcome, probe))
             return
         future.set_exception(self._core.task_unconfirmed(watch, message, outcome, time.time()))
 

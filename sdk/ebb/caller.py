@@ -254,8 +254,10 @@ class CallerCore(Generic[W, Message]):
         if self.blocked_by is not None:  # RabbitMQ holds the task, and takes it once the alarm clears
             return BrokerBlockedError(
                 self.blocked_by,
-                f"the task of job {job_id} went out before the block: RabbitMQ holds it and takes it "
-                "once the alarm clears (workers run a job once), so do not submit it again: "
+                f"the task of job {job_id} went out before the block: RabbitMQ takes it once the alarm "
+                "clears if this client's connection lasts until then (if it is lost first, this client "
+                "sends the task again once it has reconnected; a client closed or killed before that "
+                "leaves the job unrun), and workers run a job once, so do not submit it again: "
                 f"connect_to_submitted_job({str(job_id)!r}) waits for its result",
                 job_id=job_id,
             )

@@ -62,6 +62,14 @@ def submitted(caller: CallerCore[Any, str], **options: Any) -> tuple[Watch, Task
     return caller.submission(plan, plan.params, now=1000.0)
 
 
+def running(caller: CallerCore[Any, str], **options: Any) -> Watch:
+    """A job submitted, its task out and confirmed: connected."""
+    watch, _, _ = submitted(caller, **options)
+    caller.publishing(watch)
+    caller.task_confirmed(watch)
+    return watch
+
+
 def probes_of(job_id: uuid.UUID, **found: Probe) -> dict[str, Probe]:
     """Probe answers for a job's queues, by kind name (missing kinds: the queue is gone)."""
     return {queue_name(job_id, kind): found.get(kind.value) for kind in QueueKind}
@@ -247,9 +255,7 @@ def test_a_job_read_with_events_wants_every_queue_it_was_submitted_with(caller: 
 def test_after_a_reconnect_each_job_goes_on_or_ends_with_the_reason(
     caller: CallerCore[Any, str], found: dict[str, Probe], expected: Any
 ) -> None:
-    watch, _, _ = submitted(caller, updates=True)
-    caller.publishing(watch)
-    caller.task_confirmed(watch)
+    watch = running(caller, updates=True)
     caller.connection_lost()
     assert caller.resumable() == [watch]
     assert caller.queue_names([watch]) == {queue_name(watch.job.id, k) for k in ALL}
@@ -264,9 +270,7 @@ def test_after_a_reconnect_each_job_goes_on_or_ends_with_the_reason(
 def test_a_consumer_rabbitmq_cancelled_stops_the_others_and_only_the_current_one_counts(
     caller: CallerCore[Any, str],
 ) -> None:
-    watch, _, _ = submitted(caller, updates=True)
-    caller.publishing(watch)
-    caller.task_confirmed(watch)
+    watch = running(caller, updates=True)
     watch.consumers.update(
         {QueueKind.RESULT: "ebb.1", QueueKind.PROGRESS: "ebb.2", QueueKind.STATUS: "ebb.3"}
     )
@@ -286,9 +290,7 @@ def test_a_consumer_rabbitmq_cancelled_stops_the_others_and_only_the_current_one
 def test_a_finished_job_is_found_by_wait_and_its_record_batched_until_the_burst_ends(
     caller: CallerCore[Any, str],
 ) -> None:
-    watch, _, _ = submitted(caller)
-    caller.publishing(watch)
-    caller.task_confirmed(watch)
+    watch = running(caller)
     caller.record(watch, Record({"result_delivered": True}))
     result = result_of(watch.job.id)
     caller.finish(watch, Finish(result, None, retire=True, size=10))
@@ -302,9 +304,7 @@ def test_a_finished_job_is_found_by_wait_and_its_record_batched_until_the_burst_
 
 
 def test_closing_starts_every_unfinished_jobs_ttl_and_ends_its_wait(caller: CallerCore[Any, str]) -> None:
-    watch, _, _ = submitted(caller)
-    caller.publishing(watch)
-    caller.task_confirmed(watch)
+    watch = running(caller)
     [(closed, actions)] = list(caller.close(now=7.0))
     assert closed is watch and actions[0] == Record({"queues_last_in_use": 7.0})
     finish = actions[-1]
@@ -314,9 +314,7 @@ def test_closing_starts_every_unfinished_jobs_ttl_and_ends_its_wait(caller: Call
 def test_a_client_that_gave_up_on_the_broker_says_so_without_the_password(
     caller: CallerCore[Any, str],
 ) -> None:
-    watch, _, _ = submitted(caller)
-    caller.publishing(watch)
-    caller.task_confirmed(watch)
+    running(caller)
     [(_, actions)] = list(caller.failed(ConnectionError("amqp://ebb:s3cret@broker:5672// refused")))
     error = actions[-1].error  # type: ignore[union-attr]
     assert isinstance(error, ClientClosedError) and "s3cret" not in str(error) and "for good" in str(error)
@@ -333,9 +331,7 @@ def test_a_delete_cut_off_by_the_connection_is_owed_until_done(caller: CallerCor
 def test_the_lost_result_check_runs_every_ten_seconds_and_believes_the_workers_record(
     caller: CallerCore[Any, str],
 ) -> None:
-    watch, _, _ = submitted(caller)
-    caller.publishing(watch)
-    caller.task_confirmed(watch)
+    watch = running(caller)
     start = watch.lost_checked_at
     assert not caller.lost_check_due(watch, start + 1)
     assert caller.lost_check_due(watch, start + 10) and not caller.lost_check_due(watch, start + 11)

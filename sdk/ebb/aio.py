@@ -644,7 +644,7 @@ class AsyncJobClient:
             unsent = self._core.unsettled.job(plan.job_id)
             if unsent is not None:  # its task goes again after a reconnect: so do its queues
                 await self._declare_queues(unsent, nowait=False)
-            probes = await self._probe({contract.queue_name(plan.job_id, k) for k in plan.wanted})
+            probes = await self._probe(plan.queue_names)
             connected = self._core.connected(plan, handle, record_ttl, probes, time.time())
         finally:
             self._core.end_connect(plan.job_id)

@@ -106,6 +106,12 @@ def task_not_taken(queue: str, job_id: object, outcome: str, probe: Probe) -> st
             f"task queue {queue!r} does not exist, so job {job_id} was not submitted: start a "
             "worker (celery -A tasks worker) or check EBB_TASK_QUEUE"
         )
+    return task_refused(job_id, outcome)
+
+
+def task_refused(job_id: object, outcome: str) -> str:
+    """Why a job was not submitted when RabbitMQ refused its task for another reason (or nobody
+    could ask the task queue why)."""
     return f"RabbitMQ refused ({outcome}) the task of job {job_id}; it was not submitted"
 
 

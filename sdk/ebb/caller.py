@@ -25,7 +25,7 @@ from datetime import timedelta
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from ebb import checks, contract
-from ebb.broker_replies import Probe, job_queues_present, task_not_taken
+from ebb.broker_replies import Probe, job_queues_present, task_not_taken, task_refused
 from ebb.config import Settings
 from ebb.contract import JobResult, QueueKind, TaskRequest
 from ebb.core import (
@@ -118,6 +118,11 @@ class ConnectPlan:
     wanted: frozenset[QueueKind]
     auto_disconnect: bool
     callbacks: dict[Callback, Callable[..., Any]]
+
+    @property
+    def queue_names(self) -> set[str]:
+        """The queues the connect probes."""
+        return {contract.queue_name(self.job_id, kind) for kind in self.wanted}
 
 
 def job_id_of(job: Job | uuid.UUID | str) -> uuid.UUID:
@@ -240,9 +245,7 @@ class CallerCore(Generic[W, Message]):
         (returned: no such queue, or on RabbitMQ 3 its node is down; nacked: RabbitMQ 4's answer
         for a node that is down, or a refusal), or without one when the probe could not be made."""
         if probe == "unprobed":
-            return BrokerUnavailableError(
-                f"RabbitMQ refused ({outcome}) the task of job {watch.job.id}; it was not submitted"
-            )
+            return BrokerUnavailableError(task_refused(watch.job.id, outcome))
         return BrokerUnavailableError(task_not_taken(self.settings.task_queue, watch.job.id, outcome, probe))
 
     def task_unconfirmed(
@@ -251,7 +254,7 @@ class CallerCore(Generic[W, Message]):
         """No confirm within the bound, or the connection went: sent again after the reconnect."""
         self.unsettled.add(watch.job, message, now)
         job_id = watch.job.id
-        if self.blocked_by is not None:  # RabbitMQ holds the task, and takes it once the alarm clears
+        if self.blocked_by is not None:  # the task waits unread until the alarm clears, or is lost
             return BrokerBlockedError(
                 self.blocked_by,
                 f"the task of job {job_id} went out before the block: RabbitMQ takes it once the alarm "
@@ -329,9 +332,7 @@ class CallerCore(Generic[W, Message]):
         """What the connect's probe found: the job connected and its queues consumed, or ``None``
         when its result queue is gone (the transport raises ``JobQueuesExpiredError`` with the
         registry's story). ``JobQueuesUnavailableError`` when one is on a node that is down."""
-        present = job_queues_present(
-            plan.job_id, {k: probes[contract.queue_name(plan.job_id, k)] for k in plan.wanted}
-        )
+        present = _present(plan.job_id, plan.wanted, probes)
         if QueueKind.RESULT not in present:
             return None
         for kind in plan.wanted - present:
@@ -429,9 +430,7 @@ class CallerCore(Generic[W, Message]):
         end ``wait()`` when its queues are gone or out of reach (down, not gone: it says so)."""
         job_id = watch.job.id
         try:
-            present = job_queues_present(
-                job_id, {k: probes[contract.queue_name(job_id, k)] for k in watch.job.queues}
-            )
+            present = _present(job_id, watch.job.queues, probes)
         except JobQueuesUnavailableError as unreachable:
             log_event(
                 logger,
@@ -533,3 +532,9 @@ class CallerCore(Generic[W, Message]):
         record_ttl: timedelta | None,
     ) -> W:
         return self._new_watch(job, JobTracker(job, auto_disconnect=auto_disconnect), callbacks, record_ttl)
+
+
+def _present(job_id: uuid.UUID, kinds: frozenset[QueueKind], probes: dict[str, Probe]) -> set[QueueKind]:
+    """Which of these queues of the job exist, from a probe of (at least) their names
+    (``JobQueuesUnavailableError`` when one is on a node that is down)."""
+    return job_queues_present(job_id, {kind: probes[contract.queue_name(job_id, kind)] for kind in kinds})

@@ -497,7 +497,7 @@ class JobClient:
                     for kind in sorted(unsent.queues):
                         queue = contract.job_queue(plan.job_id, kind, unsent.ttl, self.settings.queue_type)
                         queue.queue_declare(channel=self._publish_channel)
-            probes = self._probe({contract.queue_name(plan.job_id, k) for k in plan.wanted})
+            probes = self._probe(plan.queue_names)
             connected = self._core.connected(plan, handle, record_ttl, probes, time.time())
         finally:
             self._core.end_connect(plan.job_id)

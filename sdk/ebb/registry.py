@@ -79,7 +79,7 @@ class Registry:
         batch: int,
         job_id_for_log: uuid.UUID | None,
     ) -> bool:
-        for fields in (fields for _, fields in updates.values()):
+        for _, fields in updates.values():
             if not fields.keys() <= _FIELDS:  # a typo would be a field nobody ever reads
                 raise ValueError(f"not fields of a job's record: {sorted(fields.keys() - _FIELDS)}")
         if time.monotonic() < self._quiet_until:

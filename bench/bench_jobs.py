@@ -20,7 +20,7 @@ worker, so that a drift of the machine or the broker over the run weighs on both
 
 Run from anywhere (workers start in the repository root, where ``tasks`` and ``bench`` live)::
 
-    .venv/bin/python bench/bench_jobs.py [--quick] [--jobs N] [--seq N] [--json]
+    .venv/bin/python bench/bench_jobs.py [--quick] [--jobs N] [--seq N] [--json] [--worker-toggles NAMES]
     EBB_BROKER_URL=amqp://guest:guest@127.0.0.1:5675// EBB_MANAGEMENT_URL=http://127.0.0.1:15675 \
         .venv/bin/python bench/bench_jobs.py          # another broker: its beam.smp is the one measured
 
@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,13 +44,11 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import amqp
 import requests
@@ -68,38 +64,52 @@ T = TypeVar("T")
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as ``python bench/bench_jobs.py``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.cpu import CpuMeter, Target, by_session, target  # noqa: E402
+from bench.cpu import CpuMeter, Target, first_url, local_port, safe_url, target  # noqa: E402
+from bench.harness import (  # noqa: E402
+    INTERRUPTS,
+    ROOT,
+    broker_meta,
+    delete_from_broker,
+    leftover_line,
+    leftover_queues,
+    meter_for,
+    progress,
+    remove_logs,
+    worker,
+)
 
-#: The worker of the measurement under way (its session: it and its pool), for the CPU meter.
-CURRENT_WORKER: list[int | None] = [None]
+say = progress("bench")
 #: Its groups are set by ``main`` once it knows which broker and Redis it talks to (``meter_for``).
 METER = CpuMeter({})
 
 
-def meter_for(measured: Target) -> dict[str, Callable[[], list[int]]]:
-    """The CPU groups: the beam.smp and redis-server listening on the ports the bench uses."""
-    return {
-        "rabbitmq": measured.rabbitmq,
-        "worker": by_session(lambda: CURRENT_WORKER[0]),
-        "client": lambda: [os.getpid()],
-        "redis": measured.redis,
-    }
+def measured_target(settings: Settings) -> Target:
+    """``bench.cpu.target``, or, when the management API's overview fails (a node whose
+    statistics agent crashed answers 500 there), the broker found by its local port alone,
+    its version and node unknown: the CPU figures stay right, the report says what is missing."""
+    try:
+        return target(settings)
+    except requests.HTTPError as exc:
+        say(f"management API overview failed ({exc}); measuring the broker on the AMQP port alone")
+        broker_url = first_url(settings.broker_url)
+        return Target(
+            broker_url=safe_url(broker_url),
+            management_url=first_url(settings.management_url).rstrip("/"),
+            version="? (management overview failed)",
+            node=os.environ.get("EBB_TEST_RABBITMQ_NODE", "?"),
+            amqp_port=local_port(broker_url),
+            redis_url=safe_url(settings.redis_url),
+            redis_port=local_port(settings.redis_url),
+        )
 
 
-ROOT = Path(__file__).resolve().parents[1]
 #: ``x-expires`` of every job queue the bench declares: what a Ctrl-C strands goes away soon.
 BENCH_TTL = timedelta(minutes=10)
-WORKER_FLAGS = ("-c", "2", "-P", "prefork", "--without-gossip", "--without-mingle", "--without-heartbeat")
 TARGET_THROUGHPUT = 0.8
 TARGET_LATENCY = 1.3
 TARGET_BROKER_CPU = 1.3
 TARGET_ASYNC_THROUGHPUT = 1.0
 PARAMS: dict[str, Any] = {"x": 1}
-
-
-def say(message: str) -> None:
-    """Progress goes to stderr so that stdout stays the table (or the JSON)."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -189,41 +199,6 @@ def in_flight(send: Callable[[], T], collect: Callable[[T], None], n: int, warmu
         collect(handle)
     seconds = time.perf_counter() - start
     return Stats(n, seconds, cpu_ms=METER.per_job(n))
-
-
-class Interrupts:
-    """Ctrl-C and SIGTERM raise ``KeyboardInterrupt``, but not inside ``with INTERRUPTS:``.
-
-    There they wait for the block to end, so that a job is never left submitted but untracked
-    (its queues would outlive the run) and a worker is never left half stopped.
-    """
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.pending = False
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started ignoring it
-            signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.depth:
-            self.pending = True
-        else:
-            raise KeyboardInterrupt
-
-    def __enter__(self) -> None:
-        self.depth += 1
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.depth -= 1
-        if not self.depth and self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
-
-
-INTERRUPTS = Interrupts()
 
 
 @dataclass
@@ -317,38 +292,6 @@ def lean_churn(settings: Settings, track: Tracker, n: int, warmup: int) -> Stats
 
 
 # --- workers -----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def worker(
-    app: str, node: str, extra: list[str], env: dict[str, str], log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A Celery worker in its own session (Ctrl-C reaches only the bench), always stopped on exit."""
-    command = [sys.executable, "-m", "celery", "-A", app, "worker", *WORKER_FLAGS, "-n", f"{node}@%h", *extra]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    say(f"started worker pid {proc.pid}: {' '.join(command[1:])} (log {log})")
-    CURRENT_WORKER[0] = proc.pid
-    try:
-        yield proc
-    finally:
-        CURRENT_WORKER[0] = None
-        stop_worker(proc)
-
-
-def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    """Warm shutdown first; if it hangs, kill the worker's own process group (it and its pool)."""
-    with INTERRUPTS:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the unreaped leader keeps this group id ours
-                proc.wait()
-        say(f"worker pid {proc.pid} stopped (exit code {proc.returncode})")
 
 
 def wait_ready(proc: subprocess.Popen[bytes], log: Path, check: Callable[[float], bool]) -> None:
@@ -518,36 +461,11 @@ def ebb_ready(client: JobClient, track: Tracker) -> Callable[[float], bool]:
 
 def cleanup(settings: Settings, track: Tracker) -> None:
     """Delete this run's task queues, their exchanges and the reply queues of unfinished jobs."""
-    with Connection(settings.broker_url, connect_timeout=10) as connection:
-        channel = connection.channel()
-        names = [contract.queue_name(j, kind) for j in sorted(track.open_jobs) for kind in QueueKind]
-        for name in [*track.task_queues, *names]:
-            channel.queue_delete(name)  # idempotent: a queue already gone is fine
-        for name in track.exchanges:
-            channel.exchange_delete(name)
+    names = [contract.queue_name(j, kind) for j in sorted(track.open_jobs) for kind in QueueKind]
+    delete_from_broker(settings.broker_url, [*track.task_queues, *names], track.exchanges)
     if names:
         say(f"deleted the queues of {len(track.open_jobs)} unfinished jobs")
     track.open_jobs.clear()
-
-
-def leftover_queues(settings: Settings, measured: Target, track: Tracker) -> tuple[int, int]:
-    """(queues this run created that still exist, other ``jobs.*`` queues, e.g. other people's tests)."""
-    response = requests.get(
-        f"{measured.management_url}/api/queues/{quote(settings.vhost, safe='')}",
-        params={"columns": "name"},
-        auth=(settings.management_user, settings.management_password),
-        timeout=10,
-    )
-    response.raise_for_status()
-    ours = others = 0
-    for queue in response.json():
-        name = str(queue["name"])
-        parsed = contract.parse_queue_name(name)
-        if name in track.task_queues or (parsed is not None and parsed[0] in track.job_ids):
-            ours += 1
-        elif parsed is not None:
-            others += 1
-    return ours, others
 
 
 def ratios(stats: dict[str, Stats]) -> dict[str, dict[str, float | bool]]:
@@ -607,6 +525,7 @@ def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], 
         f"Ebb benchmark: RabbitMQ {meta['rabbitmq']}, {meta['cores']} cores, workers -c 2 prefork, "
         f"{meta['sequential']} sequential samples, {flight} in flight",
         f"measured: {meta['broker_described']}",
+        f"worker toggles (bench/toggled_worker.py): {meta['worker_toggles'] or 'none'}",
         f"load average (1 min) before {load['before']:.2f}, after {load['after']:.2f} "
         "(other work on the machine skews every row)",
         "",
@@ -649,8 +568,7 @@ def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], 
         "",
         f"callbacks per three-queue job (demo.echo sends 2 statuses, 1 progress): {per_job}",
         f"  the same from the async client (coroutine callbacks): {async_per_job}",
-        f"leftover queues of this run: {meta['leftover_ours']}; other jobs.* queues on the broker "
-        f"(not this run's): {meta['leftover_others']}",
+        leftover_line(meta["leftover_ours"], meta["leftover_others"]),
     ]
     return "\n".join(lines)
 
@@ -664,6 +582,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=300, help="sequential samples per latency run (300)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 100 in flight, 30 sequential")
     parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
+    parser.add_argument(
+        "--worker-toggles",
+        default="",
+        metavar="NAMES",
+        help="run Ebb's worker as bench.toggled_worker with these steps switched (comma separated, "
+        "e.g. confirmed_updates: the code before issue 22), to compare before and after in one sitting",
+    )
     args = parser.parse_args(argv)
     n_flight, n_seq, warmup = (100, 30, 5) if args.quick else (args.jobs, args.seq, 20)
     if n_flight < 1 or n_seq < 1:
@@ -674,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT))
     base = Settings.from_env()
     # Figures only compare across runs on the same broker: say which one, and read its CPU only.
-    measured = target(base)
+    measured = measured_target(base)
     METER.groups = meter_for(measured)
     say(f"measuring {measured.describe()}")
     run = uuid.uuid4().hex[:8]
@@ -695,7 +620,12 @@ def main(argv: list[str] | None = None) -> int:
         track.exchanges.append(celery_queue)  # Celery creates a direct exchange per missing queue
         log = logs / "celery-baseline.log"
         with worker(
-            "bench.celery_baseline", f"bench-celery-{run}", ["-Q", celery_queue], dict(os.environ), log
+            "bench.celery_baseline",
+            f"bench-celery-{run}@%h",
+            dict(os.environ),
+            log,
+            say,
+            ["-Q", celery_queue],
         ) as proc:
             stats["celery_seq"], stats["celery_flight"] = bare_celery(
                 celery_queue, proc, log, n_seq, n_flight, warmup
@@ -704,9 +634,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(base, task_queue=f"bench.ebb.{run}")
         track.task_queues.append(settings.task_queue)
         track.exchanges.append(settings.task_queue)  # Celery's default exchange for it, same name
+        track.task_queues.append(f"{settings.task_queue}.audit")  # the worker declares and reads it too
         log = logs / "ebb-worker.log"
-        env = {**os.environ, "EBB_TASK_QUEUE": settings.task_queue}
-        with worker("tasks", f"bench-ebb-{run}", [], env, log) as proc:
+        env = {**os.environ, "EBB_TASK_QUEUE": settings.task_queue, "EBB_BENCH_TOGGLES": args.worker_toggles}
+        app = "bench.toggled_worker" if args.worker_toggles else "tasks"
+        with worker(app, f"bench-ebb-{run}@%h", env, log, say) as proc:
             with JobClient(settings=settings) as client:
                 wait_ready(proc, log, ebb_ready(client, track))
                 result_seq, stats["ebb_result_flight"], _ = ebb(client, track, False, n_seq, n_flight, warmup)
@@ -732,14 +664,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cleanup(base, track)
 
-    ours, others = leftover_queues(base, measured, track)
+    ours, others = leftover_queues(base, measured.management_url, track.task_queues, track.job_ids, 10)
     meta: dict[str, Any] = {
-        "rabbitmq": measured.version,
-        "broker": measured.to_dict(),
-        "broker_described": measured.describe(),
-        "cores": os.cpu_count(),
-        # Other processes (test workers, say) compete for the same cores: a high load means noise.
-        "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        **broker_meta(measured, load_before),
         "sequential": n_seq,
         "jobs_in_flight": n_flight,
         "warmup": warmup,
@@ -747,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         "async_three_queue_callbacks": dict(async_calls),
         "leftover_ours": ours,
         "leftover_others": others,
+        "worker_toggles": args.worker_toggles,
     }
     targets = ratios(stats)
     report = table(stats, targets, meta)
@@ -760,9 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         print(report)
-    for path in logs.iterdir():
-        path.unlink()
-    logs.rmdir()
+    remove_logs(logs)
     return 0
 
 

@@ -7,9 +7,14 @@ would keep orphaned job queues alive for ever.
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import ijson  # type: ignore[import-untyped]
 import requests
 
 from ebb import links
@@ -32,12 +37,29 @@ class StatsDisabled(ManagementError):
     """The node's management statistics are off ("Stats in management UI are disabled")."""
 
 
-#: One line of ``/metrics/detailed?family=queue_consumer_count``.
-PROMETHEUS_CONSUMERS = re.compile(
-    r"^rabbitmq_detailed_queue_consumers"
-    r'\{vhost="(?P<vhost>[^"]*)",queue="(?P<queue>[^"]*)"\} (?P<value>\S+)$',
+#: The per-queue lines the audit reads of ``/metrics/detailed`` (job queue names hold no
+#: escaped quotes); matched over whole chunks, so the other lines are skipped at C speed.
+PROMETHEUS_JOB_QUEUE_LINE = re.compile(
+    rb'^rabbitmq_detailed_queue_(?P<metric>consumers|messages|info)\{vhost="(?P<vhost>[^"]*)",'
+    rb'queue="(?P<queue>jobs\.[^"]*)"[^}]*\} (?P<value>\S+)$',
     re.MULTILINE,
 )
+#: RabbitMQ 4's plugin says which queues exist (``rabbitmq_detailed_queue_info``, from the
+#: metadata store); a deleted queue's other rows linger for a while (seen for 3-14 s on 4.3.6).
+#: The node a scrape came from: every answer of rabbitmq_prometheus names it.
+PROMETHEUS_NODE = re.compile(rb'^rabbitmq_identity_info\{rabbitmq_node="(?P<node>[^"]*)"', re.MULTILINE)
+#: Bytes read per chunk of a streamed answer: 300,000 queues are ~200 MB of text, never held whole.
+STREAM_CHUNK = 1 << 20
+
+
+@dataclass
+class _Scrape:
+    """One per-queue metric as every node's rabbitmq_prometheus reported its own queues."""
+
+    #: The EBB_PROMETHEUS_URL that answered -> queue name -> value.
+    by_node: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: EBB_PROMETHEUS_URLs that did not answer.
+    failures: int = 0
 
 
 class BrokerAPI:
@@ -58,14 +80,27 @@ class BrokerAPI:
         ]
         #: Where the last listing's consumer counts came from: "management" or "prometheus".
         self.consumers_from = "management"
+        #: Whether the last listing had each queue's ``arguments`` (``job_queues``).
+        self.arguments_listed = True
+        #: Whether the node's management statistics are off (then Prometheus it is): asked once.
+        self._statistics_off: bool | None = None
+        #: Whether its Prometheus says which queues exist (RabbitMQ 4: ``queue_info``).
+        self._lists_queues = False
 
-    def _request(self, method: str, path: str, params: dict[str, str] | None = None) -> requests.Response:
+    def _request(
+        self, method: str, path: str, params: dict[str, str] | None = None, *, stream: bool = False
+    ) -> requests.Response:
         """The first management URL that answers (a refused connection or a 5xx: the next one)."""
         failures: list[str] = []
         for url in list(self.urls):
             try:
                 response = self._session.request(
-                    method, f"{url}/api/{path}", params=params, timeout=self._timeout, **self._tls
+                    method,
+                    f"{url}/api/{path}",
+                    params=params,
+                    timeout=self._timeout,
+                    stream=stream,
+                    **self._tls,
                 )
             except requests.RequestException as exc:
                 failures.append(_failure(exc, url, "the RabbitMQ management API"))
@@ -101,23 +136,140 @@ class BrokerAPI:
             )
         return response.json()
 
-    def job_queues(self, columns: tuple[str, ...] = JOB_QUEUE_COLUMNS) -> list[dict[str, Any]]:
+    def job_queues(
+        self, columns: tuple[str, ...] = JOB_QUEUE_COLUMNS, *, arguments: bool = True
+    ) -> Iterator[dict[str, Any]]:
         """Every ``jobs.*`` queue of the vhost with ``columns`` and its ``consumers`` count.
 
-        Two unpaginated requests: the queue listing without per-queue statistics, and the
-        vhost's consumers (as many as there are connected callers' queues, not all queues).
+        With the management statistics on: two unpaginated requests, the queue listing without
+        per-queue statistics, and the vhost's consumers (as many as there are connected callers'
+        queues, not all queues). With them off (RabbitMQ 4's deprecation, and what scales):
+        every node's Prometheus per-queue metrics, streamed. The management API's listing takes
+        RabbitMQ ~40 µs per queue (12-15 s at 300,000) whatever the columns, so it is read only
+        when needed: for queues' ``arguments`` (``arguments=False``: the caller can do without;
+        ``self.arguments_listed`` says which it got), or when some node is down or its metrics
+        did not answer, whose queues only the listing still shows.
         """
-        data = self._get(
+        self.arguments_listed = True
+        if self._statistics_off is None:
+            overview = self._get("overview", {"columns": "disable_stats,rabbitmq_version"})
+            overview = overview if isinstance(overview, dict) else {}
+            self._statistics_off = overview.get("disable_stats") is True
+            # RabbitMQ 4's Prometheus lists which queues exist (queue_info); 3.x's does not.
+            self._lists_queues = _major(str(overview.get("rabbitmq_version", ""))) >= 4
+        if not self._statistics_off:
+            data = self._get(
+                f"queues/{self._vhost}",
+                {"columns": ",".join(columns), "disable_stats": "true", "enable_queue_totals": "true"},
+            )
+            jobs = _job_entries(data)
+            jobs += self._left_out_down(jobs, columns)
+            try:
+                counts = self._consumer_counts()
+            except StatsDisabled:
+                self._statistics_off = True
+            else:
+                for queue in jobs:
+                    queue["consumers"] = counts.get(queue["name"], 0)
+                return _drain(jobs)
+        self.consumers_from = "prometheus"
+        if not arguments and self._lists_queues:
+            nodes = self.nodes()
+            answering = self._prometheus_nodes()
+            if all(running for _, running in nodes) and set(answering.values()) >= {n for n, _ in nodes}:
+                self.arguments_listed = False
+                return self._job_queues_from_prometheus(answering)
+        return self._job_queues_without_statistics(columns)
+
+    def _job_queues_from_prometheus(self, answering: dict[str, str]) -> Iterator[dict[str, Any]]:
+        """Every node answers for its own queues: they are all there is. Handed out as each
+        node's metrics stream in, so the caller's work overlaps RabbitMQ's; no arguments, no
+        message counts (``messages()`` has those). A queue listed without a consumer count:
+        ``None``, judged next time."""
+        one_url_each = {node: url for url, node in answering.items()}  # a node listed twice: once
+        for node, url in one_url_each.items():
+            for name, count in self._prometheus_stream(
+                url, "queue_consumer_count", b"consumers", present_only=True
+            ):
+                yield {"name": name, "node": node, "state": "running", "consumers": count, "messages": None}
+
+    def messages(self) -> dict[str, int]:
+        """Messages waiting in each job queue of the vhost, where not zero (Prometheus)."""
+        return {
+            name: count
+            for counts in self._prometheus_per_queue("queue_coarse_metrics", b"messages").by_node.values()
+            for name, count in counts.items()
+        }
+
+    def _prometheus_nodes(self) -> dict[str, str]:
+        """EBB_PROMETHEUS_URL -> the node answering there (its ``rabbitmq_identity_info``), for
+        those that answer. Asked for a family nobody has, the answer is those few lines (a real
+        family, even of an empty vhost, makes the node walk every queue's row)."""
+        found: dict[str, str] = {}
+        for url in self.prometheus_urls:
+            try:
+                response = self._session.get(
+                    f"{url}/metrics/detailed",
+                    params={"family": "identity_info"},
+                    timeout=self._timeout,
+                    **self._tls,
+                )
+                response.raise_for_status()
+            except requests.RequestException:
+                continue
+            match = PROMETHEUS_NODE.search(response.content)
+            if match is not None:
+                found[url] = match["node"].decode()
+        return found
+
+    def _job_queues_without_statistics(self, columns: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+        """The metadata listing (queues of a down node are there, ``state: down``) with consumers
+        from Prometheus, read while the listing streams in (kept as compact tuples meanwhile).
+        A queue its node's metrics did not report has ``None`` for both counts: judged next time.
+        """
+        wanted = [c for c in dict.fromkeys((*columns, "name")) if c != "messages"]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ebb-audit-prometheus") as pool:
+            usage = pool.submit(self._prometheus_per_queue, "queue_consumer_count", b"consumers")
+            shared: dict[Any, Any] = {}
+            listed = [tuple(_compact(q.get(c), shared) for c in wanted) for q in self._stream_listing(wanted)]
+            scraped = usage.result()
+        messages = self._messages_if_unused(scraped)
+        consumers = {name: count for counts in scraped.by_node.values() for name, count in counts.items()}
+        scraped.by_node.clear()
+        listed.reverse()
+        while listed:  # freed as they are handed out: the caller keeps what it makes of them
+            queue = dict(zip(wanted, listed.pop(), strict=True))
+            count = consumers.get(queue["name"])
+            queue["consumers"] = count
+            queue["messages"] = (
+                messages.get(queue["name"], 0) if count == 0 and messages is not None else None
+            )
+            yield queue
+
+    def _messages_if_unused(self, scrape: _Scrape) -> dict[str, int] | None:
+        """Message counts, asked only when some queue has no consumer: they cost Prometheus twice
+        the consumers' time and matter only for what an orphan held."""
+        if not any(count == 0 for counts in scrape.by_node.values() for count in counts.values()):
+            return None
+        return self.messages()
+
+    def _stream_listing(self, columns: list[str]) -> Iterator[dict[str, Any]]:
+        """The vhost's job queues without statistics, parsed as they arrive (ijson)."""
+        response = self._request(
+            "GET",
             f"queues/{self._vhost}",
-            {"columns": ",".join(columns), "disable_stats": "true", "enable_queue_totals": "true"},
+            {"columns": ",".join(columns), "disable_stats": "true"},
+            stream=True,
         )
-        jobs = _job_entries(data)
-        jobs += self._left_out_down(jobs, columns)
-        counts = self._consumer_counts()
-        for queue in jobs:
-            # Unknown (a node whose metrics did not answer): None, and the audit judges later.
-            queue["consumers"] = counts.get(queue["name"], None if self.consumers_from == "prometheus" else 0)
-        return jobs
+        with response:
+            if not response.ok:
+                raise ManagementError(
+                    f"management API {response.url} answered {response.status_code}: {response.text[:200]}"
+                )
+            response.raw.decode_content = True
+            for queue in ijson.items(response.raw, "item", use_float=True):
+                if isinstance(queue, dict) and str(queue.get("name", "")).startswith("jobs."):
+                    yield queue
 
     def _left_out_down(self, listed: list[dict[str, Any]], columns: tuple[str, ...]) -> list[dict[str, Any]]:
         """The job queues of down nodes that the listing with queue totals left out.
@@ -155,14 +307,9 @@ class BrokerAPI:
         return _job_entries(data)
 
     def _consumer_counts(self) -> dict[str, int]:
-        """Consumers per job queue: from the management statistics, or when they are off (a
-        deprecated feature in RabbitMQ 4; ``/api/consumers`` then answers 400) from every
-        node's rabbitmq_prometheus per-queue metrics. Neither touches a queue."""
-        try:
-            consumers = self._get(f"consumers/{self._vhost}", {"columns": "queue.name"})
-        except StatsDisabled:
-            self.consumers_from = "prometheus"
-            return self._prometheus_consumer_counts()
+        """Consumers per job queue from the management statistics; ``StatsDisabled`` when they
+        are off (a deprecated feature in RabbitMQ 4: ``/api/consumers`` then answers 400)."""
+        consumers = self._get(f"consumers/{self._vhost}", {"columns": "queue.name"})
         self.consumers_from = "management"
         if not isinstance(consumers, list):
             raise ManagementError(f"unexpected answer listing consumers: {str(consumers)[:200]}")
@@ -173,35 +320,54 @@ class BrokerAPI:
                 counts[name] = counts.get(name, 0) + 1
         return counts
 
-    def _prometheus_consumer_counts(self) -> dict[str, int]:
-        """``rabbitmq_detailed_queue_consumers`` of the vhost from each node (each reports its own
-        queues); a node that does not answer leaves its queues unknown, never zero."""
-        counts: dict[str, int] = {}
-        answered = []
+    def _prometheus_per_queue(self, family: str, metric: bytes) -> _Scrape:
+        """One per-queue metric of the vhost's job queues (``consumers``, or ``messages`` where not
+        zero) from each node's rabbitmq_prometheus (each reports its own queues, and names
+        itself). A node that does not answer leaves its queues out: unknown, never unused."""
+        scrape = _Scrape()
         failures: list[str] = []
         for url in self.prometheus_urls:
+            values: dict[str, int] = {}
             try:
-                response = self._session.get(
-                    f"{url}/metrics/detailed",
-                    params={"family": "queue_consumer_count", "vhost": self.settings.vhost},
-                    timeout=self._timeout,
-                    **self._tls,
+                values.update(
+                    (name, v) for name, v in self._prometheus_stream(url, family, metric) if v is not None
                 )
-                response.raise_for_status()
-            except requests.RequestException as exc:
-                failures.append(_failure(exc, url, "rabbitmq_prometheus"))
+            except (requests.RequestException, ManagementError) as exc:
+                failures.append(
+                    str(exc)
+                    if isinstance(exc, ManagementError)
+                    else _failure(exc, url, "rabbitmq_prometheus")
+                )
                 continue
-            answered.append(url)
-            for match in PROMETHEUS_CONSUMERS.finditer(response.text):
-                if match["vhost"] == self.settings.vhost and match["queue"].startswith("jobs."):
-                    counts[match["queue"]] = int(float(match["value"]))
-        if not answered:
+            scrape.by_node.setdefault(url, {}).update(values)
+        scrape.failures = len(failures)
+        if not scrape.by_node:
             raise ManagementError(
                 "the management statistics are off (deprecated in RabbitMQ 4) and rabbitmq_prometheus "
                 f"answers at none of EBB_PROMETHEUS_URL ({'; '.join(failures)}): enable it "
                 "with 'rabbitmq-plugins enable rabbitmq_prometheus' and list every node's URL"
             )
-        return counts
+        return scrape
+
+    def _prometheus_stream(
+        self, url: str, family: str, metric: bytes, *, present_only: bool = False
+    ) -> Iterator[tuple[str, int | None]]:
+        """(queue, value) of one node's per-queue metric, as the lines arrive (``messages``: only
+        where not zero). ``present_only``: only queues the node's metadata still has (their
+        ``queue_info`` line), with ``None`` for one whose value is missing; the rows of a deleted
+        queue linger. Uncompressed: gzip of ~250 bytes a queue costs the node more than it saves."""
+        with self._session.get(
+            f"{url}/metrics/detailed",
+            params={"family": family, "vhost": self.settings.vhost},
+            headers={"Accept-Encoding": "identity"},
+            timeout=self._timeout,
+            stream=True,
+            **self._tls,
+        ) as response:
+            response.raise_for_status()
+            response.raw.decode_content = True
+            lines = _matches(response.raw, PROMETHEUS_JOB_QUEUE_LINE)
+            yield from per_queue(lines, self.settings.vhost, metric, present_only=present_only)
 
     def policies(self) -> list[Policy]:
         """The vhost's policies and operator policies (the monitoring tag may read both)."""
@@ -240,6 +406,79 @@ class BrokerAPI:
         """Every node of the cluster and whether it runs (as the answering node sees it)."""
         data = self._get("nodes", {"columns": "name,running"})
         return [(str(n["name"]), bool(n.get("running"))) for n in data or [] if isinstance(n, dict)]
+
+
+def per_queue(
+    lines: Iterator[re.Match[bytes]], vhost: str, metric: bytes, *, present_only: bool = False
+) -> Iterator[tuple[str, int | None]]:
+    """(queue, value) of ``metric`` in the vhost's per-queue lines, as they come (``messages``:
+    only where not zero). ``present_only``: only queues that have a ``queue_info`` line (the
+    node's metadata still has them), ``None`` for one whose value is missing, whichever of
+    the two lines comes first."""
+    wanted = vhost.encode()
+    values: dict[str, int] = {}
+    present: set[str] = set()
+    for match in lines:
+        if match["vhost"] != wanted:
+            continue
+        name = sys.intern(match["queue"].decode())
+        if match["metric"] == b"info":
+            if not present_only:
+                continue
+            if name in values:  # both lines seen: hand it out, keep nothing
+                yield name, values.pop(name)
+            else:
+                present.add(name)
+        elif match["metric"] == metric:
+            value = int(float(match["value"]))
+            if not present_only:
+                if value or metric == b"consumers":
+                    yield name, value
+            elif name in present:
+                present.discard(name)
+                yield name, value
+            else:
+                values[name] = value
+    for name in present:  # listed, but no value came for it
+        yield name, None
+
+
+def _matches(stream: Any, pattern: re.Pattern[bytes]) -> Iterator[re.Match[bytes]]:
+    """``pattern``'s matches in a streamed text, read a chunk at a time, whole lines only."""
+    rest = b""
+    while chunk := stream.read(STREAM_CHUNK):
+        text = rest + chunk
+        end = text.rfind(b"\n") + 1
+        yield from pattern.finditer(text, 0, end)
+        rest = text[end:]
+    yield from pattern.finditer(rest)
+
+
+def _major(version: str) -> int:
+    """4 of "4.3.6"; 0 when it cannot be read."""
+    head = version.split(".")[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _drain(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The items in order, each let go once handed out."""
+    items.reverse()
+    while items:
+        yield items.pop()
+
+
+def _compact(value: Any, shared: dict[Any, Any]) -> Any:
+    """One object for equal values (node names, states, the arguments every job queue shares):
+    300,000 queues' listing would otherwise hold 300,000 copies of each."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        try:
+            key = tuple(sorted(value.items()))
+            return shared.setdefault(key, value)
+        except TypeError:  # an unhashable argument value: keep this one as it is
+            return value
+    return value
 
 
 def _job_entries(data: Any) -> list[dict[str, Any]]:

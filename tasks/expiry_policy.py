@@ -63,9 +63,18 @@ class ExpiryPolicies:
 
     def effective_expires_s(self, queue: str, argument_s: float | None) -> float | None:
         """The smallest of the queue's own ``x-expires`` and its policies' ``expires``."""
-        candidates = [argument_s, *(p.expires_s for p in self.applied(queue) if p is not None)]
-        known = [c for c in candidates if c is not None]
-        return min(known) if known else None
+        return self.resolve(queue, argument_s)[0]
+
+    def resolve(self, queue: str, argument_s: float | None) -> tuple[float | None, Policy | None]:
+        """The effective expiry and the operator policy applied, matched once (the audit asks
+        this of 300,000 queues a run)."""
+        user, operator = self.applied(queue)
+        known = [
+            e
+            for e in (argument_s, *(p.expires_s for p in (user, operator) if p is not None))
+            if e is not None
+        ]
+        return (min(known) if known else None), operator
 
     def safety_net(self, sample_queue: str) -> Policy | None:
         """The operator policy that would expire a job queue declared without ``x-expires``."""

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import requests
@@ -24,7 +27,7 @@ from ebb.config import Settings
 from ebb.contract import QueueKind, job_queue, queue_name
 from tasks.audit import Auditor
 from tests.cluster import Cluster, redis_url
-from tests.support import start_worker, stop_worker
+from tests.support import ROOT, start_worker, stop_worker
 
 #: Database 4 of the suite's Redis (EBB_REDIS_URL): the 3.10 and 4.3 suites each have their own.
 REDIS_URL = redis_url(4)
@@ -36,7 +39,7 @@ def no_stats_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settin
     broker = Cluster(
         base,
         size=1,
-        extra_conf="management_agent.disable_metrics_collector = true",
+        extra_conf=Path(ROOT, "deploy", "rabbitmq.conf").read_text(),  # the documented deployment's
         plugins=("rabbitmq_prometheus",),
     )
     try:
@@ -74,10 +77,34 @@ def test_the_broker_really_has_no_consumer_statistics(no_stats_broker: Settings)
     assert answer.status_code == 400 and "disabled" in answer.text
 
 
+@pytest.fixture(params=["safety net", "no policy"])
+def safety_net(request: pytest.FixtureRequest, no_stats_broker: Settings) -> Iterator[bool]:
+    """With deploy/rabbitmq-policy.sh's operator policy the audit reads Prometheus alone (no
+    queue's arguments needed); without it, the management listing as well."""
+    url = no_stats_broker.management_url
+    if request.param == "safety net":
+        env = {"RABBITMQ_URL": url, "RABBITMQ_ADMIN_USER": "guest", "RABBITMQ_ADMIN_PASSWORD": "guest"}
+        subprocess.run(
+            ["sh", str(Path(ROOT, "deploy", "rabbitmq-policy.sh"))],
+            env={**os.environ, **env, "EBB_MAX_TTL": "604800"},
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    yield request.param == "safety net"
+    requests.delete(f"{url}/api/operator-policies/%2F/ebb-job-queues", auth=("guest", "guest"), timeout=10)
+
+
 def test_without_statistics_an_orphan_is_found_and_removed_and_a_connected_caller_never_accused(
-    no_stats_broker: Settings, caplog: pytest.LogCaptureFixture
+    no_stats_broker: Settings, safety_net: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = no_stats_broker
+    version = requests.get(
+        f"{settings.management_url}/api/overview", auth=("guest", "guest"), timeout=10
+    ).json()
+    # RabbitMQ 4's Prometheus says which queues exist (3.10's does not): with the safety net, that
+    # answer is all the audit reads; otherwise the management listing too.
+    prometheus_alone = safety_net and int(str(version["rabbitmq_version"]).split(".")[0]) >= 4
     orphan = uuid.uuid4()
     with Connection(settings.broker_url) as connection:  # as a vanished caller leaves it
         job_queue(orphan, QueueKind.RESULT, timedelta(seconds=10)).queue_declare(channel=connection.channel())
@@ -94,6 +121,7 @@ def test_without_statistics_an_orphan_is_found_and_removed_and_a_connected_calle
         while time.monotonic() < deadline:
             report = auditor.run()
             assert report.consumers_from == "prometheus"
+            assert auditor.api.arguments_listed is not prometheus_alone
             states |= {f.state for f in report.findings if f.job_id == str(running.id)}
             if "event=orphan_removed" in caplog.text and str(orphan) in caplog.text:
                 break

@@ -21,7 +21,7 @@ import pytest
 
 from ebb import aio, client
 from ebb.broker_replies import Present, Probe, Unreachable
-from ebb.caller import CallerCore, Watch
+from ebb.caller import BURST_JOBS, BURST_SECONDS, CallerCore, Watch
 from ebb.config import Settings
 from ebb.contract import JobResult, JobStatus, QueueKind, TaskRequest, queue_name
 from ebb.core import CANCELLED_VANISHED, Consume, DeleteQueues, Finish, Record, StopConsuming
@@ -301,6 +301,30 @@ def test_a_finished_job_is_found_by_wait_and_its_record_batched_until_the_burst_
         watch
     ]
     assert caller.take_burst() == ({}, [])
+
+
+def test_a_burst_is_due_once_it_holds_a_thousand_jobs_or_is_a_tenth_of_a_second_old(
+    caller: CallerCore[Any, str],
+) -> None:
+    """A flood of results must not keep one burst open: its waiters would wake only at the end
+    (bench_burst.py saw one burst hold 692 of 1,000 jobs released at once, for seconds)."""
+    assert not caller.burst_due(now=5.0)  # empty: nothing to end
+    first = running(caller)
+    caller.finish(first, Finish(result_of(first.job.id), None, retire=True, size=10))
+    assert not caller.burst_due(now=5.0)  # its age counts from here
+    assert not caller.burst_due(now=5.0 + BURST_SECONDS / 2)
+    assert caller.burst_due(now=5.0 + 1.01 * BURST_SECONDS)
+    caller.take_burst()
+    assert not caller.burst_due(now=9.0)  # a new burst: nothing in it yet
+    for _ in range(BURST_JOBS - 1):
+        watch = running(caller)
+        caller.record(watch, Record({"result_delivered": True}))
+        assert not caller.burst_due(now=9.0)
+    watch = running(caller)
+    caller.record(watch, Record({"result_delivered": True}))
+    assert caller.burst_due(now=9.0)  # full, however young
+    records, _ = caller.take_burst()
+    assert len(records) == BURST_JOBS and not caller.burst_due(now=9.0)
 
 
 def test_closing_starts_every_unfinished_jobs_ttl_and_ends_its_wait(caller: CallerCore[Any, str]) -> None:

@@ -6,6 +6,7 @@ Every test runs with both clients (``any_client`` / ``make_client``), but the on
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -271,6 +272,12 @@ def test_job_round_trips_through_json() -> None:
 @pytest.fixture
 def silent_client(settings: Settings, make_client: Callable[..., AnyClient]) -> Iterator[AnyClient]:
     """A client whose jobs go to a task queue no worker reads: the test plays the worker."""
+    with _silent(settings, make_client) as job_client:
+        yield job_client
+
+
+@contextlib.contextmanager
+def _silent(settings: Settings, make_client: Callable[..., AnyClient]) -> Iterator[AnyClient]:
     quiet = Settings(
         **{**settings.__dict__, "task_queue": f"{settings.task_queue}.nobody", "check_workflows": False}
     )
@@ -330,6 +337,60 @@ def test_result_that_overtakes_progress_waits_for_it(
     assert silent_client.wait(job, timeout=10).output == {"ok": True}
     assert events == ["progress 1", "progress 2", "finished"]
     assert wait_until(lambda: not management.job_queues(job.id), 10)
+
+
+#: Jobs whose results arrive in one flood (at most EBB_KEEP_RESULTS, so every wait() finds its job).
+FLOOD = 1000
+
+
+def test_a_flood_of_results_wakes_each_wait_within_a_tenth_of_a_second_not_once_it_is_over(
+    settings: Settings,
+) -> None:
+    """Results that keep arriving while ``JobClient`` handles them (each result's queue delete
+    reads frames, and more deliveries with them) once kept one burst open until the flood was
+    over: no wait() woke, no ack or record went out, for as long as that took (the first of
+    1,000 woke 4.2 s after its on_finished; ``bench/bench_burst.py``: one burst held 692 of 1,000
+    jobs released at once). A burst now ends every ``caller.BURST_SECONDS`` (or ``BURST_JOBS``).
+
+    The asyncio client is not run here: its burst ends at a loop turn that adds nothing, which a
+    flood leaves often enough (the same delays with and without the bound), and each of its
+    waits wakes only once its job's queue delete, queued behind the earlier jobs' deletes on
+    the one channel, is done; it follows the same bound (``test_caller``)."""
+    with _silent(settings, lambda settings: JobClient(settings=settings)) as silent_client:
+        _flood(settings, silent_client)
+
+
+def _flood(settings: Settings, silent_client: AnyClient) -> None:
+    finished_at: dict[uuid.UUID, float] = {}
+
+    def on_finished(job: Job, result: object) -> None:
+        finished_at.setdefault(job.id, time.monotonic())
+
+    jobs = [
+        silent_client.submit_job("demo.echo", {"n": n}, on_finished=on_finished, auto_cleanup_after_ttl=120)
+        for n in range(FLOOD)
+    ]
+    woke_at: dict[uuid.UUID, float] = {}
+
+    def waiter(job: Job) -> None:
+        silent_client.wait(job, timeout=120)
+        woke_at[job.id] = time.monotonic()
+
+    watched = jobs[:: FLOOD // 10]
+    threads = [threading.Thread(target=waiter, args=(job,)) for job in watched]
+    for thread in threads:
+        thread.start()
+    with Connection(settings.broker_url) as connection:  # the flood: every result, back to back
+        channel = connection.channel()
+        for job in jobs:
+            message = Message(_result_body(job, 0), content_type="application/json", delivery_mode=2)
+            channel.basic_publish(message, exchange="", routing_key=job.queue_name(QueueKind.RESULT))
+        channel.close()
+    for thread in threads:
+        thread.join(150)
+    assert all(silent_client.wait(job, timeout=60).output == {"ok": True} for job in jobs[-10:])
+    late = {str(job.id): round(woke_at[job.id] - finished_at[job.id], 3) for job in watched}
+    assert max(late.values()) < 0.5, f"seconds from on_finished to wait() waking: {late}"
 
 
 def test_malformed_messages_are_logged_and_skipped(

@@ -52,6 +52,14 @@ def test_compose_file_is_valid_and_complete() -> None:
     image = services["rabbitmq"]["image"]
     assert re.fullmatch(r"rabbitmq:\d+\.\d+\.\d+-management", image), "pin RabbitMQ, with management"
     assert "healthcheck" in services["rabbitmq"] and "healthcheck" in services["redis"]
+    # The documented deployment: management statistics off (docker-compose 1.x prints src:dst:mode).
+    conf = os.path.join(ROOT, "deploy", "rabbitmq.conf")
+    mounts = [
+        v.split(":") if isinstance(v, str) else [v["source"], v["target"]]
+        for v in services["rabbitmq"]["volumes"]
+    ]
+    assert any(m[0] == conf and m[1].startswith("/etc/rabbitmq/conf.d/") for m in mounts), mounts
+    assert "management_agent.disable_metrics_collector = true" in Path(conf).read_text()
     wanted = variables_the_code_reads()
     assert len(wanted) >= 10
     for name in WORKER_SIDE:

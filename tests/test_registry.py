@@ -170,3 +170,21 @@ def test_a_job_submitted_while_redis_was_away_gets_its_record_once_it_is_back(
             assert wait_until(recorded, 30), "the job submitted while Redis was away has no record"
             record = client.job_status(away)
             assert record.workflow == "demo.echo" and record.submitted_at
+
+
+def test_the_audit_renews_records_of_jobs_in_use_and_never_revives_a_forgotten_one(
+    settings: Settings,
+) -> None:
+    """What an audit does for every job whose queues have a consumer: 100,000 of them in one
+    script call per 1,000, so the record of a job deleted meanwhile must not come back as a stub."""
+    registry = Registry(settings)
+    kept, forgotten = uuid.uuid4(), uuid.uuid4()
+    ttl = timedelta(seconds=30)
+    assert registry.write(kept, ttl, {"status": SUBMITTED, "ttl": ttl})
+    registry.touch_in_use({kept: timedelta(seconds=600), forgotten: timedelta(seconds=600)}, now=1234.5)
+    record = registry.get(kept)
+    assert record is not None and record.queues_last_in_use == 1234.5
+    assert record.status == SUBMITTED
+    assert registry.client.ttl(f"ebb:job:{kept}") > (600 + settings.registry_grace.total_seconds()) - 60
+    assert registry.get(forgotten) is None, "a record nobody wrote must not be created"
+    registry.client.delete(f"ebb:job:{kept}")

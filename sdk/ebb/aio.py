@@ -932,11 +932,16 @@ class AsyncJobClient:
         """Yield until a whole turn of the loop added nothing to flush: the burst is over.
 
         A delivery's ack comes a few turns after it (its callback runs in a task of its own),
-        so one turn is not enough to collect a burst; RabbitMQ pays per ack frame.
+        so one turn is not enough to collect a burst; RabbitMQ pays per ack frame. A flood of
+        results would keep every turn busy: the burst also ends when it is due (``_burst_due``).
         """
         size = -1
-        while size != (size := self._acks.pending + self._core.burst_size):
+        while size != (size := self._acks.pending + self._core.burst_size) and not self._burst_due():
             await asyncio.sleep(0)
+
+    def _burst_due(self) -> bool:
+        """As ``JobClient._burst_due``: ``CallerCore.burst_due``."""
+        return self._core.burst_due(time.monotonic())
 
     async def _flush(self) -> None:
         """End of a burst: the acks, then the registry writes, then wake whoever waits on a job.

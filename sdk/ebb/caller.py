@@ -57,6 +57,16 @@ from ebb.unsettled import UnsettledTasks, unconfirmed_task
 
 logger = logging.getLogger("ebb.client")
 
+#: A burst of work ends (its acks, registry writes and wake-ups are flushed) once it holds this
+#: many jobs, the batch of one Redis pipeline...
+BURST_JOBS = 1000
+#: ... or is this old (seconds). Without the bound, results that kept arriving while a burst was
+#: handled (each result's queue delete reads frames, and more deliveries with them) kept it open:
+#: 10,000 jobs released at once to the workers ended in bursts of hundreds of jobs over seconds,
+#: so their ``wait()`` woke, and their acks and records went out, only once the flood was over
+#: (``bench/bench_burst.py``).
+BURST_SECONDS = 0.1
+
 
 class Signal(Protocol):
     """What wakes a ``wait()``: ``threading.Event`` for the sync client, ``asyncio.Event`` for the other."""
@@ -156,6 +166,8 @@ class CallerCore(Generic[W, Message]):
         self.blocked_by: str | None = None
         self._records: dict[uuid.UUID, tuple[timedelta, dict[str, Any]]] = {}
         self._to_signal: list[W] = []
+        #: When :meth:`burst_due` first saw the current burst hold something (monotonic).
+        self._burst_since: float | None = None
 
     # --- submit ----------------------------------------------------------------------------
 
@@ -499,11 +511,24 @@ class CallerCore(Generic[W, Message]):
         so that ``wait()`` returns only once the record says the result was delivered)."""
         records, self._records = self._records, {}
         signal, self._to_signal = self._to_signal, []
+        self._burst_since = None
         return records, signal
 
     @property
     def burst_size(self) -> int:
         return len(self._records) + len(self._to_signal)
+
+    def burst_due(self, now: float) -> bool:
+        """Must the burst under way end now, though more work is at hand? Once it holds
+        ``BURST_JOBS`` jobs or is ``BURST_SECONDS`` old (monotonic time; its age counts from the
+        first call that found it holding something): a steady flood of results then still wakes
+        each ``wait()`` within about ``BURST_SECONDS``, and each flush is one Redis pipeline."""
+        if not self._records and not self._to_signal:
+            return False
+        if self._burst_since is None:
+            self._burst_since = now
+        jobs = max(len(self._records), len(self._to_signal))
+        return jobs >= BURST_JOBS or now - self._burst_since >= BURST_SECONDS
 
     def close(self, now: float) -> Iterator[tuple[W, list[Action]]]:
         """The client closes: every unfinished job's TTL clock starts, and its ``wait()`` ends."""

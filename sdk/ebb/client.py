@@ -551,7 +551,13 @@ class JobClient:
         with self._flushed():
             while self._inbox:
                 self._on_message(*self._inbox.popleft())
+                if self._burst_due():  # a flood of results keeps refilling the inbox
+                    self._flush()
             self._after_cancels()
+
+    def _burst_due(self) -> bool:
+        """Whether the burst must end now though more work is at hand (``CallerCore.burst_due``)."""
+        return self._core.burst_due(time.monotonic())
 
     def _on_message(self, watch: _Watch, kind: QueueKind, message: amqp.Message) -> None:
         if self._core.watches.get(watch.job.id) is not watch:  # it left: keep the message queued

@@ -1,0 +1,63 @@
+"""Reading rabbitmq_prometheus' per-queue answer as it streams in (no broker: the text format).
+
+At 300,000 queues the answer is ~80 MB, read a megabyte at a time: a line cut by a chunk's end
+must still be read whole, and a deleted queue's lingering row must not count as a queue.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+from tasks.broker_api import PROMETHEUS_JOB_QUEUE_LINE, STREAM_CHUNK, _matches, per_queue
+
+
+def answer(queues: list[str], lingering: list[str]) -> bytes:
+    """What RabbitMQ 4.3 sends for ``family=queue_consumer_count``: consumer rows (one per queue,
+    and the deleted queues' that linger), then one ``queue_info`` row per queue that exists."""
+    lines = ["# TYPE rabbitmq_detailed_queue_consumers gauge"]
+    lines += [
+        f'rabbitmq_detailed_queue_consumers{{vhost="/",queue="{q}"}} {i % 3}' for i, q in enumerate(queues)
+    ]
+    lines += [f'rabbitmq_detailed_queue_consumers{{vhost="/",queue="{q}"}} 0' for q in lingering]
+    lines += [
+        'rabbitmq_detailed_queue_consumers{vhost="other",queue="jobs.x.result"} 1',
+        "# TYPE rabbitmq_detailed_queue_info gauge",
+    ]
+    info = 'rabbitmq_detailed_queue_info{{vhost="/",queue="{}",queue_type="rabbit_classic_queue"}} 1'
+    lines += [info.format(q) for q in queues]
+    lines.append(
+        'rabbitmq_identity_info{rabbitmq_node="rabbit@h",rabbitmq_cluster="c",rabbitmq_endpoint="detailed"} 1'
+    )
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_every_line_is_read_whole_though_the_answer_comes_a_megabyte_at_a_time() -> None:
+    queues = [f"jobs.{uuid.uuid4()}.result" for _ in range(30_000)]
+    text = answer(queues, lingering=[])
+    assert len(text) > 3 * STREAM_CHUNK, "the answer must span several chunks"
+    found = [m for m in _matches(io.BytesIO(text), PROMETHEUS_JOB_QUEUE_LINE) if m["vhost"] == b"/"]
+    consumers = {m["queue"].decode(): int(m["value"]) for m in found if m["metric"] == b"consumers"}
+    assert consumers == {q: i % 3 for i, q in enumerate(queues)}
+    assert {m["queue"].decode() for m in found if m["metric"] == b"info"} == set(queues)
+
+
+def test_a_deleted_queues_lingering_row_is_no_queue_and_a_queue_without_its_count_is_unknown() -> None:
+    queues = [f"jobs.{uuid.uuid4()}.status" for _ in range(5)]
+    gone = f"jobs.{uuid.uuid4()}.result"
+    text = answer(queues[:4], lingering=[gone])
+    info = (
+        f'rabbitmq_detailed_queue_info{{vhost="/",queue="{queues[4]}",queue_type="rabbit_classic_queue"}} 1\n'
+    )
+    found = dict(
+        per_queue(
+            _matches(io.BytesIO(text + info.encode()), PROMETHEUS_JOB_QUEUE_LINE),
+            "/",
+            b"consumers",
+            present_only=True,
+        )
+    )
+    assert found == {**{q: i % 3 for i, q in enumerate(queues[:4])}, queues[4]: None}
+    assert gone not in found, "a deleted queue must be reported gone, not kept alive by its old row"
+    every_row = dict(per_queue(_matches(io.BytesIO(text), PROMETHEUS_JOB_QUEUE_LINE), "/", b"consumers"))
+    assert gone in every_row and "jobs.x.result" not in every_row  # other vhosts never count

@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         metavar="NAMES",
         help="run Ebb's worker as bench.toggled_worker with these steps switched (comma separated, "
-        "e.g. confirmed_updates: the code before issue 22), to compare before and after in one sitting",
+        "e.g. no_final_status), to compare a step on and off in one sitting",
     )
     args = parser.parse_args(argv)
     n_flight, n_seq, warmup = (100, 30, 5) if args.quick else (args.jobs, args.seq, 20)

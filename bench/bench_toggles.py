@@ -8,7 +8,6 @@ three queues runs first and last, as the yardstick of target (c).
 
 Toggles ("on" means the step as named, the code as it was or would be):
 
-- ``confirmed_updates`` (worker): status and progress wait for a confirm each, as before issue 22
 - ``no_final_status`` (worker): no final status message; the result carries it (contract change)
 - ``transient_result`` (worker): the result is transient (breaks a guarantee: measured only)
 - ``no_task_sent_event`` (client): no ``task-sent`` event for Flower per submit
@@ -42,7 +41,7 @@ from bench.harness import INTERRUPTS, meter_for, remove_logs, worker
 from ebb import JobClient, Settings
 from ebb.contract import QueueKind
 
-WORKER_TOGGLES = {"confirmed_updates", "no_final_status", "transient_result"}
+WORKER_TOGGLES = {"no_final_status", "transient_result"}
 
 
 class _Closed:

@@ -4,7 +4,6 @@
 named in ``EBB_BENCH_TOGGLES`` (comma separated) switched back or off, so that one bench run
 can measure each step on and off against the same code:
 
-- ``confirmed_updates``: status and progress wait for a publisher confirm each (before issue 22)
 - ``no_final_status``: the final status is not sent (the result carries it; a contract change,
   measured only)
 - ``transient_result``: the result is transient (breaks "never lost": measured only, to show
@@ -21,16 +20,9 @@ from tasks import app, job
 from tasks.publisher import ReplyPublisher
 
 TOGGLES = {name for name in os.environ.get("EBB_BENCH_TOGGLES", "").split(",") if name}
-KNOWN = {"confirmed_updates", "no_final_status", "transient_result"}
+KNOWN = {"no_final_status", "transient_result"}
 if TOGGLES - KNOWN:
     raise SystemExit(f"unknown EBB_BENCH_TOGGLES {sorted(TOGGLES - KNOWN)}; known: {sorted(KNOWN)}")
-
-if "confirmed_updates" in TOGGLES:
-
-    def _confirmed(self: ReplyPublisher, queue: str, message: Any) -> None:
-        self.publish(queue, message, persistent=False)
-
-    ReplyPublisher.publish_update = _confirmed  # type: ignore[method-assign]
 
 if "no_final_status" in TOGGLES:
     _status = job.JobReporter.status

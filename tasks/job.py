@@ -55,11 +55,11 @@ class JobReporter:
         seq = self.last_seq.get(kind.value, 0) + 1
         self.last_seq[kind.value] = seq
         message = build(seq)
-        queue = contract.queue_name(self.request.job_id, kind)
-        if contract.is_persistent(message):  # never for a status or progress, as the contract stands
-            self.publisher.publish(queue, message)
-        else:  # transient, so not confirmed either (issue 22): the job never waits for it
-            self.publisher.publish_update(queue, message)
+        self.publisher.publish(
+            contract.queue_name(self.request.job_id, kind),
+            message,
+            persistent=contract.is_persistent(message),
+        )
 
     def status(self, status: JobStatus) -> None:
         self._send(

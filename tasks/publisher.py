@@ -4,11 +4,6 @@ Messages go to the default exchange with ``mandatory`` set and publisher confirm
 job's queue has expired the broker returns the message before it confirms it, so a late
 message is dropped and logged instead of resurrecting the queue.
 
-Status and progress messages (transient, "may be lost" by the contract) go out on a channel
-of their own without publisher confirms (:meth:`ReplyPublisher.publish_update`): still
-``mandatory``, so one for an expired job comes back and is logged, but the worker does not
-wait a round trip for each before it goes on. Only the result is confirmed.
-
 When the queue's node is down, RabbitMQ 3 returns the message too (a passive declare then says
 which node), RabbitMQ 4 nacks it and names no node anywhere over AMQP: the management API does
 (``BrokerAPI.down_home``), asked once per result.
@@ -23,7 +18,6 @@ block and the unblock are logged, with the job whose message waits.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import threading
@@ -35,7 +29,6 @@ from typing import Any
 import amqp
 import amqp.exceptions
 import kombu.exceptions
-from amqp import spec
 from kombu.messaging import Producer
 
 from ebb import contract, links
@@ -87,7 +80,6 @@ class ReplyPublisher:
         self._probes = QueueProbes(self._open_channel, self._read_until)
         self._probes_of: object = None  # the py-amqp connection the probe channels belong to
         self._api: BrokerAPI | None = None
-        self._updates: amqp.Channel | None = None  # unconfirmed: status and progress
 
     @classmethod
     def for_process(cls, settings: Settings) -> ReplyPublisher:
@@ -191,73 +183,6 @@ class ReplyPublisher:
             )
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
-
-    def publish_update(self, queue: str, message: contract.Message) -> None:
-        """A status or progress message: transient, ``mandatory``, and not waited for.
-
-        Why unconfirmed: the contract lets these be lost (the result carries the final status),
-        and a confirm wait costs the job a round trip per message (issue 22, measured with
-        ``bench/bench_toggles.py``). A message the broker returns (its queue gone) is logged
-        ``message_dropped`` when the connection is next read (at the latest while the result's
-        confirm is awaited). When the connection is broken, the message goes the confirmed
-        way instead (:meth:`publish`, which reconnects).
-        """
-        body = contract.encode_message(message)
-        with self._lock:
-            try:
-                self._updates_channel()._basic_publish(
-                    amqp.Message(
-                        body,
-                        delivery_mode=1,
-                        content_type=contract.CONTENT_TYPE,
-                        content_encoding="utf-8",
-                    ),
-                    exchange="",
-                    routing_key=queue,
-                    mandatory=True,
-                )
-                return
-            except (OSError, amqp.exceptions.AMQPError, kombu.exceptions.OperationalError) as exc:
-                self._updates = None
-                log_event(logger, logging.INFO, "update_channel_failed", queue=queue, error=repr(exc))
-        self.publish(queue, message, persistent=False)
-
-    def _updates_channel(self) -> amqp.Channel:
-        """The unconfirmed channel of the current connection, opened on first use."""
-        connection = self._connection.connection  # connects if need be
-        channel = self._updates
-        if channel is None or channel.connection is not connection or not channel.is_open:
-            with connection.transport.having_timeout(self._settings.broker_timeout):
-                channel = connection.channel()
-            # No confirm_select: the connection confirms by default (confirm_publish); this
-            # channel must not, so publish_update calls the raw, unconfirmed method.
-            channel.events["basic_return"].add(self._on_update_returned)
-            closed = functools.partial(self._on_update_channel_closed, channel)
-            channel._callbacks[spec.Channel.Close] = closed
-            self._updates = channel
-        return channel
-
-    def _on_update_returned(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
-        log_event(
-            logger,
-            logging.WARNING,
-            "message_dropped",
-            job_id=_job_of(routing_key),
-            queue=routing_key,
-            reason="queue no longer exists (TTL expired or deleted) or its node is down; not re-created",
-        )
-
-    def _on_update_channel_closed(
-        self, channel: amqp.Channel, reply_code: int, reply_text: str, class_id: int, method_id: int
-    ) -> None:
-        """The broker closed the updates channel (a refused update): log it, never raise it into
-        the result's confirm wait, whose channel is fine; the next update opens another."""
-        with contextlib.suppress(OSError, amqp.exceptions.AMQPError):
-            channel.send_method(spec.Channel.CloseOk)
-        channel.collect()
-        if self._updates is channel:
-            self._updates = None
-        log_event(logger, logging.WARNING, "update_refused", reply_code=reply_code, reason=reply_text)
 
     def _publish_once(self, queue: str, body: bytes, persistent: bool) -> str:
         """``confirmed``, ``returned`` (unroutable: ``mandatory``) or ``nacked``."""

@@ -53,18 +53,6 @@ def _checked_publish(self: ReplyPublisher, queue: str, message: contract.Message
 
 ReplyPublisher.publish = _checked_publish  # type: ignore[method-assign]
 
-_publish_update = ReplyPublisher.publish_update
-
-
-def _checked_update(self: ReplyPublisher, queue: str, message: contract.Message) -> None:
-    """Status and progress go out unconfirmed (``publish_update``): checked the same way."""
-    body = json.loads(contract.encode_message(message))
-    record(str(body.get("type")), body)
-    _publish_update(self, queue, message)
-
-
-ReplyPublisher.publish_update = _checked_update  # type: ignore[method-assign]
-
 
 def _check_request(sender: Any = None, args: Any = None, **_: Any) -> None:
     """A task request must fit the schema exactly when the worker's own code accepts it.

@@ -241,12 +241,13 @@ class Auditor:
                 memory = None
                 _log_degraded(exc)
             findings = listing.result()
-        if not self.api.arguments_listed and any(f.consumers == 0 for f in findings):
-            # Only Prometheus' consumer counts were read: what unused queues hold is asked now.
+        unused = [f for f in findings if f.consumers == 0 and f.messages is None]
+        if unused and self.api.consumers_from == "prometheus":
+            # Message counts cost Prometheus twice the consumers' time and matter only for what
+            # an unused queue (an orphan) holds: asked only now, and only when there is one.
             messages = self.api.messages()
-            for finding in findings:
-                if finding.consumers == 0:
-                    finding.messages = messages.get(finding.queue, 0)
+            for finding in unused:
+                finding.messages = messages.get(finding.queue, 0)
         if memory is not None:
             new = {f.job_id for f in findings if f.job_id and f.job_id not in known}
             try:

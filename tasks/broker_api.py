@@ -10,7 +10,6 @@ import re
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -50,16 +49,6 @@ PROMETHEUS_JOB_QUEUE_LINE = re.compile(
 PROMETHEUS_NODE = re.compile(rb'^rabbitmq_identity_info\{rabbitmq_node="(?P<node>[^"]*)"', re.MULTILINE)
 #: Bytes read per chunk of a streamed answer: 300,000 queues are ~200 MB of text, never held whole.
 STREAM_CHUNK = 1 << 20
-
-
-@dataclass
-class _Scrape:
-    """One per-queue metric as every node's rabbitmq_prometheus reported its own queues."""
-
-    #: The EBB_PROMETHEUS_URL that answered -> queue name -> value.
-    by_node: dict[str, dict[str, int]] = field(default_factory=dict)
-    #: EBB_PROMETHEUS_URLs that did not answer.
-    failures: int = 0
 
 
 class BrokerAPI:
@@ -195,11 +184,7 @@ class BrokerAPI:
 
     def messages(self) -> dict[str, int]:
         """Messages waiting in each job queue of the vhost, where not zero (Prometheus)."""
-        return {
-            name: count
-            for counts in self._prometheus_per_queue("queue_coarse_metrics", b"messages").by_node.values()
-            for name, count in counts.items()
-        }
+        return self._prometheus_per_queue("queue_coarse_metrics", b"messages")
 
     def _prometheus_nodes(self) -> dict[str, str]:
         """EBB_PROMETHEUS_URL -> the node answering there (its ``rabbitmq_identity_info``), for
@@ -232,26 +217,13 @@ class BrokerAPI:
             usage = pool.submit(self._prometheus_per_queue, "queue_consumer_count", b"consumers")
             shared: dict[Any, Any] = {}
             listed = [tuple(_compact(q.get(c), shared) for c in wanted) for q in self._stream_listing(wanted)]
-            scraped = usage.result()
-        messages = self._messages_if_unused(scraped)
-        consumers = {name: count for counts in scraped.by_node.values() for name, count in counts.items()}
-        scraped.by_node.clear()
+            consumers = usage.result()
         listed.reverse()
         while listed:  # freed as they are handed out: the caller keeps what it makes of them
             queue = dict(zip(wanted, listed.pop(), strict=True))
-            count = consumers.get(queue["name"])
-            queue["consumers"] = count
-            queue["messages"] = (
-                messages.get(queue["name"], 0) if count == 0 and messages is not None else None
-            )
+            queue["consumers"] = consumers.get(queue["name"])
+            queue["messages"] = None  # what an unused queue holds: ``messages()``, if needed
             yield queue
-
-    def _messages_if_unused(self, scrape: _Scrape) -> dict[str, int] | None:
-        """Message counts, asked only when some queue has no consumer: they cost Prometheus twice
-        the consumers' time and matter only for what an orphan held."""
-        if not any(count == 0 for counts in scrape.by_node.values() for count in counts.values()):
-            return None
-        return self.messages()
 
     def _stream_listing(self, columns: list[str]) -> Iterator[dict[str, Any]]:
         """The vhost's job queues without statistics, parsed as they arrive (ijson)."""
@@ -320,34 +292,29 @@ class BrokerAPI:
                 counts[name] = counts.get(name, 0) + 1
         return counts
 
-    def _prometheus_per_queue(self, family: str, metric: bytes) -> _Scrape:
+    def _prometheus_per_queue(self, family: str, metric: bytes) -> dict[str, int]:
         """One per-queue metric of the vhost's job queues (``consumers``, or ``messages`` where not
-        zero) from each node's rabbitmq_prometheus (each reports its own queues, and names
-        itself). A node that does not answer leaves its queues out: unknown, never unused."""
-        scrape = _Scrape()
+        zero) from each node's rabbitmq_prometheus (each reports its own queues). A node that
+        does not answer leaves its queues out: unknown, never unused."""
+        values: dict[str, int] = {}
+        answered = False
         failures: list[str] = []
         for url in self.prometheus_urls:
-            values: dict[str, int] = {}
             try:
                 values.update(
                     (name, v) for name, v in self._prometheus_stream(url, family, metric) if v is not None
                 )
-            except (requests.RequestException, ManagementError) as exc:
-                failures.append(
-                    str(exc)
-                    if isinstance(exc, ManagementError)
-                    else _failure(exc, url, "rabbitmq_prometheus")
-                )
+            except requests.RequestException as exc:
+                failures.append(_failure(exc, url, "rabbitmq_prometheus"))
                 continue
-            scrape.by_node.setdefault(url, {}).update(values)
-        scrape.failures = len(failures)
-        if not scrape.by_node:
+            answered = True
+        if not answered:
             raise ManagementError(
                 "the management statistics are off (deprecated in RabbitMQ 4) and rabbitmq_prometheus "
                 f"answers at none of EBB_PROMETHEUS_URL ({'; '.join(failures)}): enable it "
                 "with 'rabbitmq-plugins enable rabbitmq_prometheus' and list every node's URL"
             )
-        return scrape
+        return values
 
     def _prometheus_stream(
         self, url: str, family: str, metric: bytes, *, present_only: bool = False

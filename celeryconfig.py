@@ -28,9 +28,11 @@ task_create_missing_queues = False
 
 # Celery events cost RabbitMQ about a fifth of a job: workers send them only while someone
 # watches. Flower turns them on by remote control (enable_events, every 5 s); set
-# EBB_TASK_EVENTS=true to have them on from the start. Callers announce what they sent.
+# EBB_TASK_EVENTS=true to have them on from the start. No task-sent events (callers send none
+# either): one from a job that then ran unwatched would leave Flower showing it PENDING for
+# ever. Flower hears of a job from its worker, with its real state (tasks/final_events.py).
 worker_send_task_events = _settings.task_events
-task_send_sent_event = True
+task_send_sent_event = False
 task_track_started = True
 
 # A job is acknowledged only once it has run; a worker that dies hands it back to the queue.

@@ -566,7 +566,7 @@ def table(stats: dict[str, Stats], targets: dict[str, dict[str, float | bool]], 
     )
     lines += [
         "",
-        f"callbacks per three-queue job (demo.echo sends 2 statuses, 1 progress): {per_job}",
+        f"callbacks per three-queue job (demo.echo: RUNNING and the final status, 1 progress): {per_job}",
         f"  the same from the async client (coroutine callbacks): {async_per_job}",
         leftover_line(meta["leftover_ours"], meta["leftover_others"]),
     ]
@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         metavar="NAMES",
         help="run Ebb's worker as bench.toggled_worker with these steps switched (comma separated, "
-        "e.g. no_final_status), to compare a step on and off in one sitting",
+        "e.g. transient_result), to compare a step on and off in one sitting",
     )
     args = parser.parse_args(argv)
     n_flight, n_seq, warmup = (100, 30, 5) if args.quick else (args.jobs, args.seq, 20)

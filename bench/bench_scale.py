@@ -234,7 +234,11 @@ def run_audits(broker: Broker, repeat: int) -> dict[str, Any]:
             check=True,
         )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        say(f"{broker.label}: audit {runs[-1]['seconds']:.2f} s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB")
+        counts = {k: v for k, v in runs[-1]["counts"].items() if v}
+        say(
+            f"{broker.label}: audit {runs[-1]['seconds']:.2f} s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB, "
+            f"consumers from {runs[-1]['consumers_from']}, {counts}"
+        )
     after = queue_total(broker)
     counts = runs[-1]["counts"]
     untouched = before == after and all(r["counts"]["deleted"] == 0 for r in runs)

@@ -8,9 +8,10 @@ three queues runs first and last, as the yardstick of target (c).
 
 Toggles ("on" means the step as named, the code as it was or would be):
 
-- ``no_final_status`` (worker): no final status message; the result carries it (contract change)
 - ``transient_result`` (worker): the result is transient (breaks a guarantee: measured only)
-- ``no_task_sent_event`` (client): no ``task-sent`` event for Flower per submit
+- ``task_events`` (worker): Celery task events on from the start (``EBB_TASK_EVENTS``), what a
+  worker sends while Flower watches it
+- ``metrics`` (worker): Prometheus metrics on (``EBB_METRICS_PORT``, scraped by nobody)
 - ``no_cancel_before_delete`` (client): no ``basic.cancel`` before the queues' delete (RabbitMQ
   then tells the client its consumers are gone)
 
@@ -23,6 +24,7 @@ import argparse
 import dataclasses
 import os
 import shlex
+import socket
 import statistics
 import sys
 import tempfile
@@ -41,17 +43,20 @@ from bench.harness import INTERRUPTS, meter_for, remove_logs, worker
 from ebb import JobClient, Settings
 from ebb.contract import QueueKind
 
-WORKER_TOGGLES = {"no_final_status", "transient_result"}
+WORKER_TOGGLES = {"transient_result"}
 
 
-class _Closed:
-    """Stands in for the client's events channel: ``is_open`` false, so no event is sent."""
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
-    is_open = False
 
-
-def _no_event(client: JobClient) -> None:
-    client._events_channel = _Closed()
+#: Steps switched on by the worker's environment: what watching a worker costs.
+ENV_TOGGLES: dict[str, Callable[[], dict[str, str]]] = {
+    "task_events": lambda: {"EBB_TASK_EVENTS": "true"},
+    "metrics": lambda: {"EBB_METRICS_PORT": _free_port()},
+}
 
 
 def _no_cancel(client: JobClient) -> None:
@@ -69,7 +74,6 @@ def _no_cancel(client: JobClient) -> None:
 
 
 CLIENT_TOGGLES: dict[str, Callable[[JobClient], None]] = {
-    "no_task_sent_event": _no_event,
     "no_cancel_before_delete": _no_cancel,
 }
 
@@ -102,6 +106,8 @@ def one_round(
 ) -> Round:
     env = {**os.environ, "EBB_TASK_QUEUE": settings.task_queue}
     env["EBB_BENCH_TOGGLES"] = toggle if on and toggle in WORKER_TOGGLES else ""
+    if on and toggle in ENV_TOGGLES:
+        env.update(ENV_TOGGLES[toggle]())
     log = logs / f"worker-{toggle}-{on}.log"
     node = f"bench-toggles-{uuid.uuid4().hex[:6]}"
     with (
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    known = sorted(WORKER_TOGGLES | set(CLIENT_TOGGLES))
+    known = sorted(WORKER_TOGGLES | set(ENV_TOGGLES) | set(CLIENT_TOGGLES))
     parser.add_argument("--toggle", action="append", choices=known, help="(all)")
     parser.add_argument("--jobs", type=int, default=300, help="jobs in flight per round (300)")
     parser.add_argument("--seq", type=int, default=50, help="sequential jobs per round (50)")

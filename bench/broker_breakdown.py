@@ -25,7 +25,7 @@ The lean churn runs sequentially, as ``bench_jobs.py`` runs it; Ebb's three-queu
 ``rabbitmqctl`` is ``EBB_TEST_RABBITMQCTL`` (a command line) and the node ``EBB_TEST_RABBITMQ_NODE``
 when set (``--rabbitmqctl``, ``--node`` override them). Extra environment for the worker goes
 with ``--worker-env NAME=VALUE``; the worker is ``bench.toggled_worker``, so
-``--worker-env EBB_BENCH_TOGGLES=no_final_status`` measures a step switched off.
+``--worker-env EBB_BENCH_TOGGLES=transient_result`` measures a step switched off.
 """
 
 from __future__ import annotations

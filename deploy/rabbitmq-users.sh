@@ -18,9 +18,9 @@ monitor=${EBB_MONITOR_USER:-ebb-monitor}
 # The vhost, unless it exists (then it is left as it is).
 request GET -- vhosts "$vhost"
 if [ "$status" = 404 ]; then api PUT --json '{}' -- vhosts "$vhost"; else succeeded GET -- vhosts "$vhost"; fi
-# Callers: create/consume/delete their own job queues, publish tasks (default exchange) and sent-events.
+# Callers: create/consume/delete their own job queues, publish tasks (default exchange).
 api PUT --set-env password=EBB_CALLER_PASSWORD --set tags= -- users "$caller"
-api PUT --set 'configure=^(jobs\..+|celeryev)$' --set 'write=^(amq\.default|celeryev)$' \
+api PUT --set 'configure=^jobs\..+$' --set 'write=^amq\.default$' \
   --set 'read=^jobs\..+$' -- permissions "$vhost" "$caller"
 # Workers: everything Celery needs, but never configure or read a job queue (so never re-create one).
 api PUT --set-env password=EBB_WORKER_PASSWORD --set tags= -- users "$worker"

@@ -26,6 +26,7 @@ from ebb.errors import RegistryUnavailableError
 from ebb.logfmt import log_event, log_events
 from ebb.records import JobRecord
 from ebb.registry import Registry
+from tasks import metrics
 from tasks.broker_api import BrokerAPI
 from tasks.expiry_policy import POLICY_NAME, ExpiryPolicies
 
@@ -350,6 +351,7 @@ class Auditor:
         """Orphans confirmed this run: exactly one auditor wins HSETNX and logs it."""
         confirmed = self._set_memos(self.orphans_key, to_confirm, now)
         report.new_orphans += len(confirmed)
+        metrics.orphans_found(len(confirmed))
         self._log_orphans(confirmed)
 
     def _forget_vanished_orphans(self, orphans: dict[str, str], seen: _Seen) -> list[tuple[str, str]]:
@@ -412,6 +414,7 @@ class Auditor:
                 continue
             orphans.append((queue, memo))
             _log_found_removed(queue, memo, record)
+        metrics.orphans_found(len(orphans))
         return orphans
 
     def _log_orphans(self, findings: list[QueueFinding]) -> None:
@@ -460,6 +463,7 @@ class Auditor:
             lost = _what_was_lost(queue, memo, record)
             report.removed.append({"queue": queue, "job_id": str(job_id) if job_id else None, "lost": lost})
             log_event(logger, logging.WARNING, "orphan_removed", job_id=job_id, queue=queue, lost=lost)
+            metrics.orphan_removed(parsed, memo, record)
             if parsed is not None:
                 self._mark_removed(updates, parsed, record, lost, now)
         if updates:

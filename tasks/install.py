@@ -28,7 +28,8 @@ from ebb import contract, links
 from ebb.config import Settings
 from ebb.logfmt import log_event
 from tasks import advertise as _advertise  # noqa: F401  (tells callers what this worker runs)
-from tasks import pidbox
+from tasks import final_events as _final_events  # noqa: F401  (Flower hears how redelivered jobs end)
+from tasks import metrics_server, pidbox
 from tasks import watching as _watching  # noqa: F401  (tells the pool whether events are watched)
 from tasks.audit_task import AUDIT_TASK_NAME, audit_queues
 from tasks.job import JobEnded, run_job
@@ -76,6 +77,7 @@ def install(app: Celery, settings: Settings | None = None, *, audit: bool = True
     # A worker failing over to another node re-declares its remote-control queue without
     # meeting the lost node's lock on the old one (tasks/pidbox.py).
     pidbox.install(app)
+    metrics_server.install(settings)  # EBB_METRICS_PORT: workers and beat serve Prometheus metrics
     app.task(
         name=contract.TASK_NAME,
         bind=True,

@@ -22,7 +22,7 @@ from ebb.errors import InvalidParamsError, MalformedMessageError, UnknownWorkflo
 from ebb.logfmt import log_event
 from ebb.records import JobRecord
 from ebb.registry import Registry
-from tasks import watching, workflows
+from tasks import metrics, watching, workflows
 from tasks.interrupt import Interrupter, JobInterrupted
 from tasks.publisher import PublishRefused, ReplyPublisher, ResultUndeliverable
 
@@ -88,9 +88,13 @@ class JobReporter:
         self._flower_sent_at = now
         self._send_event("task-progress", progress=round(fraction, 4), message=message[:200])
 
-    def _send_event(self, kind: str, **fields: Any) -> None:
-        """A task event of Ebb's own, sent only while someone watches (Flower)."""
-        if self.task is None or not watching.watched():
+    def _send_event(self, kind: str, *, last: bool = False, **fields: Any) -> None:
+        """A task event of Ebb's own, sent only while someone watches (Flower).
+
+        A ``last`` one (the job's end) goes whatever this process last heard: Celery's
+        ``Ignore`` sends no event after it, and Flower would show the job running for ever.
+        """
+        if self.task is None or not (last or watching.watched()):
             return
         try:
             self.task.send_event(kind, **fields)
@@ -98,7 +102,10 @@ class JobReporter:
             log_event(logger, logging.DEBUG, "task_event_failed", job_id=self.request.job_id, error=repr(exc))
 
     def finish(self, status: JobStatus, output: Any = None, error: JobError | None = None) -> str:
-        """The final status, then the one result; then tell Celery (and so Flower) how it ended.
+        """The one result, which carries the final status; then tell Celery (and Flower) how it ended.
+
+        No final status message: callers' ``on_status`` takes it from the result (``ebb.core``),
+        one message less per job for RabbitMQ.
 
         SUCCEEDED returns (Celery SUCCESS); ERROR raises :class:`JobEnded` (Celery FAILURE, its
         message naming the status, logged without a traceback). CANCELLED and TIMEOUT are not
@@ -106,8 +113,7 @@ class JobReporter:
         shows as a state of that name, and Celery's ``Ignore`` acks the task without a
         ``task-failed`` event to overwrite it.
         """
-        # Measured before the final status goes out; the result itself is made after it, so that
-        # its last_seq counts that status (the caller waits for every message it names).
+        # Measured as it would go out: too large, and an ERROR result says so instead.
         size = len(contract.encode_message(self._result(status, output, error)))
         if size > settings.max_result_bytes:
             status, output = JobStatus.ERROR, None
@@ -125,14 +131,15 @@ class JobReporter:
                 size=size,
                 limit=settings.max_result_bytes,
             )
-        self.status(status)
         status, error = self.result(self._result(status, output, error))
         if status is JobStatus.SUCCEEDED:
             return status.value
         detail = f"{error.type}: {error.message}" if error else "no details"
         ended = f"job {self.request.job_id} ended {status.value}: {detail}"
         if status in (JobStatus.CANCELLED, JobStatus.TIMEOUT) and self.task is not None:
-            self._send_event(f"task-{status.value.lower()}", exception=ended[:300], runtime=self._runtime())
+            self._send_event(
+                f"task-{status.value.lower()}", last=True, exception=ended[:300], runtime=self._runtime()
+            )
             raise Ignore()
         raise JobEnded(ended)
 
@@ -165,6 +172,7 @@ class JobReporter:
             delivered = self.publisher.publish(queue, result, keep_trying_for=retry)
         except ResultUndeliverable as undeliverable:
             delivered, lost = False, f"result not delivered: {undeliverable}"
+            metrics.result_not_delivered(self.request.workflow, "undeliverable")
             log_event(
                 logger,
                 logging.ERROR,
@@ -174,6 +182,7 @@ class JobReporter:
                 error=undeliverable,
             )
         except PublishRefused as refused:
+            metrics.result_not_delivered(self.request.workflow, "refused")
             log_event(
                 logger,
                 logging.ERROR,
@@ -189,6 +198,7 @@ class JobReporter:
                 delivered, lost = False, f"result not published: {again}"
         if not delivered and lost is None:
             lost = "result dropped: its queue had expired before the job ended"
+            metrics.result_not_delivered(self.request.workflow, "expired")
         fields: dict[str, Any] = {"status": result.status.value, "finished_at": result.at}
         if lost is not None:
             fields["lost"] = lost
@@ -201,6 +211,7 @@ class JobReporter:
             queue=queue,
             status=result.status.value,
         )
+        metrics.job_finished(self.request.job_id, self.request.workflow, result.status, self._started)
         return result.status, result.error
 
 
@@ -304,6 +315,7 @@ def run_job(self: Task, request: dict[str, Any]) -> str:
     if begun is None:
         return "SKIPPED"
     attempt, record = begun
+    metrics.job_attempt(parsed.workflow, attempt, redelivered)
     reporter = JobReporter(parsed, ReplyPublisher.for_process(settings), attempt, self)
     if attempt > settings.max_attempts:
         why = (
@@ -337,6 +349,7 @@ def run_job(self: Task, request: dict[str, Any]) -> str:
     log_event(
         logger, logging.INFO, "job_started", job_id=parsed.job_id, workflow=parsed.workflow, attempt=attempt
     )
+    metrics.job_started(parsed.job_id, parsed.workflow)
     reporter.status(JobStatus.RUNNING)
     interrupter = Interrupter.for_process(registry)
 

@@ -6,6 +6,7 @@ own, so a worker left running elsewhere on the machine cannot steal the tests' j
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -147,10 +148,10 @@ def _no_leftover_callers() -> Iterator[None]:
             caller.kill()
 
 
-@pytest.fixture
-def private_vhost(settings: Settings) -> Iterator[str]:
-    """A throw-away vhost (no policies): an audit there neither sees nor marks other tests' queues."""
-    vhost = f"ebb-test-{uuid.uuid4().hex[:8]}"
+@contextlib.contextmanager
+def throwaway_vhost(settings: Settings, prefix: str = "ebb-test") -> Iterator[str]:
+    """A vhost of its own (no policies), deleted afterwards: an audit there sees only its queues."""
+    vhost = f"{prefix}-{uuid.uuid4().hex[:8]}"
     api = f"{settings.management_url}/api"
     auth = (settings.management_user, settings.management_password)
     requests.put(f"{api}/vhosts/{quote(vhost, safe='')}", auth=auth, timeout=10).raise_for_status()
@@ -164,6 +165,13 @@ def private_vhost(settings: Settings) -> Iterator[str]:
         yield vhost
     finally:
         requests.delete(f"{api}/vhosts/{quote(vhost, safe='')}", auth=auth, timeout=10).raise_for_status()
+
+
+@pytest.fixture
+def private_vhost(settings: Settings) -> Iterator[str]:
+    """A throw-away vhost (no policies): an audit there neither sees nor marks other tests' queues."""
+    with throwaway_vhost(settings) as vhost:
+        yield vhost
         memory = redis.Redis.from_url(settings.redis_url, socket_timeout=3)
         stale = list(memory.scan_iter(match=f"ebb:audit:{vhost}:*"))
         if stale:

@@ -7,6 +7,7 @@ Every test runs with both clients (``any_client`` / ``make_client``), but the on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
@@ -36,6 +37,7 @@ from ebb import (
 )
 from ebb.config import Settings
 from ebb.contract import QueueKind, encode_message
+from tests.async_adapter import AsyncClientAsSync
 from tests.conftest import AnyClient
 from tests.support import ClientProcess, Management, wait_until
 
@@ -499,3 +501,32 @@ def test_a_client_that_cannot_connect_leaks_no_file_descriptors(
     gc.collect()
     # Other tests' sockets may close meanwhile; a leak would be two pipe ends per attempt.
     assert len(os.listdir("/proc/self/fd")) - before < 5
+
+
+def test_a_flood_of_results_leaves_no_queue_behind_and_no_delete_owed_from_the_asyncio_client(
+    settings: Settings, management: Management
+) -> None:
+    """Each result's queues are deleted on the one confirming channel. 10,000 results at once on
+    RabbitMQ 4.3 once queued the deletes behind each other past ``EBB_BROKER_TIMEOUT``: the
+    cancelled call closed the channel under every delete still waiting, and 4,638 jobs' queues
+    stayed until their TTL (owed to a reconnect that never came). A delete now waits its turn
+    before its time bound starts, and one that fails on a live connection is tried again."""
+    tight = dataclasses.replace(settings, broker_timeout=0.5)  # a flood outlasts it many times over
+    with _silent(tight, lambda settings: AsyncClientAsSync(settings=settings)) as client:
+        assert isinstance(client, AsyncClientAsSync)
+        jobs = [
+            client.submit_job("demo.echo", {"n": n}, on_finished=lambda j, r: None, auto_cleanup_after_ttl=60)
+            for n in range(FLOOD)
+        ]
+        with Connection(settings.broker_url) as connection:
+            channel = connection.channel()
+            for job in jobs:
+                message = Message(_result_body(job, 0), content_type="application/json", delivery_mode=2)
+                channel.basic_publish(message, exchange="", routing_key=job.queue_name(QueueKind.RESULT))
+            channel.close()
+        assert all(client.wait(job, timeout=120).output == {"ok": True} for job in jobs[-10:])
+        owed = client.client._core.deletes_owed
+        assert wait_until(lambda: not owed, 60), len(owed)
+        assert client.reconnects == 0  # done on the live connection, not left to a reconnect
+    names = {job.queue_name(QueueKind.RESULT) for job in jobs}
+    assert not names & set(management.all_job_queue_names())

@@ -19,6 +19,7 @@ import pytest
 
 from ebb.contract import (
     CONTENT_TYPE,
+    TERMINAL_STATUSES,
     JobResult,
     JobStatus,
     ProgressUpdate,
@@ -56,23 +57,28 @@ from ebb.job import Job
 ALL = frozenset(QueueKind)
 RESULT_ONLY = frozenset({QueueKind.RESULT})
 UPDATES = frozenset({QueueKind.PROGRESS, QueueKind.STATUS})
-KIND = {"s": QueueKind.STATUS, "p": QueueKind.PROGRESS, "r": QueueKind.RESULT}
-LABEL = re.compile(r"(?P<kind>[spr])(?P<seq>\d*)(?:\((?P<last>[sp\d,]*)\))?(?:@(?P<attempt>\d+))?")
+KIND = {"s": QueueKind.STATUS, "S": QueueKind.STATUS, "p": QueueKind.PROGRESS, "r": QueueKind.RESULT}
+LABEL = re.compile(r"(?P<kind>[sSpr])(?P<seq>\d*)(?:\((?P<last>[sp\d,]*)\))?(?:@(?P<attempt>\d+))?")
 
 
 def label(payload: Payload) -> str:
-    """``s1``, ``p2@2``, ``r``: what a delivery is, for readable assertions."""
+    """``s1``, ``p2@2``, ``r``, ``S3`` (a final status): what a delivery is, for readable assertions."""
     attempt = "" if payload.attempt == 1 else f"@{payload.attempt}"
     if isinstance(payload, JobResult):
         return f"r{attempt}"
-    return f"{'s' if isinstance(payload, StatusUpdate) else 'p'}{payload.seq}{attempt}"
+    if isinstance(payload, StatusUpdate):
+        kind = "S" if payload.status in TERMINAL_STATUSES else "s"
+        return f"{kind}{payload.seq}{attempt}"
+    return f"p{payload.seq}{attempt}"
 
 
 class Driver:
     """Plays the transport as ``JobClient._carry_out`` does, and records what it was told to do.
 
     ``fail``: labels whose callback raises. ``hold``: leave each Deliver outstanding (a callback
-    still running) until :meth:`release`.
+    still running) until :meth:`release`; ``hold_final`` too for the final status the tracker
+    takes from the result (``S``), which is otherwise answered at once and kept apart from the
+    queues' deliveries (:attr:`final_statuses`).
     """
 
     def __init__(
@@ -82,17 +88,23 @@ class Driver:
         grace: float = 2.0,
         fail: Iterable[str] = (),
         hold: bool = False,
+        hold_final: bool = False,
         present: frozenset[QueueKind] = ALL,
     ) -> None:
         self.job = Job(id=uuid4(), workflow="w", ttl=timedelta(seconds=60), queues=ALL)
         self.tracker: JobTracker[str] = JobTracker(self.job, auto_disconnect=auto_disconnect, grace=grace)
         self.fail = set(fail)
         self.hold = hold
+        self.hold_final = hold_final
         self.now = 100.0
         self.outstanding: Deliver | None = None
         self.sent: dict[str, Payload] = {}
         self.bodies: dict[str, bytes] = {}
         self.deliveries: list[tuple[Callback, Payload]] = []
+        #: Final statuses taken from results, delivered to on_status (labels, ``S<seq>``).
+        self.final_statuses: list[str] = []
+        #: Every callback call in order, final statuses included.
+        self.calls: list[tuple[Callback, Payload]] = []
         self.acked: list[str] = []
         self.requeued: list[str] = []
         self.consumed: list[frozenset[QueueKind]] = []
@@ -111,6 +123,10 @@ class Driver:
         return [label(payload) for _, payload in self.deliveries]
 
     @property
+    def order(self) -> list[str]:
+        return [label(payload) for _, payload in self.calls]
+
+    @property
     def finish(self) -> Finish:
         assert len(self.finishes) == 1, self.finishes
         return self.finishes[0]
@@ -122,8 +138,9 @@ class Driver:
         assert match is not None, text
         attempt = int(match["attempt"] or 1)
         seq = int(match["seq"] or 0)
-        if match["kind"] == "s":
-            return StatusUpdate(self.job.id, JobStatus.RUNNING, seq, self.now, attempt)
+        if match["kind"] in "sS":  # S: a final status message, as workers of Ebb 0.2 sent
+            status = JobStatus.RUNNING if match["kind"] == "s" else JobStatus.SUCCEEDED
+            return StatusUpdate(self.job.id, status, seq, self.now, attempt)
         if match["kind"] == "p":
             return ProgressUpdate(self.job.id, 0.5, f"step {seq}", seq, self.now, attempt)
         last = {KIND[item[0]].value: int(item[1:]) for item in (match["last"] or "").split(",") if item}
@@ -194,8 +211,18 @@ class Driver:
             action = todo.popleft()
             if isinstance(action, Deliver):
                 assert self.outstanding is None, f"{label(action.payload)} while a callback still runs"
-                self.deliveries.append((action.callback, action.payload))
-                if self.hold:
+                self.calls.append((action.callback, action.payload))
+                from_result = (
+                    isinstance(action.payload, StatusUpdate)
+                    and action.payload.status in TERMINAL_STATUSES
+                    and action.payload not in self.sent.values()
+                )
+                if from_result:
+                    assert action.callback is Callback.ON_STATUS, action
+                    self.final_statuses.append(label(action.payload))
+                else:
+                    self.deliveries.append((action.callback, action.payload))
+                if self.hold if not from_result else self.hold_final:
                     self.outstanding = action
                 else:
                     todo.extendleft(reversed(self.tracker.delivered(self._call(action), self.now)))
@@ -810,3 +837,60 @@ def test_finished_jobs_count_a_job_added_again_once_and_as_the_newest() -> None:
     assert jobs.pop("a") == "second"
     assert jobs.pop("a") is None
     assert (len(jobs), jobs.bytes) == (1, 10)
+
+
+# --- the final status, taken from the result ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arrivals", "order"),
+    [
+        (["r"], ["S1", "r"]),  # refused before it ran: no RUNNING, the final status still comes
+        (["s1", "p1", "r(s1,p1)"], ["s1", "p1", "S2", "r"]),
+        (["r(s1)", "s1"], ["s1", "S2", "r"]),  # a result that overtook RUNNING waits for it first
+        (["s1", "s1@2", "r(s1)@2"], ["s1", "s1@2", "S2@2", "r@2"]),  # of the attempt that ended
+    ],
+)
+def test_on_status_hears_the_final_status_from_the_result_just_before_on_finished(
+    arrivals: list[str], order: list[str]
+) -> None:
+    """Workers send no final status message: one message less per job for RabbitMQ."""
+    d = Driver()
+    d.send(*arrivals)
+    assert d.order == order
+    final = next(p for c, p in d.calls if c is Callback.ON_STATUS and label(p) == order[-2])
+    assert isinstance(final, StatusUpdate)
+    result = d.sent["r" + order[-1][1:]]
+    assert (final.status, final.at, final.attempt) == (JobStatus.SUCCEEDED, result.at, result.attempt)
+    assert d.finish.result is not None and d.finish.error is None
+    assert sorted(d.acked) == sorted(t for t in d.sent)  # every message settled once, nothing for S
+
+
+def test_without_a_status_queue_no_final_status_is_made_up() -> None:
+    d = Driver(present=frozenset({QueueKind.RESULT, QueueKind.PROGRESS}))
+    d.send("p1", "r(p1)")
+    assert d.order == ["p1", "r"]
+
+
+def test_a_final_status_message_from_an_earlier_worker_is_not_heard_twice() -> None:
+    d = Driver()
+    d.send("s1", "S2", "r(s2)")
+    assert d.order == ["s1", "S2", "r"] and d.final_statuses == []
+
+
+def test_a_raising_on_status_for_the_final_status_is_reported_with_the_result() -> None:
+    d = Driver(fail={"S2"})
+    d.send("s1", "r(s1)")
+    error = callback_error(d.finish)
+    assert error.callback == "on_status" and error.result == d.sent["r"]
+    assert d.acked == ["s1", "r"] and d.deleted == [ALL]
+
+
+def test_disconnect_from_inside_the_final_status_puts_the_result_back_once() -> None:
+    d = Driver(hold_final=True)
+    d.send("s1", "r(s1)")
+    assert d.order == ["s1", "S2"]
+    d.disconnect(None)  # on_status calls disconnect_from_submitted_job
+    d.release()
+    assert d.requeued == ["r"] and d.acked == ["s1"]
+    assert "r" not in d.order and len(d.finishes) == 1

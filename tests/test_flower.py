@@ -21,9 +21,9 @@ import pytest
 import requests
 from kombu.connection import Connection
 
-from ebb import JobClient, JobStatus
+from ebb import JobClient, JobStatus, contract
 from ebb.config import Settings
-from tests.support import ROOT, start_worker, stop_worker, wait_until
+from tests.support import ROOT, kill_worker, start_worker, stop_worker, wait_until
 
 ARTIFACTS = Path(os.environ.get("EBB_TEST_ARTIFACTS", os.path.join(ROOT, "artifacts")))
 
@@ -34,17 +34,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def flower(worker: Path, tmp_path: Path) -> Iterator[tuple[str, tuple[str, str]]]:
+@contextlib.contextmanager
+def running_flower(log: Path, *options: str) -> Iterator[tuple[str, tuple[str, str]]]:
     """``celery -A tasks flower`` on a free local port, behind basic auth taken from the environment."""
     user, password = "ops", secrets.token_urlsafe(12)
     port = _free_port()
-    log = (tmp_path / "flower.log").open("wb")
+    out = log.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+            *options,
+        ],
         cwd=ROOT,
         env={**os.environ, "FLOWER_BASIC_AUTH": f"{user}:{password}"},
-        stdout=log,
+        stdout=out,
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -56,11 +66,18 @@ def flower(worker: Path, tmp_path: Path) -> Iterator[tuple[str, tuple[str, str]]
             return False
 
     try:
-        assert wait_until(up, 30), (tmp_path / "flower.log").read_text()
+        assert wait_until(up, 30), log.read_text()
         yield url, (user, password)
     finally:
         proc.terminate()
         proc.wait(20)
+        out.close()
+
+
+@pytest.fixture
+def flower(worker: Path, tmp_path: Path) -> Iterator[tuple[str, tuple[str, str]]]:
+    with running_flower(tmp_path / "flower.log") as running:
+        yield running
 
 
 def _tasks(url: str, auth: tuple[str, str]) -> dict[str, Any]:
@@ -189,7 +206,7 @@ def _check_tasks_page_in_chromium(url: str, auth: tuple[str, str], jobs: dict[st
 
 
 def test_workers_send_no_task_events_while_nobody_watches(settings: Settings, tmp_path: Path) -> None:
-    """Celery events cost the broker per job: without Flower (or EBB_TASK_EVENTS) workers send none."""
+    """Celery events cost the broker per job: without Flower (or EBB_TASK_EVENTS) nobody sends any."""
     queue = f"{settings.task_queue}.quiet.{uuid.uuid4().hex[:6]}"
     proc = start_worker(tmp_path / "worker.log", "-c", "1", env={"EBB_TASK_QUEUE": queue})
     quiet = dataclasses.replace(settings, task_queue=queue)
@@ -210,9 +227,114 @@ def test_workers_send_no_task_events_while_nobody_watches(settings: Settings, tm
             while time.monotonic() < deadline:
                 with contextlib.suppress(TimeoutError):
                     conn.drain_events(timeout=0.2)
-        assert "task.sent" in seen, seen  # the caller still announces what it sent
-        assert not [key for key in seen if key != "task.sent"], seen
+        assert seen == [], seen  # nor does the caller (no task-sent: tasks/final_events.py says why)
     finally:
         stop_worker(proc)
         with JobClient(settings=settings) as cleanup:
             cleanup._loop.call(lambda: cleanup._publish_channel.queue_delete(queue))
+
+
+#: What Flower shows for a job that has not ended.
+NOT_ENDED = {"PENDING", "RECEIVED", "STARTED", "PROGRESS", "RETRY"}
+
+
+@contextlib.contextmanager
+def _task_queue(settings: Settings, name: str) -> Iterator[Settings]:
+    """A task queue of the test's own, declared before any worker reads it; the callers' settings."""
+    queue = f"{settings.task_queue}.{name}.{uuid.uuid4().hex[:6]}"
+    with Connection(settings.broker_url) as conn:
+        contract.task_queue(queue, settings.task_queue_type)(conn.default_channel).declare()
+    try:
+        yield dataclasses.replace(settings, task_queue=queue)
+    finally:
+        with Connection(settings.broker_url) as conn:
+            for name in (queue, f"{queue}.audit"):
+                conn.default_channel.queue_delete(name)
+
+
+def _states(url: str, auth: tuple[str, str]) -> dict[str, str]:
+    return {job_id: task["state"] for job_id, task in _tasks(url, auth).items()}
+
+
+def test_flower_started_before_and_after_the_workers_never_shows_a_finished_job_waiting_or_running(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Jobs queued before any worker, run in a new worker's first seconds, and a Flower started last."""
+    with (
+        _task_queue(settings, "ghosts") as own,
+        running_flower(tmp_path / "first.log") as (first, first_auth),
+        # No worker advertises demo.echo yet: the jobs wait for the one started next.
+        JobClient(settings=dataclasses.replace(own, check_workflows=False)) as client,
+    ):
+        queued = [client.submit_job("demo.echo", {"n": n}) for n in range(3)]  # before any worker
+        worker = start_worker(tmp_path / "worker.log", "-c", "2", env={"EBB_TASK_QUEUE": own.task_queue})
+        try:
+            early = [client.submit_job("demo.echo", {"n": n}) for n in range(3)]
+            for job in queued + early:  # all in the worker's first seconds, before Flower turns its events on
+                assert client.wait(job, timeout=30).succeeded
+
+            def watched() -> bool:
+                probe = client.submit_job("demo.echo", {"probe": True})
+                client.wait(probe, timeout=30)
+                return wait_until(lambda: _states(first, first_auth).get(str(probe.id)) == "SUCCESS", 2)
+
+            assert wait_until(watched, 40), "Flower never turned the worker's events on"
+            running = client.submit_job(
+                "demo.sleep", {"seconds": 8, "steps": 8}, on_progress=lambda j, p: None
+            )
+            assert wait_until(lambda: _states(first, first_auth).get(str(running.id)) in NOT_ENDED, 15)
+            with running_flower(tmp_path / "last.log") as (last, last_auth):
+                assert client.wait(running, timeout=30).succeeded
+                closing = client.submit_job("demo.fail", {"message": "the last one"})
+                assert client.wait(closing, timeout=30).status is JobStatus.ERROR
+
+                def ended_in_both() -> bool:
+                    return all(
+                        _states(url, auth).get(str(job.id)) == "FAILURE"
+                        for url, auth in ((first, first_auth), (last, last_auth))
+                        for job in (closing,)
+                    )
+
+                assert wait_until(ended_in_both, 15)
+                ended = {str(job.id) for job in (*queued, *early, running, closing)}
+                for url, auth in ((first, first_auth), (last, last_auth)):
+                    states = _states(url, auth)
+                    assert not {j: s for j, s in states.items() if j in ended and s in NOT_ENDED}, states
+                    # its real outcome, in the Flower that saw it start and in the one that did not
+                    assert states[str(running.id)] == "SUCCESS", states
+                # what ran unwatched is not shown at all: neither as waiting nor as done
+                assert not {str(job.id) for job in (*queued, *early)} & set(_states(first, first_auth))
+        finally:
+            stop_worker(worker)
+
+
+def test_a_job_flower_saw_running_ends_there_when_an_unwatched_worker_runs_it_again(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Its worker dies; the one that runs it again sends no events (nobody turned them on)."""
+    with (
+        _task_queue(settings, "rerun") as own,
+        # This Flower never turns events on: only the first worker sends them (EBB_TASK_EVENTS).
+        running_flower(tmp_path / "flower.log", "--enable_events=False") as (url, auth),
+        JobClient(settings=own) as client,
+    ):
+        watched = start_worker(
+            tmp_path / "first.log",
+            "-c",
+            "1",
+            env={"EBB_TASK_QUEUE": own.task_queue, "EBB_TASK_EVENTS": "true"},
+        )
+        try:
+            job = client.submit_job("demo.sleep", {"seconds": 4, "steps": 4}, on_progress=lambda j, p: None)
+            assert wait_until(lambda: _states(url, auth).get(str(job.id)) == "PROGRESS", 20)
+        finally:
+            kill_worker(watched)
+        unwatched = start_worker(tmp_path / "second.log", "-c", "1", env={"EBB_TASK_QUEUE": own.task_queue})
+        try:
+            outcome = client.wait(job, timeout=60)
+            assert outcome.succeeded and outcome.attempt == 2, outcome
+            assert wait_until(lambda: _states(url, auth).get(str(job.id)) == "SUCCESS", 10), _states(
+                url, auth
+            )
+        finally:
+            stop_worker(unwatched)

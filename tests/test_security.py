@@ -28,8 +28,8 @@ from tests.support import (
 
 #: The permissions the README and docker-compose.yml give each role (configure, write, read).
 CALLER_PERMISSIONS = {
-    "configure": r"^(jobs\..+|celeryev)$",
-    "write": r"^(amq\.default|celeryev)$",
+    "configure": r"^jobs\..+$",
+    "write": r"^amq\.default$",
     "read": r"^jobs\..+$",
 }
 WORKER_PERMISSIONS = {"configure": r"^(?!jobs\.).*", "write": ".*", "read": r"^(?!jobs\.).*"}

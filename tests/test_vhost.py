@@ -195,8 +195,8 @@ def test_a_quote_in_a_password_adds_no_field_and_each_role_gets_its_rights(
     }
     assert rights == {
         "caller": {
-            "configure": r"^(jobs\..+|celeryev)$",
-            "write": r"^(amq\.default|celeryev)$",
+            "configure": r"^jobs\..+$",
+            "write": r"^amq\.default$",
             "read": r"^jobs\..+$",
         },
         "worker": {"configure": r"^(?!jobs\.).*", "write": ".*", "read": r"^(?!jobs\.).*"},

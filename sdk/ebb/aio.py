@@ -45,8 +45,8 @@ from ebb.broker_replies import (
     probe_bound,
     queue_unreachable,
 )
-from ebb.caller import CallerCore, ConnectPlan, Watch, job_id_of
-from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
+from ebb.caller import CallerCore, ConnectPlan, Watch, delete_retry_delays, job_id_of
+from ebb.celery_wire import TaskMessages
 from ebb.config import Settings
 from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
 from ebb.errors import (
@@ -169,11 +169,15 @@ class AsyncJobClient:
         # cost its channel process 27 % more reductions per job, two at once 10 % more, than
         # one at a time. A burst of submits still goes at one per round trip (~1 ms locally).
         self._submitting = asyncio.Lock()
+        # Queue deletes too go one job at a time: their time bound is then RabbitMQ's answer, not
+        # a wait behind thousands of others (10,000 results at once timed out there, and the
+        # cancelled call closed the channel under every delete still waiting).
+        self._deleting = asyncio.Lock()
+        self._deletes_retry: asyncio.Future[Any] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._connection: aiormq.Connection | None = None
         self._consume_channel: aiormq.Channel
         self._publish: aiormq.abc.AbstractChannel
-        self._events: aiormq.abc.AbstractChannel
         #: Probe channels that answered, kept for the next probes (as ``QueueProbes`` keeps them).
         self._probes: list[aiormq.abc.AbstractChannel] = []
         self._ready = asyncio.Event()
@@ -237,10 +241,6 @@ class AsyncJobClient:
             self._consume_channel.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
             await self._consume_channel.basic_qos(prefetch_count=0)
             self._publish = await _channel(connection, publisher_confirms=True, on_return_raises=True)
-            # The task-sent events go unconfirmed (monitoring only, as Celery sends its events)
-            # on a channel of their own: a refused one closes it, never the consumers' channel.
-            self._events = await _channel(connection, publisher_confirms=False)
-            await self._events.exchange_declare(EVENT_EXCHANGE, exchange_type="topic", durable=True)
         self._acks.clear()
         self._connection = connection
         self._probes = []
@@ -561,14 +561,12 @@ class AsyncJobClient:
         blocked = self._core.may_publish()
         if blocked is not None:  # nothing goes out: RabbitMQ would not read it
             raise blocked
-        message, sent_event = self._messages.task(request)
+        message = self._messages.task(request)
         task = (
             message.body.encode() if isinstance(message.body, str) else message.body,
             _properties(message),
         )
         outcome = await self._send_task(watch.job, task, watch)
-        if outcome is None:  # the task-sent event, for Flower
-            await self._announce(self._messages.sent_event(sent_event, self.settings.task_queue))
         await self._task_settled(watch, outcome, task)
 
     async def _send_task(self, job: Job, task: Task, watch: _Watch | None = None) -> str | None:
@@ -682,19 +680,6 @@ class AsyncJobClient:
         except AMQP_ERRORS as exc:
             raise broker_unavailable(exc, f"declaring the queues of job {job.id}") from exc
 
-    async def _announce(self, event: Any) -> None:
-        """The task-sent event, for Flower: unconfirmed, so nobody waits for the broker."""
-        if self._events.is_closed:
-            return
-        with contextlib.suppress(*AMQP_ERRORS):
-            async with asyncio.timeout(self.settings.broker_timeout):
-                await self._events.basic_publish(
-                    event.body.encode() if isinstance(event.body, str) else event.body,
-                    exchange=EVENT_EXCHANGE,
-                    routing_key=EVENT_ROUTING_KEY,
-                    properties=_properties(event),
-                )
-
     async def _after_cancels(self) -> None:
         """Consumers RabbitMQ cancelled: the core decides, then the jobs are probed together."""
         await asyncio.sleep(0.1)  # the rest of the burst joins this round
@@ -776,20 +761,40 @@ class AsyncJobClient:
         else:
             self._spawn(_close_quietly(channel, self.settings.broker_timeout))
 
-    async def _delete_queues(self, job_id: uuid.UUID, kinds: frozenset[QueueKind]) -> None:
-        """Delete them; owed until done, so a delete the connection cuts off is done after the reconnect."""
+    async def _delete_queues(
+        self, job_id: uuid.UUID, kinds: frozenset[QueueKind], *, retry: bool = True
+    ) -> None:
+        """Delete them; owed until done: a delete the connection cuts off is done after the
+        reconnect, one that failed on a live connection is tried again (``_delete_owed``)."""
         self._core.delete_started(job_id, kinds)
         names = [contract.queue_name(job_id, k) for k in sorted(kinds)]
-        with contextlib.suppress(BrokerUnavailableError, *AMQP_ERRORS):
-            channel = await self._publish_channel()
-            async with _broker_call("deleting queues"), asyncio.timeout(self.settings.broker_timeout):
-                for name in names[:-1]:
-                    await channel.queue_delete(name, nowait=True)
-                if names:  # the last one waits, so all are gone when this returns
-                    await channel.queue_delete(names[-1])
-            for name in names:
-                log_event(logger, logging.DEBUG, "queue_deleted", job_id=job_id, queue=name)
-            self._core.delete_done(job_id)
+        async with self._deleting:
+            with contextlib.suppress(BrokerUnavailableError, *AMQP_ERRORS):
+                async with _broker_call("deleting queues"), asyncio.timeout(self.settings.broker_timeout):
+                    channel = await self._publish_channel()
+                    for name in names[:-1]:
+                        await channel.queue_delete(name, nowait=True)
+                    if names:  # the last one waits, so all are gone when this returns
+                        await channel.queue_delete(names[-1])
+                for name in names:
+                    log_event(logger, logging.DEBUG, "queue_deleted", job_id=job_id, queue=name)
+                self._core.delete_done(job_id)
+                return
+        if retry and (self._deletes_retry is None or self._deletes_retry.done()):
+            self._deletes_retry = self._spawn(self._delete_owed())
+
+    async def _delete_owed(self) -> None:
+        """Deletes owed on a live connection, tried again with backoff until done or disconnected."""
+        for delay in delete_retry_delays():
+            await asyncio.sleep(delay)
+            if self._closing or self._connection is None or self._connection.is_closed:
+                return  # the reconnect does them (_on_connected), or nobody needs them now
+            owed = list(self._core.deletes_owed.items())
+            if not owed:
+                return
+            log_event(logger, logging.WARNING, "queue_deletes_retried", jobs=len(owed))
+            for job_id, kinds in owed:
+                await self._delete_queues(job_id, kinds, retry=False)
 
     async def _publish_channel(self) -> aiormq.abc.AbstractChannel:
         """The confirming channel; reopened if a failed call closed it (aiormq closes a channel

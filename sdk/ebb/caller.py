@@ -68,6 +68,16 @@ BURST_JOBS = 1000
 BURST_SECONDS = 0.1
 
 
+def delete_retry_delays() -> Iterator[float]:
+    """Pauses before a queue delete that failed on a live connection is tried again (0.5 s,
+    doubling, then every 30 s): the asyncio client's deletes time out one by one, not with the
+    connection, so waiting for a reconnect would leave the queues until their TTL."""
+    delay = 0.5
+    while True:
+        yield delay
+        delay = min(delay * 2, 30.0)
+
+
 class Signal(Protocol):
     """What wakes a ``wait()``: ``threading.Event`` for the sync client, ``asyncio.Event`` for the other."""
 

@@ -33,7 +33,7 @@ from kombu.connection import Connection
 from ebb import contract, core, links
 from ebb.broker_replies import Probe, consumers_reading, probe_bound
 from ebb.caller import CallerCore, ConnectPlan, Watch, job_id_of
-from ebb.celery_wire import EVENT_EXCHANGE, EVENT_ROUTING_KEY, TaskMessages
+from ebb.celery_wire import TaskMessages
 from ebb.config import Settings
 from ebb.contract import JobResult, ProgressUpdate, QueueKind, StatusUpdate
 from ebb.errors import (
@@ -100,7 +100,6 @@ class JobClient:
         self._unblocked.set()
         self._consume_channel: amqp.Channel
         self._publish_channel: amqp.Channel
-        self._events_channel: amqp.Channel
         self._confirms: Confirms
         self._acks: Acks
         self._loop = BrokerLoop(
@@ -147,11 +146,6 @@ class JobClient:
             self._consume_channel.basic_qos(0, 0, False)
             self._acks = Acks(self._consume_channel)
             self._open_publish_channel(connection)
-            # Celery's event exchange, declared as Celery declares it, for the task-sent events,
-            # which go unconfirmed (monitoring only, as Celery sends its events) on a channel of
-            # their own: a refused one closes that channel, never the consumers' or the confirms'.
-            self._events_channel = connection.channel()
-            self._events_channel.exchange_declare(EVENT_EXCHANGE, "topic", durable=True, auto_delete=False)
         self._probes.reset()
         if not reconnected:
             return
@@ -423,18 +417,12 @@ class JobClient:
         if blocked is not None:  # nothing goes out: RabbitMQ would not read it
             future.set_exception(blocked)
             return
-        message, sent_event = self._messages.task(request)
+        message = self._messages.task(request)
 
         def settled(outcome: str | None) -> None:
             self._task_settled(watch, future, outcome, message)
 
         self._send_task(watch.job, message, settled, watch)
-        if self._events_channel.is_open:  # the task-sent event, for Flower
-            self._events_channel.basic_publish(
-                self._messages.sent_event(sent_event, self.settings.task_queue),
-                exchange=EVENT_EXCHANGE,
-                routing_key=EVENT_ROUTING_KEY,
-            )
 
     def _send_task(
         self,

@@ -63,6 +63,22 @@ def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigurationError(f"{name}={raw!r} is not a boolean; use true or false")
 
 
+def _port(environ: Mapping[str, str], name: str) -> int | None:
+    raw = (environ.get(name) or "").strip()
+    if raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise ConfigurationError(
+            f"{name}={raw!r} is not a TCP port; set it to a number from 1 to 65535 (e.g. 9540), "
+            "or leave it unset to serve no metrics"
+        )
+    return value
+
+
 def _readable_file(environ: Mapping[str, str], name: str) -> str | None:
     raw = (environ.get(name) or "").strip()
     if raw == "":
@@ -122,6 +138,8 @@ class Settings:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    #: Where a worker's or beat's main process serves Prometheus metrics (None: no metrics).
+    metrics_port: int | None = None
 
     @property
     def vhost(self) -> str:
@@ -175,6 +193,7 @@ class Settings:
             tls_ca_file=_readable_file(env, "EBB_TLS_CA_FILE"),
             tls_cert_file=_readable_file(env, "EBB_TLS_CERT_FILE"),
             tls_key_file=_readable_file(env, "EBB_TLS_KEY_FILE"),
+            metrics_port=_port(env, "EBB_METRICS_PORT"),
         )
         if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
             raise ConfigurationError(

@@ -44,10 +44,11 @@ class QueueKind(StrEnum):
 
 
 class JobStatus(StrEnum):
-    """Statuses a worker publishes on a job's status queue; all but RUNNING are also result statuses.
+    """A job's statuses: RUNNING on its status queue; the final one is its result's status.
 
     RUNNING when a worker starts the job; then exactly one of SUCCEEDED, ERROR (the workflow
-    raised, or its worker died too often), CANCELLED (``cancel_job``) or TIMEOUT (``job_timeout``).
+    raised, or its worker died too often), CANCELLED (``cancel_job``) or TIMEOUT (``job_timeout``),
+    which ``on_status`` hears from the result, just before ``on_finished``.
     """
 
     RUNNING = "RUNNING"

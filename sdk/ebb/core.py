@@ -172,6 +172,8 @@ class _Arrival(Generic[Token]):
     payload: Payload
     token: Token
     size: int
+    #: The job's final status, taken from its result (``token`` is the result's): never acked.
+    from_result: bool = False
 
 
 @dataclass
@@ -194,6 +196,8 @@ class JobTracker(Generic[Token]):
     _pending: _Arrival[Token] | None = None
     _pending_since: float = 0.0
     _busy: _Arrival[Token] | None = None
+    #: The attempt whose final status ``on_status`` has had (a message, or taken from the result).
+    _ended_attempt: int = 0
     _detached: bool = False
     _backlog: deque[_Arrival[Token]] = field(default_factory=deque)
 
@@ -263,7 +267,7 @@ class JobTracker(Generic[Token]):
             raise RuntimeError("delivered() without an outstanding Deliver")
         self._busy = None
         if self._detached:  # disconnected from inside this callback: the message was handled
-            return [Ack(arrival.token)]
+            return [] if arrival.from_result else [Ack(arrival.token)]
         if error is not None:
             log_event(
                 logger,
@@ -279,9 +283,9 @@ class JobTracker(Generic[Token]):
             if error is not None and self.error is None:
                 self.error = CallbackError(self.job.id, CALLBACK_FOR[arrival.kind].value, None)
                 self.error.__cause__ = error
-            actions = [Ack(arrival.token)]
-            if self._pending is not None:
-                actions += self._try_finish(now, force=False)
+            actions = [] if arrival.from_result else [Ack(arrival.token)]
+            if self._pending is not None:  # after the final status, its result without more waiting
+                actions += self._try_finish(now, force=arrival.from_result)
         while self._busy is None and self._backlog:
             actions += self._process(self._backlog.popleft(), now)
         return actions
@@ -373,8 +377,28 @@ class JobTracker(Generic[Token]):
         elif payload.attempt < self.attempt or payload.seq <= self.last_seq.get(kind, 0):
             return [Ack(arrival.token)]  # from an earlier attempt, or delivered before: not again
         self.last_seq[kind] = payload.seq
+        if isinstance(payload, StatusUpdate) and payload.status in contract.TERMINAL_STATUSES:
+            self._ended_attempt = payload.attempt  # a worker of an earlier Ebb sent it
         self._busy = arrival
         return [Deliver(CALLBACK_FOR[kind], payload)]
+
+    def _final_status(self, result: JobResult) -> StatusUpdate | None:
+        """The job's final status for ``on_status``, taken from its result.
+
+        Workers send no final status message (one message less per job for RabbitMQ): the
+        result carries it, and ``on_status`` still hears it, just before ``on_finished``.
+        """
+        if QueueKind.STATUS not in self.consuming or result.attempt < self.attempt:
+            return None
+        if self._ended_attempt == result.attempt:
+            return None
+        return StatusUpdate(
+            self.job.id,
+            result.status,
+            result.last_seq.get(QueueKind.STATUS, 0) + 1,
+            result.at,
+            result.attempt,
+        )
 
     def _behind(self, result: JobResult) -> list[QueueKind]:
         """Queues whose messages sent before the result (by the result's attempt) have not all arrived."""
@@ -402,6 +426,11 @@ class JobTracker(Generic[Token]):
                 queues=",".join(k.value for k in behind),
                 detail=f"result delivered after waiting {self.grace}s for them",
             )
+        final = self._final_status(pending.payload)
+        if final is not None:  # on_status first; the result stays pending until it returns
+            self._ended_attempt = final.attempt
+            self._busy = _Arrival(QueueKind.STATUS, final, pending.token, 0, from_result=True)
+            return [Deliver(Callback.ON_STATUS, final)]
         self._pending = None
         self._busy = pending
         return [Deliver(Callback.ON_FINISHED, pending.payload)]

@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import os
 import shlex
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,20 +41,15 @@ from bench.broker_breakdown import Ctl
 from bench.harness import INTERRUPTS, meter_for, remove_logs, worker
 from ebb import JobClient, Settings
 from ebb.contract import QueueKind
+from tests.support import free_port
 
 WORKER_TOGGLES = {"transient_result"}
-
-
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
 
 
 #: Steps switched on by the worker's environment: what watching a worker costs.
 ENV_TOGGLES: dict[str, Callable[[], dict[str, str]]] = {
     "task_events": lambda: {"EBB_TASK_EVENTS": "true"},
-    "metrics": lambda: {"EBB_METRICS_PORT": _free_port()},
+    "metrics": lambda: {"EBB_METRICS_PORT": str(free_port())},
 }
 
 

@@ -460,10 +460,11 @@ class Auditor:
             parsed = parsed_names[queue]
             job_id = parsed[0] if parsed else None
             record = records.get(job_id) if job_id else None
-            lost = _what_was_lost(queue, memo, record)
+            loss = _what_was_lost(queue, memo, record)
+            lost = loss.text
             report.removed.append({"queue": queue, "job_id": str(job_id) if job_id else None, "lost": lost})
             log_event(logger, logging.WARNING, "orphan_removed", job_id=job_id, queue=queue, lost=lost)
-            metrics.orphan_removed(parsed, memo, record)
+            metrics.orphan_removed(loss.kind, loss.result_lost, loss.messages)
             if parsed is not None:
                 self._mark_removed(updates, parsed, record, lost, now)
         if updates:
@@ -651,19 +652,32 @@ def _orphan_memo(finding: QueueFinding, now: float) -> str:
     return f"{now}|{finding.messages if finding.messages is not None else ''}"
 
 
-def _what_was_lost(queue: str, memo: str, record: JobRecord | None) -> str:
+@dataclass(frozen=True)
+class _Loss:
+    """What went with a removed orphan, for its log line and for the metrics alike."""
+
+    kind: QueueKind | None
+    result_lost: bool
+    messages: int
+    text: str
+
+
+def _what_was_lost(queue: str, memo: str, record: JobRecord | None) -> _Loss:
     parsed = parse_queue_name(queue)
-    kind = parsed[1].value if parsed else "unknown"
-    _, _, messages = memo.partition("|")
-    if kind == "result":
+    kind = parsed[1] if parsed else None
+    _, _, counted = memo.partition("|")  # the memo: "<first seen unused>|<messages then>"
+    messages = int(counted) if counted.isdigit() else 0
+    if kind is QueueKind.RESULT:
         if record is not None and record.result_delivered:
-            return "nothing: the result had been delivered"
+            return _Loss(kind, False, 0, "nothing: the result had been delivered")
         if record is not None and record.status in ("SUBMITTED", "RUNNING"):
-            return f"the job's result channel (job was {record.status} when its queues went)"
-        return "result never delivered"
-    if messages and messages != "0":
-        return f"{messages} undelivered {kind} messages"
-    return f"no {kind} messages were waiting"
+            text = f"the job's result channel (job was {record.status} when its queues went)"
+            return _Loss(kind, True, 0, text)
+        return _Loss(kind, True, 0, "result never delivered")
+    name = kind.value if kind else "unknown"
+    if messages:
+        return _Loss(kind, False, messages, f"{messages} undelivered {name} messages")
+    return _Loss(kind, False, 0, f"no {name} messages were waiting")
 
 
 def _iso(ts: float | None) -> str | None:

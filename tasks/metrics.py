@@ -21,7 +21,6 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ebb.contract import JobStatus, QueueKind
 from ebb.logfmt import log_event
-from ebb.records import JobRecord
 from tasks import workflows
 
 logger = logging.getLogger("ebb.metrics")
@@ -235,7 +234,7 @@ def _audit() -> AuditCounters:
 
 def _workflow(name: str) -> str:
     """The workflow as a label: a name this worker runs, else ``unknown`` (bounded cardinality)."""
-    return name if name in workflows.names() else UNKNOWN_WORKFLOW
+    return name if workflows.runs(name) else UNKNOWN_WORKFLOW
 
 
 # -- workers (tasks/job.py) ---------------------------------------------------------------------
@@ -287,17 +286,13 @@ def orphans_found(count: int) -> None:
 
 
 @_recorder
-def orphan_removed(parsed: tuple[uuid.UUID, QueueKind] | None, memo: str, record: JobRecord | None) -> None:
-    """One ``orphan_removed``, with what it lost: as ``audit._what_was_lost`` tells it."""
+def orphan_removed(kind: QueueKind | None, result_lost: bool, messages: int) -> None:
+    """One ``orphan_removed``, with what it lost (as ``audit._what_was_lost`` judged it)."""
     _audit().orphans_removed.inc()
-    kind = parsed[1] if parsed else None
-    if kind is QueueKind.RESULT:
-        if record is None or not record.result_delivered:
-            _audit().results_lost.inc()
-        return
-    messages = memo.partition("|")[2]  # the audit's memo: "<first seen>|<messages then>"
-    if kind is not None and messages.isdigit() and int(messages) > 0:
-        _audit().messages_lost.labels(kind.value).inc(int(messages))
+    if result_lost:
+        _audit().results_lost.inc()
+    elif kind is not None and kind.value in MESSAGE_KINDS and messages > 0:
+        _audit().messages_lost.labels(kind.value).inc(messages)
 
 
 def audit_metrics() -> tuple[AuditCounters, AuditGauges] | None:

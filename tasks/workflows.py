@@ -122,6 +122,11 @@ def names() -> list[str]:
     return sorted(_registry)
 
 
+def runs(name: str) -> bool:
+    """Does this worker run ``name``? (A lookup, not a sorted list: asked per job.)"""
+    return name in _registry
+
+
 def load_modules(modules: Iterable[str]) -> None:
     """Import the modules that register workflows (the built-in demos and ``EBB_WORKFLOW_MODULES``)."""
     for module in modules:

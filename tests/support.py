@@ -7,6 +7,7 @@ import os
 import pickle
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,6 +109,13 @@ class Management:
     def all_job_queue_names(self) -> list[str]:
         data = self._get(f"queues/{quote(self.settings.vhost, safe='')}", columns="name")
         return [q["name"] for q in data if q["name"].startswith("jobs.")]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (127.0.0.1), for a server a test starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:

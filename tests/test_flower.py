@@ -7,7 +7,6 @@ import dataclasses
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,22 +22,16 @@ from kombu.connection import Connection
 
 from ebb import JobClient, JobStatus, contract
 from ebb.config import Settings
-from tests.support import ROOT, kill_worker, start_worker, stop_worker, wait_until
+from tests.support import ROOT, free_port, kill_worker, start_worker, stop_worker, wait_until
 
 ARTIFACTS = Path(os.environ.get("EBB_TEST_ARTIFACTS", os.path.join(ROOT, "artifacts")))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
 def running_flower(log: Path, *options: str) -> Iterator[tuple[str, tuple[str, str]]]:
     """``celery -A tasks flower`` on a free local port, behind basic auth taken from the environment."""
     user, password = "ops", secrets.token_urlsafe(12)
-    port = _free_port()
+    port = free_port()
     out = log.open("wb")
     proc = subprocess.Popen(
         [

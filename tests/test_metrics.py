@@ -29,7 +29,7 @@ from ebb.config import Settings
 from ebb.errors import ConfigurationError
 from tasks import metrics_server
 from tests.conftest import throwaway_vhost
-from tests.support import ROOT, ClientProcess, broker_url_as, start_worker, stop_worker, wait_until
+from tests.support import ROOT, ClientProcess, broker_url_as, free_port, start_worker, stop_worker, wait_until
 
 ALERTS = Path(ROOT, "deploy", "ebb-alerts.yml")
 SCRAPE_CONFIG = Path(ROOT, "deploy", "prometheus.yml")
@@ -37,12 +37,6 @@ PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def scrape(port: int) -> Samples:

@@ -7,7 +7,10 @@ connection each) hold the jobs between them. For each broker measured, in one ru
 
 - memory: the node's resident memory (VmRSS of its beam.smp, from /proc) with the jobs, less the
   same node's before them, per job; so the jobs per GB of broker memory;
-- idle CPU: the node's beam.smp CPU over ``--idle-seconds`` once it has settled (right after
+- idle CPU: the node's beam.smp CPU over ``--idle-seconds`` or one metrics sweep interval,
+  whichever is longer (the node's ``core_metrics_gc_interval``: RabbitMQ's 120 s, or the 600 s of
+  deploy/rabbitmq-advanced.config on private nodes; each sweep copies every queue's metrics
+  row, so a shorter window can miss it), once it has settled (right after
   100,000 submits a node spends minutes tidying up: the bench waits until two 10 s windows
   agree), less the settled node's own before the jobs, per job and second;
 - the audit (``tasks.audit.Auditor.run``, as ``ebb audit`` and beat run it) over all those queues,
@@ -42,6 +45,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -80,6 +84,16 @@ IN_FLIGHT_PER_CALLER = 64
 SETTLE_WINDOW = 10.0
 SETTLE_MIN = 300.0
 SETTLE_MAX = 900.0
+#: RabbitMQ's own ``core_metrics_gc_interval``: every sweep copies every queue's metrics row (14-15 s
+#: of a core at 300,000 queues), so an idle window shorter than the interval can miss it.
+RABBITMQ_SWEEP_S = 120.0
+
+
+def documented_sweep_s() -> float:
+    """The interval deploy/rabbitmq-advanced.config sets, in seconds."""
+    text = (ROOT / "deploy" / "rabbitmq-advanced.config").read_text()
+    match = re.search(r"core_metrics_gc_interval,\s*(\d+)", text)
+    return int(match[1]) / 1000 if match else RABBITMQ_SWEEP_S
 
 
 def say(message: str) -> None:
@@ -93,6 +107,8 @@ class Broker:
     measured: Target
     #: Stops a private node (``--own-nodes``) at once, with all it holds; None for a real broker.
     throw_away: Callable[[], None] | None = None
+    #: How often the node sweeps its metrics tables (``core_metrics_gc_interval``), in seconds.
+    sweep_s: float = RABBITMQ_SWEEP_S
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -210,6 +226,23 @@ def audit_once() -> None:
     )
 
 
+def prometheus_answer_seconds(settings: Settings) -> float:
+    """The baseline of each audit run: how long the node takes to send the answer the audit
+    reads (every queue's consumer count, ``/metrics/detailed``), read and thrown away."""
+    started = time.monotonic()
+    with requests.get(
+        f"{settings.prometheus_url}/metrics/detailed",
+        params={"family": "queue_consumer_count", "vhost": settings.vhost},
+        headers={"Accept-Encoding": "identity"},
+        stream=True,
+        timeout=300,
+    ) as response:
+        response.raise_for_status()
+        for _ in response.iter_content(1 << 20):
+            pass
+    return time.monotonic() - started
+
+
 def run_audits(broker: Broker, repeat: int) -> dict[str, Any]:
     s = broker.settings
     env = {
@@ -224,7 +257,9 @@ def run_audits(broker: Broker, repeat: int) -> dict[str, Any]:
     }
     before = queue_total(broker)
     runs = []
+    bare: list[float] = []
     for _ in range(repeat):
+        bare.append(prometheus_answer_seconds(s))
         out = subprocess.run(
             [sys.executable, __file__, "--audit-child"],
             env=env,
@@ -236,7 +271,8 @@ def run_audits(broker: Broker, repeat: int) -> dict[str, Any]:
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         counts = {k: v for k, v in runs[-1]["counts"].items() if v}
         say(
-            f"{broker.label}: audit {runs[-1]['seconds']:.2f} s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB, "
+            f"{broker.label}: RabbitMQ's answer alone {bare[-1]:.2f} s; "
+            f"audit {runs[-1]['seconds']:.2f} s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB, "
             f"consumers from {runs[-1]['consumers_from']}, {counts}"
         )
     after = queue_total(broker)
@@ -246,6 +282,9 @@ def run_audits(broker: Broker, repeat: int) -> dict[str, Any]:
         "runs": len(runs),
         "seconds_median": round(statistics.median(r["seconds"] for r in runs), 2),
         "seconds_max": round(max(r["seconds"] for r in runs), 2),
+        "seconds_each": [round(r["seconds"], 2) for r in runs],
+        "rabbitmq_answer_seconds_each": [round(b, 2) for b in bare],
+        "audit_over_rabbitmq_answer": [round(r["seconds"] / b, 2) for r, b in zip(runs, bare, strict=True)],
         "peak_rss_mb_max": round(max(r["peak_rss_mb"] for r in runs)),
         "consumers_from": runs[-1]["consumers_from"],
         "queues_judged": sum(v for k, v in counts.items() if k in ("in_use", "suspect", "orphaned", "new")),
@@ -281,7 +320,10 @@ def measure(
         say(f"{broker.label}: {jobs} jobs submitted in {seconds:.0f} s ({jobs / seconds:.0f}/s)")
         client_rss = rss_bytes([os.getpid()]) - client_rss0
         loaded_cpu, waited = settled_cpu_ms_per_s(m, floor_ms=base_cpu + jobs * TARGET_IDLE_US / 1000)
-        loaded_cpu = cpu_ms_per_s(m, idle_seconds)
+        # A whole sweep interval: any window that long holds exactly one sweep.
+        window = max(idle_seconds, broker.sweep_s)
+        say(f"{broker.label}: measuring idle CPU over {window:.0f} s (one metrics sweep interval)")
+        loaded_cpu = cpu_ms_per_s(m, window)
         loaded_rss = rss_bytes(m.rabbitmq())
         say(
             f"{broker.label}: settled in {waited:.0f} s; {loaded_cpu:.2f} ms/s CPU, {loaded_rss / 1e6:.0f} MB"
@@ -310,6 +352,7 @@ def measure(
         "broker_bytes_per_job": round(per_job),
         "jobs_per_gb": round(1e9 / per_job) if per_job > 0 else None,
         "idle_cpu_us_per_job_per_s": round(idle_us, 3),
+        "idle_window_s": round(max(idle_seconds, broker.sweep_s)),
         "settle_s": round(waited),
         "client_bytes_per_job": round(client_rss / jobs),
         "audit": audit,
@@ -406,6 +449,8 @@ def brokers(own: list[str]) -> Iterator[list[Broker]]:
                 plugins=("rabbitmq_prometheus",),
                 statistics_interval_ms=5000,
                 extra_conf="management_agent.disable_metrics_collector = true" if mode == "off" else "",
+                # The documented deployment's metrics sweep (every 10 minutes, not RabbitMQ's 2).
+                advanced_config=(ROOT / "deploy" / "rabbitmq-advanced.config").read_text(),
             )
             say(f"starting {cluster.node(1).name} (statistics {mode})")
             cluster.start()
@@ -420,7 +465,15 @@ def brokers(own: list[str]) -> Iterator[list[Broker]]:
                 management_password="guest",
             )
             apply_expiry_policy(node.management_url)
-            found.append(Broker(f"statistics {mode}", settings, target(settings), throw_away=cluster.stop))
+            found.append(
+                Broker(
+                    f"statistics {mode}",
+                    settings,
+                    target(settings),
+                    throw_away=cluster.stop,
+                    sweep_s=documented_sweep_s(),
+                )
+            )
         yield found
     finally:
         for cluster in started:
@@ -476,7 +529,8 @@ def print_table(results: list[dict[str, Any]], load: dict[str, float]) -> None:
             f"node {r['node_rss_before_mb']} -> {r['node_rss_with_jobs_mb']} MB)"
         )
         print(
-            f"  idle broker CPU {r['idle_cpu_us_per_job_per_s']} µs/job/s (node alone "
+            f"  idle broker CPU {r['idle_cpu_us_per_job_per_s']} µs/job/s over {r['idle_window_s']} s "
+            f"(node alone "
             f"{r['node_idle_cpu_ms_per_s']} ms/s; settled after {r['settle_s']} s)"
         )
         print(f"  caller memory {r['client_bytes_per_job']:,} bytes/job")
@@ -486,6 +540,19 @@ def print_table(results: list[dict[str, Any]], load: dict[str, float]) -> None:
                 f"  audit ({a['consumers_from']}): median {a['seconds_median']} s, max {a['seconds_max']} s, "
                 f"peak RSS {a['peak_rss_mb_max']} MB over {a['runs']} runs; {a['in_use']} queues in use; "
                 f"queues before/after {a['queues_before_after'][0]}/{a['queues_before_after'][1]}"
+            )
+        if a is not None:
+            print(
+                "  audit / RabbitMQ's answer alone, each run: "
+                + ", ".join(
+                    f"{x} s / {y} s = {z}"
+                    for x, y, z in zip(
+                        a["seconds_each"],
+                        a["rabbitmq_answer_seconds_each"],
+                        a["audit_over_rabbitmq_answer"],
+                        strict=True,
+                    )
+                )
             )
         for name, ok in verdicts(r).items():
             print(f"  {name}: {'PASS' if ok else 'FAIL'}")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
 import redis
@@ -27,8 +28,9 @@ from ebb.logfmt import log_event, log_events
 from ebb.records import JobRecord
 from ebb.registry import Registry
 from tasks import metrics
-from tasks.broker_api import BrokerAPI
+from tasks.broker_api import BrokerAPI, ManagementError
 from tasks.expiry_policy import POLICY_NAME, ExpiryPolicies
+from tasks.streams import in_batches
 
 logger = logging.getLogger("ebb.audit")
 T = TypeVar("T")
@@ -43,7 +45,16 @@ UNEXPIRING_KEY = "ebb:audit:{vhost}:unexpiring"
 CONFIRM_AFTER = 12.0
 
 #: The registry fields the audit reads per job (a whole record would cost 3x the time and memory).
-AUDIT_FIELDS = ("status", "ttl")
+AUDIT_FIELDS = ("status", "ttl", "queues_last_in_use")
+#: A record whose queues were last seen in use less than this share of its TTL ago is not renewed
+#: again (nor more than half the registry's grace ago): at 300,000 queues, renewing every job on
+#: every run cost more than reading the registry.
+RENEW_AFTER_SHARE_OF_TTL = 0.1
+#: Queues without a consumer count asked to report again per run (one HTTP request each).
+WAKE_PER_RUN = 1000
+#: How long the audit waits for its registry prefetch to finish a read at the end (the Redis
+#: client's own timeout, 5 s, bounds each read).
+REGISTRY_TIMEOUT = 10.0
 #: Redis commands per pipeline round trip: bounded, so 30,000 queues never build one huge reply.
 BATCH = 1000
 
@@ -153,12 +164,110 @@ class _Seen:
     #: Every queue listed (on a cluster, plus the unlisted ones the broker still declares).
     present: set[str] = field(default_factory=set)
     in_use: set[str] = field(default_factory=set)
-    #: Registered jobs with a queue in use -> that queue's expiry (s), to renew their records.
-    in_use_jobs: dict[uuid.UUID, float] = field(default_factory=dict)
     #: Unused queues no earlier audit remembered: their first-seen memo is written now.
     newly_suspect: list[QueueFinding] = field(default_factory=list)
     #: Suspects unused for ``confirm_after``: orphans, reported by whoever memoizes them first.
     to_confirm: list[QueueFinding] = field(default_factory=list)
+
+
+class _RegistryPass:
+    """The registry's side of one audit, a batch of findings at a time: each job's record is read
+    once (a job's three queues come in any order), and a job with a queue in use has its record
+    renewed once, as long as that queue may live."""
+
+    def __init__(self, registry: Registry, now: float, grace: timedelta) -> None:
+        self._registry = registry
+        self._now = now
+        self._grace_s = grace.total_seconds()
+        self._facts: dict[str, list[str | None]] = {}
+        self._read: set[str] = set()
+        self._renewed: set[str] = set()
+
+    def read(self, jobs: Iterable[str]) -> None:
+        """Read the records of ``jobs`` not read yet (``RegistryUnavailableError`` when Redis is away)."""
+        unread = sorted(set(jobs) - self._read)
+        if unread:
+            self._facts.update(self._registry.read_fields(unread, AUDIT_FIELDS))
+            self._read.update(unread)
+
+    def take(self, batch: list[QueueFinding], *, expiry_from_record: bool) -> None:
+        """Give ``batch``'s findings their jobs' registry facts; renew the in-use jobs' records."""
+        self.read(f.job_id for f in batch if f.job_id)
+        renew: dict[uuid.UUID, timedelta] = {}
+        for finding in batch:
+            fact = self._facts.get(finding.job_id) if finding.job_id else None
+            if fact is None:
+                continue
+            finding.registry_status = fact[0]
+            finding.registered = True
+            if expiry_from_record:
+                _expiry_from_record(finding, fact[1])
+            job = finding.job_id
+            if finding.state == IN_USE and finding.expires_s and job and job not in self._renewed:
+                self._renewed.add(job)
+                if self._renewal_due(fact[2], finding.expires_s):
+                    renew[uuid.UUID(job)] = timedelta(seconds=finding.expires_s)
+        if renew:
+            self._registry.touch_in_use(renew, self._now)
+
+    def _renewal_due(self, last_in_use: str | None, expires_s: float) -> bool:
+        """Whether the record's ``queues_last_in_use`` is stale enough to write again: the record
+        outlives its queues by the registry's grace, so a renewal skipped for less than half of
+        it (and a tenth of the TTL) never lets it go first."""
+        try:
+            last = float(last_in_use) if last_in_use is not None else None
+        except ValueError:
+            last = None
+        allowed = min(expires_s * RENEW_AFTER_SHARE_OF_TTL, self._grace_s / 2)
+        return last is None or self._now - last >= allowed
+
+
+class _Prefetch:
+    """Reads the registry records of queues' jobs while their counts stream in, before the
+    listing can hand the queues out (Prometheus says which queues exist only after every count):
+    by then most records are read. Best effort, on a thread of its own; whatever it missed or
+    failed to read is read when the queue is handed out."""
+
+    def __init__(self, registry: _RegistryPass) -> None:
+        self._registry = registry
+        self._offered: set[str] = set()
+        self._jobs: SimpleQueue[str | None] = SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ebb-audit-prefetch", daemon=True)
+        self._started = False
+
+    def offer(self, job: str | None) -> None:
+        """The job of a queue whose count was just read (called on the listing's thread)."""
+        if job is not None and job not in self._offered:
+            self._offered.add(job)
+            self._jobs.put(job)
+
+    def start(self) -> None:
+        self._started = True
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._started:
+            self._jobs.put(None)
+            self._thread.join(timeout=REGISTRY_TIMEOUT)
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            jobs: list[str] = []
+            job = self._jobs.get()
+            while job is not None:
+                jobs.append(job)
+                if len(jobs) >= BATCH:
+                    break
+                try:
+                    job = self._jobs.get_nowait()
+                except Empty:
+                    break
+            done = job is None
+            try:
+                self._registry.read(jobs)
+            except RegistryUnavailableError:
+                return  # the main thread meets the same and degrades
 
 
 class Auditor:
@@ -179,7 +288,7 @@ class Auditor:
         started = time.monotonic()
         now = time.time()
         report = AuditReport(started_at=now)
-        report.findings, memory, policies = self._gather()
+        report.findings, memory, policies = self._gather(now)
         report.registry_available = memory is not None
         report.consumers_from = self.api.consumers_from
         clustered = self._report_down_nodes(report) > 1
@@ -216,32 +325,55 @@ class Auditor:
         )
         return report
 
-    def _gather(self) -> tuple[list[QueueFinding], _Memory | None, ExpiryPolicies]:
+    def _gather(self, now: float) -> tuple[list[QueueFinding], _Memory | None, ExpiryPolicies]:
         """Every job queue, classified and with its job's registry status; the audit's memory.
 
-        RabbitMQ takes seconds to list tens of thousands of queues: meanwhile this thread reads
-        the memory and the registry records of the jobs seen last time, and only the jobs new to
-        this run are looked up once the listing is in. ``None`` for memory when Redis is away.
+        RabbitMQ takes seconds per 100,000 queues to render its listing, which streams in on a
+        thread of its own: meanwhile this thread reads the audit's memory, then looks up each
+        batch's jobs in the registry and renews the records of jobs whose queues are in use, so
+        that little is left to do once the last queue is in. ``None`` for memory when Redis is away.
         """
-        memory: _Memory | None = None
-        facts: dict[str, list[str | None]] = {}
-        known: set[str] = set()
         policies = ExpiryPolicies(self.api.policies())
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ebb-audit-listing") as pool:
-            # With the safety net in place every job queue expires, whatever its arguments: the
-            # audit can do without them, and without the slow management listing that has them.
-            netted = policies.safety_net(SAMPLE_JOB_QUEUE) is not None
-            listing = pool.submit(lambda: _classify_all(self.api.job_queues(arguments=not netted), policies))
-            try:
-                memory = self._recall()
-                known = {
-                    job for name in memory.suspects.keys() | memory.orphans.keys() if (job := _job_id(name))
-                }
-                facts = self.registry.read_fields(sorted(known), AUDIT_FIELDS)
-            except (redis.RedisError, RegistryUnavailableError) as exc:
-                memory = None
-                _log_degraded(exc)
-            findings = listing.result()
+        # With the safety net in place every job queue expires, whatever its arguments: the
+        # audit can do without them, and without the slow management listing that has them.
+        netted = policies.safety_net(SAMPLE_JOB_QUEUE) is not None
+        registry = _RegistryPass(self.registry, now, self.settings.registry_grace)
+        prefetch = _Prefetch(registry)
+        early: dict[str, QueueFinding] = {}  # classified as its count came, handed out once listed
+
+        def counted(raw: dict[str, Any]) -> None:
+            finding = early[raw["name"]] = _classify(raw, policies)
+            prefetch.offer(finding.job_id)
+
+        def classified() -> Iterator[QueueFinding]:
+            for raw in self.api.job_queues(arguments=not netted, on_counted=counted):
+                found = early.pop(raw["name"], None)
+                yield found if found is not None else _classify(raw, policies)
+
+        listing = in_batches([classified], BATCH, name="ebb-audit-listing")
+        memory: _Memory | None = None
+        try:
+            memory = self._recall()
+            remembered = memory.suspects.keys() | memory.orphans.keys()
+            registry.read(job for name in remembered if (job := _job_id(name)))
+            prefetch.start()
+        except (redis.RedisError, RegistryUnavailableError) as exc:
+            memory = None
+            _log_degraded(exc)
+        findings: list[QueueFinding] = []
+        try:
+            for batch in listing:
+                findings += batch
+                if memory is None:
+                    continue
+                try:
+                    registry.take(batch, expiry_from_record=not self.api.arguments_listed)
+                except RegistryUnavailableError as exc:
+                    memory = None
+                    _log_degraded(exc)
+        finally:
+            prefetch.stop()
+        self._wake_missing_counts(findings)
         unused = [f for f in findings if f.consumers == 0 and f.messages is None]
         if unused and self.api.consumers_from == "prometheus":
             # Message counts cost Prometheus twice the consumers' time and matter only for what
@@ -249,21 +381,27 @@ class Auditor:
             messages = self.api.messages()
             for finding in unused:
                 finding.messages = messages.get(finding.queue, 0)
-        if memory is not None:
-            new = {f.job_id for f in findings if f.job_id and f.job_id not in known}
-            try:
-                facts.update(self.registry.read_fields(sorted(new), AUDIT_FIELDS))
-            except RegistryUnavailableError as exc:
-                memory = None
-                _log_degraded(exc)
-        for finding in findings:
-            fact = facts.get(finding.job_id) if finding.job_id else None
-            if fact is not None:
-                finding.registry_status = fact[0]
-                finding.registered = True
-                if not self.api.arguments_listed:
-                    _expiry_from_record(finding, fact[1])
         return findings, memory, policies
+
+    def _wake_missing_counts(self, findings: list[QueueFinding]) -> None:
+        """Queues listed without a consumer count (``new``): their metrics row is gone, and they are
+        asked to report again, at most ``WAKE_PER_RUN`` a run, to be judged by the next audit."""
+        missing = [f.queue for f in findings if f.state == NEW and f.consumers is None and f.node is not None]
+        if not missing or self.api.consumers_from != "prometheus":
+            return
+        try:
+            woken = self.api.wake_counts(missing[:WAKE_PER_RUN])
+        except ManagementError as exc:
+            woken = 0
+            log_event(logger, logging.WARNING, "audit_degraded", error=repr(exc), detail="counts not woken")
+        log_event(
+            logger,
+            logging.INFO,
+            "queue_counts_missing",
+            queues=len(missing),
+            woken=woken,
+            detail="RabbitMQ dropped their metrics rows; judged once they report again",
+        )
 
     def _recall(self) -> _Memory:
         pipe = self.redis.pipeline(transaction=False)
@@ -291,10 +429,6 @@ class Auditor:
         if removed:
             self._report_removed(report, removed, now, known)
         self._handle_unexpiring(report, memory.unexpiring, delete)
-        if seen.in_use_jobs:
-            self.registry.touch_in_use(
-                {job: timedelta(seconds=s) for job, s in seen.in_use_jobs.items()}, now
-            )
 
     def _sort_findings(self, findings: list[QueueFinding], memory: _Memory, now: float) -> _Seen:
         """Which queues are here and in use, and which suspects are new or due for confirmation
@@ -306,8 +440,6 @@ class Auditor:
                 self._judge_suspect(seen, finding, memory, now)
             elif finding.state == IN_USE:
                 seen.in_use.add(finding.queue)
-                if finding.registered and finding.job_id and finding.expires_s:
-                    seen.in_use_jobs[uuid.UUID(finding.job_id)] = finding.expires_s
         return seen
 
     def _judge_suspect(self, seen: _Seen, finding: QueueFinding, memory: _Memory, now: float) -> None:
@@ -589,11 +721,6 @@ def _expiry_from_record(finding: QueueFinding, ttl: str | None) -> None:
         return
     if declared is not None and (finding.expires_s is None or declared < finding.expires_s):
         finding.expires_s = declared
-
-
-def _classify_all(listing: Iterable[dict[str, Any]], policies: ExpiryPolicies) -> list[QueueFinding]:
-    """Findings in listing order; the listing hands each raw entry over once and lets it go."""
-    return [_classify(raw, policies) for raw in listing]
 
 
 def _classify(raw: dict[str, Any], policies: ExpiryPolicies) -> QueueFinding:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -21,6 +22,7 @@ from ebb.config import Settings
 from ebb.errors import UnavailableError
 from ebb.redact import redact
 from tasks.expiry_policy import Policy
+from tasks.streams import in_batches
 
 #: What the audit reads of each queue. Per-queue statistics (``consumers``, ``idle_since``) make
 #: RabbitMQ's answer ~6x slower at 30,000 queues, so the listing skips them (``disable_stats``,
@@ -49,6 +51,10 @@ PROMETHEUS_JOB_QUEUE_LINE = re.compile(
 PROMETHEUS_NODE = re.compile(rb'^rabbitmq_identity_info\{rabbitmq_node="(?P<node>[^"]*)"', re.MULTILINE)
 #: Bytes read per chunk of a streamed answer: 300,000 queues are ~200 MB of text, never held whole.
 STREAM_CHUNK = 1 << 20
+#: Queues per hand-over from a node's stream when several nodes stream at once.
+NODE_BATCH = 1000
+#: Requests at once when asking queues to report their counts again (``wake_counts``).
+WAKE_THREADS = 8
 
 
 class BrokerAPI:
@@ -126,7 +132,11 @@ class BrokerAPI:
         return response.json()
 
     def job_queues(
-        self, columns: tuple[str, ...] = JOB_QUEUE_COLUMNS, *, arguments: bool = True
+        self,
+        columns: tuple[str, ...] = JOB_QUEUE_COLUMNS,
+        *,
+        arguments: bool = True,
+        on_counted: Callable[[dict[str, Any]], None] | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Every ``jobs.*`` queue of the vhost with ``columns`` and its ``consumers`` count.
 
@@ -138,6 +148,11 @@ class BrokerAPI:
         when needed: for queues' ``arguments`` (``arguments=False``: the caller can do without;
         ``self.arguments_listed`` says which it got), or when some node is down or its metrics
         did not answer, whose queues only the listing still shows.
+
+        ``on_counted``: called with a queue's entry as soon as its count is read, where that is
+        long before the entry is handed out (Prometheus lists which queues exist only after
+        every count): the caller can start on it meanwhile. It may be a queue already gone; an
+        entry handed out later is equal to it.
         """
         self.arguments_listed = True
         if self._statistics_off is None:
@@ -167,20 +182,40 @@ class BrokerAPI:
             answering = self._prometheus_nodes()
             if all(running for _, running in nodes) and set(answering.values()) >= {n for n, _ in nodes}:
                 self.arguments_listed = False
-                return self._job_queues_from_prometheus(answering)
+                return self._job_queues_from_prometheus(answering, on_counted)
         return self._job_queues_without_statistics(columns)
 
-    def _job_queues_from_prometheus(self, answering: dict[str, str]) -> Iterator[dict[str, Any]]:
+    def _job_queues_from_prometheus(
+        self, answering: dict[str, str], on_counted: Callable[[dict[str, Any]], None] | None
+    ) -> Iterator[dict[str, Any]]:
         """Every node answers for its own queues: they are all there is. Handed out as each
         node's metrics stream in, so the caller's work overlaps RabbitMQ's; no arguments, no
         message counts (``messages()`` has those). A queue listed without a consumer count:
         ``None``, judged next time."""
         one_url_each = {node: url for url, node in answering.items()}  # a node listed twice: once
-        for node, url in one_url_each.items():
-            for name, count in self._prometheus_stream(
-                url, "queue_consumer_count", b"consumers", present_only=True
-            ):
-                yield {"name": name, "node": node, "state": "running", "consumers": count, "messages": None}
+        sources = [
+            partial(self._node_job_queues, url, node, on_counted) for node, url in one_url_each.items()
+        ]
+        if len(sources) == 1:
+            yield from sources[0]()
+            return
+        # Each node renders its own queues at once: the audit takes the slowest node's time, not
+        # the sum of all nodes'.
+        for batch in in_batches(sources, NODE_BATCH, name="ebb-audit-node"):
+            yield from batch
+
+    def _node_job_queues(
+        self, url: str, node: str, on_counted: Callable[[dict[str, Any]], None] | None
+    ) -> Iterator[dict[str, Any]]:
+        def entry(name: str, count: int | None) -> dict[str, Any]:
+            return {"name": name, "node": node, "state": "running", "consumers": count, "messages": None}
+
+        counted = None if on_counted is None else lambda name, count: on_counted(entry(name, count))
+        counts = self._prometheus_stream(
+            url, "queue_consumer_count", b"consumers", present_only=True, on_counted=counted
+        )
+        for name, count in counts:
+            yield entry(name, count)
 
     def messages(self) -> dict[str, int]:
         """Messages waiting in each job queue of the vhost, where not zero (Prometheus)."""
@@ -317,7 +352,13 @@ class BrokerAPI:
         return values
 
     def _prometheus_stream(
-        self, url: str, family: str, metric: bytes, *, present_only: bool = False
+        self,
+        url: str,
+        family: str,
+        metric: bytes,
+        *,
+        present_only: bool = False,
+        on_counted: Callable[[str, int], None] | None = None,
     ) -> Iterator[tuple[str, int | None]]:
         """(queue, value) of one node's per-queue metric, as the lines arrive (``messages``: only
         where not zero). ``present_only``: only queues the node's metadata still has (their
@@ -334,7 +375,9 @@ class BrokerAPI:
             response.raise_for_status()
             response.raw.decode_content = True
             lines = _matches(response.raw, PROMETHEUS_JOB_QUEUE_LINE)
-            yield from per_queue(lines, self.settings.vhost, metric, present_only=present_only)
+            yield from per_queue(
+                lines, self.settings.vhost, metric, present_only=present_only, on_counted=on_counted
+            )
 
     def policies(self) -> list[Policy]:
         """The vhost's policies and operator policies (the monitoring tag may read both)."""
@@ -363,6 +406,31 @@ class BrokerAPI:
             return None
         return node if dict(self.nodes()).get(node) is False else None
 
+    def wake_counts(self, names: list[str]) -> int:
+        """Ask each queue's process for its message totals, so that it reports its counts again.
+
+        RabbitMQ's metrics housekeeping (``rabbit_core_metrics_gc``, every 2 minutes) can drop
+        the row of a queue declared while it ran, and an idle queue does not report again until
+        something happens to it: its consumer count is then missing from Prometheus for as long
+        as it waits. The management API's ``enable_queue_totals`` asks the queue's process, which
+        then reports within one statistics interval. This renews no lease: only a declare, a
+        ``basic.get`` or a consumer does. Returns how many were asked (a gone queue: not).
+        RabbitMQ 3 answers totals from its metrics tables without asking the queue: none there.
+        """
+        if not self._lists_queues:
+            return 0
+
+        def ask(name: str) -> bool:
+            response = self._request(
+                "GET",
+                f"queues/{self._vhost}/{quote(name, safe='')}",
+                {"enable_queue_totals": "true", "columns": "name,messages"},
+            )
+            return response.status_code == 200
+
+        with ThreadPoolExecutor(max_workers=WAKE_THREADS, thread_name_prefix="ebb-audit-wake") as pool:
+            return sum(pool.map(ask, names))
+
     def delete_queue(self, name: str, *, if_unused: bool = True) -> bool:
         """Delete through the API; ``if-unused`` makes the broker refuse if a consumer appeared."""
         params = {"if-unused": "true"} if if_unused else None
@@ -376,7 +444,12 @@ class BrokerAPI:
 
 
 def per_queue(
-    lines: Iterator[re.Match[bytes]], vhost: str, metric: bytes, *, present_only: bool = False
+    lines: Iterator[re.Match[bytes]],
+    vhost: str,
+    metric: bytes,
+    *,
+    present_only: bool = False,
+    on_counted: Callable[[str, int], None] | None = None,
 ) -> Iterator[tuple[str, int | None]]:
     """(queue, value) of ``metric`` in the vhost's per-queue lines, as they come (``messages``:
     only where not zero). ``present_only``: only queues that have a ``queue_info`` line (the
@@ -406,6 +479,8 @@ def per_queue(
                 yield name, value
             else:
                 values[name] = value
+                if on_counted is not None:
+                    on_counted(name, value)
     for name in present:  # listed, but no value came for it
         yield name, None
 

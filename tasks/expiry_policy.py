@@ -57,9 +57,7 @@ class ExpiryPolicies:
 
     def applied(self, queue: str) -> tuple[Policy | None, Policy | None]:
         """The user policy and the operator policy RabbitMQ applies to ``queue`` (if any)."""
-        user = next((p for p in self._user if p.pattern.search(queue)), None)
-        operator = next((p for p in self._operator if p.pattern.search(queue)), None)
-        return user, operator
+        return _first_matching(self._user, queue), _first_matching(self._operator, queue)
 
     def effective_expires_s(self, queue: str, argument_s: float | None) -> float | None:
         """The smallest of the queue's own ``x-expires`` and its policies' ``expires``."""
@@ -69,14 +67,21 @@ class ExpiryPolicies:
         """The effective expiry and the operator policy applied, matched once (the audit asks
         this of 300,000 queues a run)."""
         user, operator = self.applied(queue)
-        known = [
-            e
-            for e in (argument_s, *(p.expires_s for p in (user, operator) if p is not None))
-            if e is not None
-        ]
-        return (min(known) if known else None), operator
+        expires = argument_s
+        for policy in (user, operator):
+            if policy is not None and policy.expires_s is not None:
+                expires = policy.expires_s if expires is None else min(expires, policy.expires_s)
+        return expires, operator
 
     def safety_net(self, sample_queue: str) -> Policy | None:
         """The operator policy that would expire a job queue declared without ``x-expires``."""
         operator = self.applied(sample_queue)[1]
         return operator if operator is not None and operator.expires_s is not None else None
+
+
+def _first_matching(policies: list[Policy], queue: str) -> Policy | None:
+    """The first of ``policies`` (highest priority first) whose pattern matches ``queue``."""
+    for policy in policies:
+        if policy.pattern.search(queue):
+            return policy
+    return None

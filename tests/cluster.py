@@ -190,6 +190,7 @@ class Cluster:
         files: Mapping[str, Path] | None = None,
         listeners: Callable[[Node], str] | None = None,
         statistics_interval_ms: int = 1000,
+        advanced_config: str = "",
     ) -> None:
         """``extra_conf``: lines added to every node's rabbitmq.conf; ``plugins``: beyond management;
         ``statistics_interval_ms``: 1000 for tests (consumer counts settle in about a second),
@@ -197,7 +198,8 @@ class Cluster:
 
         ``base_port``, ``epmd_port`` and ``root`` default to the environment (module docstring);
         ``files``: copied into every start's fresh directory, read by nodes at ``Node.file(name)``;
-        ``listeners``: rabbitmq.conf lines replacing ``plain_listeners``.
+        ``listeners``: rabbitmq.conf lines replacing ``plain_listeners``; ``advanced_config``:
+        every node's advanced.config (Erlang terms), if any.
         """
         self.base = base
         self.root = root if root is not None else env_root()
@@ -211,6 +213,7 @@ class Cluster:
         self.files = dict(files or {})
         self.listeners = listeners
         self.statistics_interval_ms = statistics_interval_ms
+        self.advanced_config = advanced_config
 
     def node(self, index: int) -> Node:
         return self.nodes[index - 1]
@@ -255,6 +258,8 @@ class Cluster:
                 # A node that fails to boot leaves its dump with its logs, not in the caller's cwd.
                 "ERL_CRASH_DUMP": node.seen(node.directory / "erl_crash.dump"),
             }
+            if self.advanced_config:
+                env["RABBITMQ_ADVANCED_CONFIG_FILE"] = node.seen(node.directory / "advanced.config")
         return env
 
     def ctl(self, index: int, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -289,6 +294,8 @@ class Cluster:
             f"{self.extra_conf}\n"
         )
         (node.directory / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
+        if self.advanced_config:
+            (node.directory / "advanced.config").write_text(self.advanced_config)
 
     def _launch(self, node: Node) -> None:
         self._prepare(node)

@@ -60,6 +60,8 @@ def test_compose_file_is_valid_and_complete() -> None:
     ]
     assert any(m[0] == conf and m[1].startswith("/etc/rabbitmq/conf.d/") for m in mounts), mounts
     assert "management_agent.disable_metrics_collector = true" in Path(conf).read_text()
+    advanced = os.path.join(ROOT, "deploy", "rabbitmq-advanced.config")
+    assert [advanced, "/etc/rabbitmq/advanced.config"] == next(m[:2] for m in mounts if m[0] == advanced)
     wanted = variables_the_code_reads()
     assert len(wanted) >= 10
     for name in WORKER_SIDE:

@@ -61,3 +61,26 @@ def test_a_deleted_queues_lingering_row_is_no_queue_and_a_queue_without_its_coun
     assert gone not in found, "a deleted queue must be reported gone, not kept alive by its old row"
     every_row = dict(per_queue(_matches(io.BytesIO(text), PROMETHEUS_JOB_QUEUE_LINE), "/", b"consumers"))
     assert gone in every_row and "jobs.x.result" not in every_row  # other vhosts never count
+
+
+def test_each_queues_count_is_reported_before_it_is_handed_out_and_deleted_queues_only_counted() -> None:
+    queues = [f"jobs.{uuid.uuid4()}.result" for _ in range(50)]
+    gone = f"jobs.{uuid.uuid4()}.status"
+    counted: list[tuple[str, int]] = []
+    found = per_queue(
+        _matches(io.BytesIO(answer(queues, lingering=[gone])), PROMETHEUS_JOB_QUEUE_LINE),
+        "/",
+        b"consumers",
+        present_only=True,
+        on_counted=lambda name, value: counted.append((name, value)),
+    )
+
+    first = next(found)
+    # The caller starts on every count while the node still lists which queues exist.
+    assert counted == [*((q, i % 3) for i, q in enumerate(queues)), (gone, 0)]
+    counted_before_first = len(counted)
+    handed = [first, *found]
+    assert len(counted) == counted_before_first, "no queue counted twice, none counted late"
+    assert handed == [(q, i % 3) for i, q in enumerate(queues)]
+    assert gone not in dict(handed), "a deleted queue's lingering row is counted, never handed out"
+    assert all(name != "jobs.x.result" for name, _ in counted + handed), "another vhost's queue"

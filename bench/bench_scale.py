@@ -56,7 +56,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
@@ -70,6 +70,7 @@ from ebb.aio import AsyncJobClient
 from ebb.records import KEY_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
+R = TypeVar("R")
 TARGET_BYTES_PER_JOB = 64 * 1024
 TARGET_IDLE_US = 1.0
 TARGET_AUDIT_S = 15.0
@@ -126,6 +127,11 @@ def cpu_ms_per_s(measured: Target, seconds: float) -> float:
     start, began = cpu_seconds(pids), time.monotonic()
     time.sleep(seconds)
     return (cpu_seconds(pids) - start) * 1000 / (time.monotonic() - began)
+
+
+def while_callers_run(loop: asyncio.AbstractEventLoop, work: Callable[..., R], *args: Any) -> R:
+    """``work(*args)`` on a thread while the callers' event loop runs (their heartbeats)."""
+    return loop.run_until_complete(asyncio.to_thread(work, *args))
 
 
 def settled_cpu_ms_per_s(measured: Target, floor_ms: float) -> tuple[float, float]:
@@ -319,16 +325,21 @@ def measure(
         clients, submitted, seconds = loop.run_until_complete(submit_all(settings, jobs, callers))
         say(f"{broker.label}: {jobs} jobs submitted in {seconds:.0f} s ({jobs / seconds:.0f}/s)")
         client_rss = rss_bytes([os.getpid()]) - client_rss0
-        loaded_cpu, waited = settled_cpu_ms_per_s(m, floor_ms=base_cpu + jobs * TARGET_IDLE_US / 1000)
+        # The callers' loop keeps running while the bench waits: it answers their heartbeats.
+        # Blocked for the 600 s window, it let RabbitMQ close every caller's connection, and the
+        # audits then judged all 300,000 queues unused (bench run of 2026-12-07).
+        loaded_cpu, waited = while_callers_run(
+            loop, settled_cpu_ms_per_s, m, base_cpu + jobs * TARGET_IDLE_US / 1000
+        )
         # A whole sweep interval: any window that long holds exactly one sweep.
         window = max(idle_seconds, broker.sweep_s)
         say(f"{broker.label}: measuring idle CPU over {window:.0f} s (one metrics sweep interval)")
-        loaded_cpu = cpu_ms_per_s(m, window)
+        loaded_cpu = while_callers_run(loop, cpu_ms_per_s, m, window)
         loaded_rss = rss_bytes(m.rabbitmq())
         say(
             f"{broker.label}: settled in {waited:.0f} s; {loaded_cpu:.2f} ms/s CPU, {loaded_rss / 1e6:.0f} MB"
         )
-        audit = run_audits(broker, audit_repeat) if audit_repeat else None
+        audit = while_callers_run(loop, run_audits, broker, audit_repeat) if audit_repeat else None
     finally:
         # A node of our own is thrown away whole, first: deleting 300,000 queues one by one, or
         # even closing callers that consume them all, would take longer than the measurement.

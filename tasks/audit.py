@@ -386,8 +386,10 @@ class Auditor:
     def _wake_missing_counts(self, findings: list[QueueFinding]) -> None:
         """Queues listed without a consumer count (``new``): their metrics row is gone, and they are
         asked to report again, at most ``WAKE_PER_RUN`` a run, to be judged by the next audit."""
-        missing = [f.queue for f in findings if f.state == NEW and f.consumers is None and f.node is not None]
-        if not missing or self.api.consumers_from != "prometheus":
+        if self.api.consumers_from != "prometheus":
+            return
+        missing = [f.queue for f in findings if f.state == NEW and f.consumers is None]
+        if not missing:
             return
         try:
             woken = self.api.wake_counts(missing[:WAKE_PER_RUN])

@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -116,6 +116,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it has stopped.
+
+    ``kill`` returns before the stop takes hold: on a loaded machine a thread of a frozen proxy
+    went on forwarding for a moment (52 of 200 bytes sent right after the signal got through),
+    which let a "lost" task reach the broker.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    tasks = Path(f"/proc/{pid}/task")
+
+    def stopped() -> bool:
+        states = []
+        for task in tasks.iterdir():
+            with suppress(FileNotFoundError):  # a thread that ended meanwhile
+                states.append((task / "stat").read_text().rpartition(") ")[2][:1])
+        return all(state in "Tt" for state in states)
+
+    assert wait_until(stopped, 10, interval=0.001), f"process {pid} did not stop"
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:

@@ -24,7 +24,7 @@ import pytest
 from ebb import BrokerUnavailableError, JobStatus
 from ebb.config import Settings
 from tests.conftest import AnyClient, reconnects
-from tests.support import ROOT, amqp_endpoint, broker_url_as
+from tests.support import ROOT, amqp_endpoint, broker_url_as, freeze
 
 HEARTBEAT = 2.0
 #: A job cut off mid-submit may leave its queues behind (the task may not have arrived): short TTL.
@@ -65,7 +65,7 @@ def test_submit_on_a_half_open_connection_fails_within_two_heartbeats_then_recov
         assert client.wait(
             client.submit_job("demo.echo", {"n": 1}, auto_cleanup_after_ttl=TTL), timeout=30
         ).succeeded
-        os.kill(proxy.pid, signal.SIGSTOP)
+        freeze(proxy.pid)
         started = time.monotonic()
         with pytest.raises(BrokerUnavailableError) as caught:
             client.submit_job("demo.echo", {"n": 2}, auto_cleanup_after_ttl=TTL)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -84,7 +83,7 @@ def test_unconfirmed_task_is_sent_again_and_runs_once(
         if arrives:
             proxy.mute_at_publish()
         else:
-            proxy.signal(signal.SIGSTOP)
+            proxy.freeze()
         job_id = _unconfirmed_submit(client)
         if arrives:
             assert wait_until(lambda: f"event=job_started job_id={job_id}" in log.read_text(), 20)

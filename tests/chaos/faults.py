@@ -20,6 +20,7 @@ from tests.chaos import history as chaos_history
 from tests.chaos.history import History
 from tests.chaos.schedule import Fault
 from tests.chaos.world import World, wait_ready
+from tests.support import freeze
 
 #: The memory high watermark a memory alarm sets (a fraction of RAM: a few hundred KB here).
 ALARM_WATERMARK = "0.00001"
@@ -174,7 +175,7 @@ def _up_nodes(world: World) -> list[int]:
 
 
 def proxy_freeze(world: World, fault: Fault, h: History) -> dict[str, Any]:
-    world.amqp_proxy.signal(signal.SIGSTOP)
+    world.amqp_proxy.freeze()
     time.sleep(fault.hold)
     world.amqp_proxy.signal(signal.SIGCONT)
     return {"frozen_s": fault.hold}
@@ -196,7 +197,7 @@ def redis_restart(world: World, fault: Fault, h: History) -> dict[str, Any]:
 
 def redis_hang(world: World, fault: Fault, h: History) -> dict[str, Any]:
     assert world.redis.proc is not None
-    world.redis.proc.send_signal(signal.SIGSTOP)
+    freeze(world.redis.proc.pid)
     time.sleep(fault.hold)
     world.redis.proc.send_signal(signal.SIGCONT)
     return {"hung_s": fault.hold}

@@ -20,7 +20,7 @@ import redis
 
 from tests.chaos.schedule import Profile
 from tests.cluster import BASE_PORT, BASE_PORT_ENV, Cluster, env_port
-from tests.support import ROOT, wait_until
+from tests.support import ROOT, freeze, wait_until
 
 REPO = Path(ROOT)
 
@@ -63,6 +63,11 @@ class Proxy:
     def signal(self, sig: signal.Signals) -> None:
         if self.proc is not None:
             self.proc.send_signal(sig)
+
+    def freeze(self) -> None:
+        """Stop it, and return only once nothing of it runs: from then on the link is half-open."""
+        if self.proc is not None:
+            freeze(self.proc.pid)
 
     def mute_at_publish(self) -> None:
         """From the client's next publish on, nothing the broker sends gets through (no confirm)."""

@@ -348,7 +348,8 @@ def measure(
         loop.run_until_complete(delete_all(clients, [] if broker.throw_away else submitted))
         loop.run_until_complete(finish_tasks())
         loop.close()
-        delete_queue(broker, queue)
+        if broker.throw_away is None:  # a thrown-away node took its task queue with it
+            delete_queue(broker, queue)
     per_job = (loaded_rss - base_rss) / jobs
     idle_us = max(0.0, loaded_cpu - base_cpu) * 1000 / jobs
     return {

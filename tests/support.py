@@ -118,6 +118,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextmanager
+def ctrl_c_reaches_children() -> Iterator[None]:
+    """Children started inside get SIGINT as from a terminal's Ctrl-C. A run started in the
+    background (``&``, ``nohup``) has SIGINT ignored and every child inherits that, so Ctrl-C
+    would do nothing; a handled signal, unlike an ignored one, is reset to its default by exec."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def freeze(pid: int) -> None:
     """SIGSTOP ``pid`` and return once every thread of it has stopped.
 

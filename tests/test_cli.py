@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.support import ROOT, Management, wait_until
+from tests.support import ROOT, Management, ctrl_c_reaches_children, wait_until
 
 EBB = [sys.executable, "-m", "ebb.cli"]
 
@@ -76,13 +76,14 @@ def test_exit_codes(worker: Path, tmp_path: Path) -> None:
 
 
 def test_ctrl_c_detaches_and_watch_reconnects(worker: Path, management: Management) -> None:
-    proc = subprocess.Popen(
-        [*EBB, "submit", "demo.sleep", "-p", "seconds=3", "-p", "steps=3", "--ttl", "2m", "--json"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with ctrl_c_reaches_children():
+        proc = subprocess.Popen(
+            [*EBB, "submit", "demo.sleep", "-p", "seconds=3", "-p", "steps=3", "--ttl", "2m", "--json"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     assert proc.stdout is not None
     submitted = json.loads(proc.stdout.readline())
     assert json.loads(proc.stdout.readline())["status"] == "RUNNING"

@@ -41,6 +41,8 @@ def test_callers_killed_and_reconnected_at_random(
     rng = random.Random(20261128)
     logs = [tmp_path / f"caller{i}.log" for i in range(CALLERS)]
     callers = [spawn("submit", str(JOBS_PER_CALLER), str(TTL), str(log)) for log in logs]
+    # Killed mid-submission, not before it began: a loaded machine took over 2 s to start one.
+    assert wait_until(lambda: all(log.exists() and "submitted" in log.read_text() for log in logs), 60)
     time.sleep(rng.uniform(2.0, 4.0))
     doomed = rng.sample(range(CALLERS), 2)
     for i in doomed:

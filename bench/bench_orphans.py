@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import amqp
 import redis
@@ -37,9 +37,9 @@ import redis
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as ``python bench/bench_orphans.py``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_scale import (
-    ROOT,
     TARGET_AUDIT_MB,
     Broker,
+    audit_child,
     brokers,
     forget_registry,
     prometheus_answer_seconds,
@@ -59,13 +59,17 @@ TARGET_PEAK_MB = TARGET_AUDIT_MB
 
 def declare_unused(broker: Broker, jobs: list[uuid.UUID]) -> float:
     """Every job's three queues, declared with its TTL and left without a consumer."""
-    parts = urlparts(broker.settings.broker_url)
+    url = urlsplit(broker.settings.broker_url)
     started = time.monotonic()
     errors: list[BaseException] = []
 
     def declare(share: list[uuid.UUID]) -> None:
         try:
-            with amqp.Connection(parts["host"], userid=parts["user"], password=parts["password"]) as conn:
+            with amqp.Connection(
+                url.netloc.rpartition("@")[2],
+                userid=unquote(url.username or ""),
+                password=unquote(url.password or ""),
+            ) as conn:
                 channel = conn.channel()
                 for n, job in enumerate(share, 1):
                     for kind in QueueKind:
@@ -92,14 +96,6 @@ def declare_unused(broker: Broker, jobs: list[uuid.UUID]) -> float:
     return time.monotonic() - started
 
 
-def urlparts(url: str) -> dict[str, str]:
-    """amqp://user:password@host:port/ -> its parts, for py-amqp."""
-    rest = url.split("://", 1)[1]
-    credentials, _, location = rest.rpartition("@")
-    user, _, password = credentials.partition(":")
-    return {"user": user, "password": password, "host": location.split("/", 1)[0]}
-
-
 def write_records(url: str, jobs: list[uuid.UUID]) -> None:
     """The record each job's caller wrote at submit, as the audit reads it."""
     client = redis.Redis.from_url(url)
@@ -111,32 +107,6 @@ def write_records(url: str, jobs: list[uuid.UUID]) -> None:
             pipe.hset(key, mapping={"status": "SUBMITTED", "ttl": str(TTL_S), "queues_last_in_use": now})
             pipe.expire(key, TTL_S * 2)
         pipe.execute()
-
-
-def audit(broker: Broker) -> dict[str, Any]:
-    """One audit in a process of its own; its 300,000 log lines go nowhere (they cost the same)."""
-    s = broker.settings
-    env = {
-        **os.environ,
-        "EBB_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//",  # closed: no queue can be touched
-        "EBB_MANAGEMENT_URL": broker.measured.management_url,
-        "EBB_MANAGEMENT_USER": s.management_user,
-        "EBB_MANAGEMENT_PASSWORD": s.management_password,
-        "EBB_PROMETHEUS_URL": s.prometheus_url,
-        "EBB_REDIS_URL": s.redis_url,
-        "EBB_VHOST": s.vhost,
-    }
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--audit-child"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        check=True,
-    )
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 # A suspect is confirmed by a run at least CONFIRM_AFTER after the one that found it.
                 time.sleep(max(0.0, last_start + CONFIRM_AFTER + 0.5 - time.monotonic()))
                 last_start = time.monotonic()
-                run = audit(broker)
+                # Its 300,000 orphan_found lines go nowhere: kept, they would fill this process.
+                run = audit_child(broker, stderr=subprocess.DEVNULL)
                 run["rabbitmq_answer_seconds"] = round(answer, 2)
                 run["counts"] = {k: v for k, v in run["counts"].items() if v}
                 runs.append(run)

@@ -249,7 +249,9 @@ def prometheus_answer_seconds(settings: Settings) -> float:
     return time.monotonic() - started
 
 
-def run_audits(broker: Broker, repeat: int) -> dict[str, Any]:
+def audit_child(broker: Broker, *, stderr: int = subprocess.PIPE) -> dict[str, Any]:
+    """One audit (``--audit-child``) of ``broker``'s queues in a fresh process, so that its peak
+    RSS is its own; its AMQP URL a closed port, so that it cannot touch a queue. Its figures."""
     s = broker.settings
     env = {
         **os.environ,
@@ -261,20 +263,27 @@ def run_audits(broker: Broker, repeat: int) -> dict[str, Any]:
         "EBB_REDIS_URL": s.redis_url,
         "EBB_VHOST": s.vhost,
     }
+    out = subprocess.run(
+        [sys.executable, __file__, "--audit-child"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run_audits(broker: Broker, repeat: int) -> dict[str, Any]:
+    s = broker.settings
     before = queue_total(broker)
     runs = []
     bare: list[float] = []
     for _ in range(repeat):
         bare.append(prometheus_answer_seconds(s))
-        out = subprocess.run(
-            [sys.executable, __file__, "--audit-child"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs.append(audit_child(broker))
         counts = {k: v for k, v in runs[-1]["counts"].items() if v}
         say(
             f"{broker.label}: RabbitMQ's answer alone {bare[-1]:.2f} s; "

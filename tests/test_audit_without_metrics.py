@@ -149,8 +149,7 @@ def test_without_statistics_an_orphan_is_found_and_removed_and_a_connected_calle
 
 
 def rabbitmq_major(settings: Settings) -> int:
-    overview = requests.get(f"{settings.management_url}/api/overview", auth=("guest", "guest"), timeout=10)
-    return int(str(overview.json()["rabbitmq_version"]).split(".")[0])
+    return int(_version(settings).split(".")[0])
 
 
 def _drop_metrics_rows(cluster: Cluster, queues: list[str]) -> bool:
@@ -221,3 +220,61 @@ def test_a_waiting_job_whose_metrics_rows_rabbitmq_dropped_is_judged_in_use_agai
     assert not [
         line for line in caplog.text.splitlines() if "orphan_found" in line and str(waiting.id) in line
     ]
+
+
+def _detailed_scrapes(settings: Settings) -> int:
+    """How many ``/metrics/detailed`` answers the node has rendered, this one included."""
+    text = requests.get(
+        f"{settings.prometheus_url}/metrics/detailed", params={"family": "identity_info"}, timeout=10
+    ).text
+    found = re.search(
+        r'^telemetry_scrape_duration_seconds_count\{registry="detailed"[^}]*\} (\d+)', text, re.M
+    )
+    assert found is not None, text[:500]
+    return int(found[1])
+
+
+def test_rabbitmq_4_3_renders_the_audits_shares_at_once_and_every_job_queue_is_judged_once(
+    no_stats_broker: Settings, safety_net: bool
+) -> None:
+    """One Erlang process renders an answer, so RabbitMQ 4.3+ is asked for EBB_AUDIT_STREAMS
+    shares of the job queues at once (its ``queue`` filter); older nodes ignore that filter and
+    are asked once. Whichever, a queue in no share would never be judged, one in two twice."""
+    settings = dataclasses.replace(no_stats_broker, audit_streams=3)
+    jobs = [uuid.UUID(first + uuid.uuid4().hex[1:]) for first in "0123456789abcdef"]
+    names = sorted(queue_name(job, kind) for job in jobs for kind in QueueKind)
+    with Connection(settings.broker_url) as connection:  # unused: their messages are asked for too
+        channel = connection.channel()
+        for job in jobs:
+            for kind in QueueKind:
+                job_queue(job, kind, timedelta(seconds=120)).queue_declare(channel=channel)
+
+    def reported() -> bool:
+        text = requests.get(
+            f"{settings.prometheus_url}/metrics/detailed",
+            params={"family": "queue_consumer_count", "vhost": "/"},
+            timeout=10,
+        ).text
+        return all(f'queue="{name}"' in text for name in names)
+
+    try:
+        assert wait_until(reported, 30), "RabbitMQ never reported the new queues' counts"
+        before = _detailed_scrapes(settings)
+        report = Auditor(settings).run(delete_unexpiring=False)
+        rendered = _detailed_scrapes(settings) - before - 1  # less the count's own answer
+        judged = sorted(f.queue for f in report.findings if f.job_id in {str(j) for j in jobs})
+        assert judged == names
+        assert {f.state for f in report.findings if f.queue in names} == {"suspect"}
+        # which nodes answer, then the consumer counts and the unused queues' message counts
+        shares = 3 if tuple(map(int, _version(settings).split(".")[:2])) >= (4, 3) else 1
+        assert rendered == 1 + 2 * shares
+    finally:
+        with Connection(settings.broker_url) as connection:
+            channel = connection.channel()
+            for name in names:
+                channel.queue_delete(name)
+
+
+def _version(settings: Settings) -> str:
+    overview = requests.get(f"{settings.management_url}/api/overview", auth=("guest", "guest"), timeout=10)
+    return str(overview.json()["rabbitmq_version"])

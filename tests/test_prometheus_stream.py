@@ -7,9 +7,13 @@ must still be read whole, and a deleted queue's lingering row must not count as 
 from __future__ import annotations
 
 import io
+import re
 import uuid
 
-from tasks.broker_api import PROMETHEUS_JOB_QUEUE_LINE, STREAM_CHUNK, _matches, per_queue
+import pytest
+
+from ebb.contract import QueueKind, queue_name
+from tasks.broker_api import PROMETHEUS_JOB_QUEUE_LINE, STREAM_CHUNK, _matches, per_queue, queue_filters
 
 
 def answer(queues: list[str], lingering: list[str]) -> bytes:
@@ -84,3 +88,26 @@ def test_each_queues_count_is_reported_before_it_is_handed_out_and_deleted_queue
     assert handed == [(q, i % 3) for i, q in enumerate(queues)]
     assert gone not in dict(handed), "a deleted queue's lingering row is counted, never handed out"
     assert all(name != "jobs.x.result" for name, _ in counted + handed), "another vhost's queue"
+
+
+@pytest.mark.parametrize("shares", [1, 2, 3, 5, 16, 40])
+def test_the_shares_an_audit_reads_at_once_hold_every_job_queue_once_and_a_jobs_queues_together(
+    shares: int,
+) -> None:
+    """RabbitMQ 4.3's ``queue`` filter is a PCRE regex; these use nothing Python's ``re`` reads
+    otherwise. A queue in no share would never be judged; one in two, judged twice."""
+    filters = queue_filters(shares)
+    assert len(filters) == min(shares, 16)
+    jobs = [uuid.UUID(first + uuid.uuid4().hex[1:]) for first in "0123456789abcdef" for _ in range(20)]
+    names = [queue_name(job, kind) for job in jobs for kind in QueueKind]
+    names += ["jobs.", "jobs.Z.result", "jobs.-.status", "jobs.\u00e9t\u00e9.result"]  # no UUID: still judged
+    for name in names:
+        holding = [f for f in filters if f is None or re.search(f, name)]
+        assert len(holding) == 1, (name, holding)
+    for job in jobs:
+        homes = {next(f for f in filters if f is None or re.search(f, queue_name(job, k))) for k in QueueKind}
+        assert len(homes) == 1, job
+    if shares > 1:
+        biggest = max(sum(1 for n in names if re.search(f or "", n)) for f in filters)
+        per_digit = 3 * 20
+        assert biggest <= -(-16 // len(filters)) * per_digit + 4, "no share holds more than its digits' jobs"

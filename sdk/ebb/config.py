@@ -132,6 +132,9 @@ class Settings:
     registry_grace: timedelta = timedelta(days=7)
     audit_interval: float = 300.0
     audit_delete_unexpiring: bool = False
+    #: Prometheus reads at once per RabbitMQ 4.3+ node, each for a share of the job queues: one
+    #: answer is rendered by one Erlang process, so one read uses one of the node's cores.
+    audit_streams: int = 2
     task_events: bool = False
     #: TLS (``amqps://``, ``https://``, ``rediss://`` links): a PEM bundle of the CA(s) to trust
     #: instead of the system's store, and a client certificate and key for mutual TLS.
@@ -189,6 +192,7 @@ class Settings:
             audit_delete_unexpiring=_flag(
                 env, "EBB_AUDIT_DELETE_UNEXPIRING", default.audit_delete_unexpiring
             ),
+            audit_streams=_count(env, "EBB_AUDIT_STREAMS", default.audit_streams),
             task_events=_flag(env, "EBB_TASK_EVENTS", default.task_events),
             tls_ca_file=_readable_file(env, "EBB_TLS_CA_FILE"),
             tls_cert_file=_readable_file(env, "EBB_TLS_CERT_FILE"),

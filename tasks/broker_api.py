@@ -552,7 +552,7 @@ def queue_filters(shares: int) -> list[str | None]:
     """Regexes for rabbitmq_prometheus's ``queue`` filter that split the job queues into
     ``shares`` by the first character of their job id: a job's three queues fall in one share,
     and every name in exactly one (the last takes whatever the others do not). ``[None]``: one."""
-    shares = max(1, min(shares, len(JOB_ID_FIRST)))
+    shares = max(1, min(shares, len(JOB_ID_FIRST)))  # Settings allows at most MAX_AUDIT_STREAMS
     if shares == 1:
         return [None]
     groups = [

@@ -12,7 +12,9 @@ import uuid
 
 import pytest
 
+from ebb.config import Settings
 from ebb.contract import QueueKind, queue_name
+from ebb.errors import ConfigurationError
 from tasks.broker_api import PROMETHEUS_JOB_QUEUE_LINE, STREAM_CHUNK, _matches, per_queue, queue_filters
 
 
@@ -111,3 +113,15 @@ def test_the_shares_an_audit_reads_at_once_hold_every_job_queue_once_and_a_jobs_
         biggest = max(sum(1 for n in names if re.search(f or "", n)) for f in filters)
         per_digit = 3 * 20
         assert biggest <= -(-16 // len(filters)) * per_digit + 4, "no share holds more than its digits' jobs"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"), [("0", "at least 1"), ("17", "at most 16"), ("two", "whole number")]
+)
+def test_a_number_of_audit_streams_it_cannot_use_is_refused_with_what_to_set(
+    value: str, problem: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=f"EBB_AUDIT_STREAMS.*{problem}"):
+        Settings.from_env({"EBB_AUDIT_STREAMS": value})
+    assert Settings.from_env({"EBB_AUDIT_STREAMS": "16"}).audit_streams == 16
+    assert Settings.from_env({}).audit_streams == 2

@@ -93,6 +93,10 @@ def _readable_file(environ: Mapping[str, str], name: str) -> str | None:
     return raw
 
 
+#: Shares the audit can read a node in at once: one per hex digit a job id can start with.
+MAX_AUDIT_STREAMS = 16
+
+
 @dataclass(frozen=True)
 class Settings:
     """Connection details and limits shared by callers, workers and operators."""
@@ -203,6 +207,12 @@ class Settings:
             raise ConfigurationError(
                 "EBB_TLS_CERT_FILE and EBB_TLS_KEY_FILE go together (a client certificate and its key): "
                 "set both for mutual TLS, or neither"
+            )
+        if settings.audit_streams > MAX_AUDIT_STREAMS:
+            raise ConfigurationError(
+                f"EBB_AUDIT_STREAMS={settings.audit_streams} is more than {MAX_AUDIT_STREAMS}: the audit "
+                "splits a node's job queues by their job id's first hex digit; set it to at most "
+                f"{MAX_AUDIT_STREAMS} (about the RabbitMQ node's cores)"
             )
         if settings.default_ttl > settings.max_ttl:
             raise ConfigurationError(

@@ -27,7 +27,7 @@ from ebb.errors import RegistryUnavailableError
 from ebb.logfmt import log_event, log_events
 from ebb.records import JobRecord
 from ebb.registry import Registry
-from tasks import metrics
+from tasks import heap, metrics
 from tasks.broker_api import BrokerAPI, ManagementError
 from tasks.expiry_policy import POLICY_NAME, ExpiryPolicies
 from tasks.streams import in_batches
@@ -285,6 +285,7 @@ class Auditor:
 
     def run(self, *, delete_unexpiring: bool | None = None) -> AuditReport:
         delete = self.settings.audit_delete_unexpiring if delete_unexpiring is None else delete_unexpiring
+        heap.release_large_blocks()
         started = time.monotonic()
         now = time.time()
         report = AuditReport(started_at=now)

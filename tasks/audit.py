@@ -236,7 +236,8 @@ class _Prefetch:
         self._started = False
 
     def offer(self, job: str | None) -> None:
-        """The job of a queue whose count was just read (called on the listing's thread)."""
+        """The job of a queue whose count was just read (called on the threads reading the
+        answers; a job's queues come in one share, and one offered twice is only read twice)."""
         if job is not None and job not in self._offered:
             self._offered.add(job)
             self._jobs.put(job)

@@ -239,9 +239,11 @@ def prometheus_answer_seconds(settings: Settings, *, shares: bool = False) -> fl
     reads (every queue's consumer count, ``/metrics/detailed``), read and thrown away: in one
     read, or (``shares``) in the EBB_AUDIT_STREAMS shares the audit asks a 4.3+ node for at once."""
     url = f"{settings.prometheus_url}/metrics/detailed"
-    identity = requests.get(url, params={"family": "identity_info"}, timeout=30)
-    identity.raise_for_status()
-    filters = shares_of(identity.content, settings.audit_streams) if shares else [None]
+    filters: list[str | None] = [None]
+    if shares:  # the node's version says whether it can answer in shares
+        identity = requests.get(url, params={"family": "identity_info"}, timeout=30)
+        identity.raise_for_status()
+        filters = shares_of(identity.content, settings.audit_streams)
 
     def read(queue_filter: str | None) -> None:
         params = {"family": "queue_consumer_count", "vhost": settings.vhost}
